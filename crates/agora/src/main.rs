@@ -1,0 +1,19 @@
+//! `agora`: the whole system in one process (`up`), one service per process (`serve`),
+//! migrations and seed data. See `agora --help`.
+
+mod cli;
+mod services;
+
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    match cli.run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The API gateway: one entry point on 127.0.0.1:8080 that forwards by route table to service
+//! replicas (round-robin), carries `x-request-id` on every hop, and aggregates health.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use kit::service::App;
+use kit::{ApiError, Settings};
+use url::Url;
+
+pub mod routes;
+
+use routes::RouteTable;
+
+pub const NAME: &str = "gateway";
+
+/// The replicas of one service.
+struct Upstream {
+    urls: Vec<Url>,
+    next: AtomicUsize,
+}
+
+impl Upstream {
+    /// Round-robin: the replicas to try, starting with the next in turn.
+    fn rotation(&self) -> impl Iterator<Item = &Url> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.urls.len();
+        (0..n).map(move |i| &self.urls[(start + i) % n])
+    }
+}
+
+struct Gateway {
+    table: RouteTable,
+    upstreams: BTreeMap<String, Upstream>,
+    client: Client<HttpConnector, Body>,
+}
+
+/// The gateway with upstreams as configured (`services.<name>.upstreams`, or each service's
+/// own address).
+pub async fn app(settings: &Settings) -> anyhow::Result<App> {
+    let upstreams = settings
+        .services
+        .keys()
+        .filter(|name| name.as_str() != NAME)
+        .map(|name| (name.clone(), settings.upstreams(name)))
+        .collect();
+    Ok(app_with_upstreams(settings, upstreams))
+}
+
+/// The gateway with explicit upstream URLs per service (`agora up` passes the bound addresses).
+pub fn app_with_upstreams(settings: &Settings, upstreams: BTreeMap<String, Vec<Url>>) -> App {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector);
+    let gateway = Arc::new(Gateway {
+        table: RouteTable::new(settings.gateway.routes.clone()),
+        upstreams: upstreams
+            .into_iter()
+            .filter(|(_, urls)| !urls.is_empty())
+            .map(|(name, urls)| {
+                let upstream = Upstream {
+                    urls,
+                    next: AtomicUsize::new(0),
+                };
+                (name, upstream)
+            })
+            .collect(),
+        client,
+    });
+    let router = Router::new()
+        .route("/health", get(get_health))
+        .route("/api/health", get(get_health))
+        .route("/healthz", get(get_health))
+        .route("/ready", get(get_ready))
+        .fallback(forward)
+        .with_state(gateway);
+    App {
+        name: NAME,
+        router: kit::http::with_standard_layers(router, &settings.http),
+        db: None,
+    }
+}
+
+/// Headers that describe one connection, not the request; never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Requests that can be retried on another replica: no body, no side effects.
+fn retryable(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let path = request.uri().path();
+    let Some(target) = gateway.table.resolve(path) else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("No route for {} {path}", request.method()),
+        )
+        .into_response();
+    };
+    let service = target.service.to_owned();
+    let Some(upstream) = gateway.upstreams.get(&service) else {
+        return ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_not_configured",
+            format!("The {service} service has no configured address"),
+        )
+        .into_response();
+    };
+    let path_and_query = match request.uri().query() {
+        Some(query) => format!("{}?{query}", target.path),
+        None => target.path,
+    };
+
+    let (mut parts, body) = request.into_parts();
+    let client_ip = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(ip) = client_ip {
+        let forwarded_for = match parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(earlier) => format!("{earlier}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+            parts.headers.insert("x-forwarded-for", value);
+        }
+    }
+    if let Some(host) = parts.headers.remove(header::HOST) {
+        parts.headers.insert("x-forwarded-host", host);
+    }
+
+    let attempts: Vec<&Url> = if retryable(&parts.method) {
+        upstream.rotation().collect()
+    } else {
+        upstream.rotation().take(1).collect()
+    };
+    let mut body = Some(body);
+    let mut last_error = None;
+    for base in attempts {
+        let uri: Uri =
+            match format!("{}{}", base.as_str().trim_end_matches('/'), path_and_query).parse() {
+                Ok(uri) => uri,
+                Err(err) => {
+                    last_error = Some(anyhow::Error::from(err));
+                    continue;
+                }
+            };
+        let mut outgoing = Request::new(body.take().unwrap_or_default());
+        *outgoing.method_mut() = parts.method.clone();
+        *outgoing.uri_mut() = uri;
+        *outgoing.headers_mut() = parts.headers.clone();
+        let started = Instant::now();
+        match gateway.client.request(outgoing).await {
+            Ok(response) => {
+                tracing::debug!(
+                    service = %service,
+                    upstream = %base,
+                    status = response.status().as_u16(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "forwarded"
+                );
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                return Response::from_parts(parts, Body::new(body));
+            }
+            Err(err) => {
+                tracing::warn!(service = %service, upstream = %base, error.message = %err, "upstream request failed");
+                last_error = Some(err.into());
+            }
+        }
+    }
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "upstream_unavailable",
+        format!("The {service} service is unavailable; try again shortly"),
+    )
+    .with_source(last_error)
+    .into_response()
+}
+
+/// The health of every service the gateway knows, replica by replica; 503 when any is down.
+async fn get_health(State(gateway): State<Arc<Gateway>>) -> Response {
+    let client = &gateway.client;
+    let probes = gateway.upstreams.iter().flat_map(|(name, upstream)| {
+        upstream.urls.iter().map(move |url| async move {
+            let started = Instant::now();
+            let up = probe(client, url).await;
+            (name.clone(), url.clone(), up, started.elapsed())
+        })
+    });
+    let results = futures::future::join_all(probes).await;
+    let mut services = serde_json::Map::new();
+    let mut all_up = true;
+    for (name, url, up, elapsed) in results {
+        all_up &= up;
+        let entry = services
+            .entry(name)
+            .or_insert_with(|| serde_json::json!({ "status": "up", "replicas": [] }));
+        if !up {
+            entry["status"] = "down".into();
+        }
+        if let Some(replicas) = entry["replicas"].as_array_mut() {
+            replicas.push(serde_json::json!({
+                "url": url.as_str(),
+                "status": if up { "up" } else { "down" },
+                "latency_ms": elapsed.as_secs_f64() * 1000.0,
+            }));
+        }
+    }
+    let status = if all_up {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({
+            "status": if all_up { "ok" } else { "degraded" },
+            "service": NAME,
+            "services": services,
+        })),
+    )
+        .into_response()
+}
+
+async fn probe(client: &Client<HttpConnector, Body>, base: &Url) -> bool {
+    let Ok(uri) = format!("{}/health", base.as_str().trim_end_matches('/')).parse::<Uri>() else {
+        return false;
+    };
+    let request = Request::get(uri).body(Body::empty());
+    let Ok(request) = request else { return false };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), client.request(request)).await,
+        Ok(Ok(response)) if response.status().is_success()
+    )
+}
+
+/// The gateway's own readiness: it is configured and serving (upstreams are in `/health`).
+async fn get_ready(State(gateway): State<Arc<Gateway>>) -> Response {
+    axum::Json(serde_json::json!({
+        "status": "ready",
+        "service": NAME,
+        "routes": gateway.table.services(),
+    }))
+    .into_response()
+}

@@ -1,0 +1,113 @@
+//! The route table: longest prefix wins, matched on whole path segments, with optional rewrite.
+
+use kit::config::Route;
+
+/// The table, sorted for longest-prefix matching.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+/// Where a request goes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub service: &'a str,
+    /// The path to forward (prefix rewritten), without the query.
+    pub path: String,
+}
+
+impl RouteTable {
+    pub fn new(mut routes: Vec<Route>) -> Self {
+        // Longest prefix first; ties keep the configured order.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.trim_end_matches('/').len()));
+        Self { routes }
+    }
+
+    /// The services the table sends traffic to, each once.
+    pub fn services(&self) -> Vec<&str> {
+        let mut services: Vec<&str> = self.routes.iter().map(|r| r.service.as_str()).collect();
+        services.sort_unstable();
+        services.dedup();
+        services
+    }
+
+    pub fn resolve(&self, path: &str) -> Option<Target<'_>> {
+        self.routes.iter().find_map(|route| {
+            let prefix = route.prefix.trim_end_matches('/');
+            let rest = path.strip_prefix(prefix)?;
+            if !(rest.is_empty() || rest.starts_with('/')) {
+                return None; // `/users` must not match `/usersx`
+            }
+            let path = match &route.rewrite {
+                Some(rewrite) => {
+                    let base = rewrite.trim_end_matches('/');
+                    match (base.is_empty(), rest.is_empty()) {
+                        (true, true) => "/".to_owned(),
+                        (true, false) => rest.to_owned(),
+                        (false, _) => format!("{base}{rest}"),
+                    }
+                }
+                None => path.to_owned(),
+            };
+            Some(Target {
+                service: &route.service,
+                path,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        RouteTable::new(kit::Settings::defaults().gateway.routes)
+    }
+
+    #[test]
+    fn every_seed_users_path_reaches_the_canonical_api() {
+        let cases = [
+            ("/api/v1/users", "/api/v1/users"),
+            ("/api/v1/users/7", "/api/v1/users/7"),
+            ("/users", "/api/v1/users"),
+            ("/users/7", "/api/v1/users/7"),
+            ("/users/id/7", "/api/v1/users/id/7"),
+            ("/users/name/Alice", "/api/v1/users/name/Alice"),
+            ("/api/users", "/api/v1/users"),
+            ("/api/users/1", "/api/v1/users/1"),
+            ("/api/users/health", "/health"),
+        ];
+        let table = table();
+        for (incoming, forwarded) in cases {
+            let target = table
+                .resolve(incoming)
+                .unwrap_or_else(|| panic!("{incoming} has no route"));
+            assert_eq!(
+                (target.service, target.path.as_str()),
+                ("users", forwarded),
+                "{incoming}"
+            );
+        }
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments_only() {
+        let table = table();
+        assert!(table.resolve("/usersx").is_none());
+        assert!(table.resolve("/api/v1/usersx/1").is_none());
+        assert!(table.resolve("/nothing").is_none());
+    }
+
+    #[test]
+    fn longest_prefix_wins_regardless_of_order() {
+        let route = |prefix: &str, service: &str| Route {
+            prefix: prefix.into(),
+            service: service.into(),
+            rewrite: None,
+        };
+        let table = RouteTable::new(vec![route("/a", "short"), route("/a/b", "long")]);
+        assert_eq!(table.resolve("/a/b/c").map(|t| t.service), Some("long"));
+        assert_eq!(table.resolve("/a/c").map(|t| t.service), Some("short"));
+    }
+}

@@ -1,0 +1,398 @@
+//! Typed, layered configuration: built-in defaults → `agora.toml` → environment.
+//!
+//! One [`Settings`] value describes the whole system; each service reads its own slice
+//! ([`Settings::service`]). Backends are chosen by URL: no `database.url` means SQLite files under
+//! `data_dir`, a `postgres://` URL means PostgreSQL; no `redis.url` means the in-process cache.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// The defaults compiled into every binary; see the file for what each key does.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// The whole system's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub host: IpAddr,
+    pub data_dir: PathBuf,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub cache: CacheSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+    pub services: BTreeMap<String, ServiceSettings>,
+    pub gateway: GatewaySettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: Option<String>,
+    pub max_connections: u32,
+    pub connect_timeout_secs: u64,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: Option<String>,
+    pub prefix: String,
+    pub timeout_ms: u64,
+    pub retry_after_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    pub item_ttl_secs: u64,
+    pub list_ttl_secs: u64,
+    pub max_memory_mb: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub body_limit_bytes: usize,
+    pub request_timeout_secs: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Pretty,
+    Json,
+}
+
+/// Per-service settings. Service-specific keys (if a service has any) live in `extra` and are
+/// read by the service itself, so this crate never needs to know about them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServiceSettings {
+    pub port: u16,
+    #[serde(default)]
+    pub upstreams: Vec<Url>,
+    /// PostgreSQL schema (default: the service name). Tests give each run its own.
+    #[serde(default)]
+    pub schema: Option<String>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, figment::value::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySettings {
+    pub routes: Vec<Route>,
+}
+
+/// One entry of the gateway's route table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Matched on whole path segments: `/users` matches `/users` and `/users/1`, not `/usersx`.
+    pub prefix: String,
+    pub service: String,
+    /// Replaces the matched prefix before forwarding (default: forward the path unchanged).
+    #[serde(default)]
+    pub rewrite: Option<String>,
+}
+
+/// A configuration error; the message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// Which database a service runs on, derived from `database.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseBackend {
+    /// One file per service under the data dir.
+    Sqlite { path: PathBuf },
+    /// One schema per service in this database.
+    Postgres { url: String, schema: String },
+}
+
+impl Settings {
+    /// Loads defaults, then `path` (if it exists; `agora.toml` by convention), then environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = path {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Self::from_figment(figment.merge(env_provider()))
+    }
+
+    /// Defaults only, untouched by files and environment: the base of every test configuration.
+    pub fn defaults() -> Self {
+        Self::from_figment(Figment::from(Toml::string(DEFAULT_TOML)))
+            .expect("the built-in default.toml is valid")
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: URL schemes, route targets, sane numbers.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.to_owned(),
+            message,
+        };
+        if let Some(url) = &self.database.url {
+            let parsed = Url::parse(url)
+                .map_err(|e| invalid("database.url (DATABASE_URL)", format!("not a URL: {e}")))?;
+            if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+                return Err(invalid(
+                    "database.url (DATABASE_URL)",
+                    format!(
+                        "unsupported scheme `{}`: use postgres://, or unset it for SQLite",
+                        parsed.scheme()
+                    ),
+                ));
+            }
+        }
+        if let Some(url) = &self.redis.url {
+            let parsed = Url::parse(url)
+                .map_err(|e| invalid("redis.url (REDIS_URL)", format!("not a URL: {e}")))?;
+            if !matches!(parsed.scheme(), "redis" | "rediss") {
+                return Err(invalid(
+                    "redis.url (REDIS_URL)",
+                    format!(
+                        "unsupported scheme `{}`: use redis://, or unset it for the in-process cache",
+                        parsed.scheme()
+                    ),
+                ));
+            }
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid(
+                "database.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.http.body_limit_bytes == 0 {
+            return Err(invalid(
+                "http.body_limit_bytes",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.cache.max_memory_mb == 0 {
+            return Err(invalid("cache.max_memory_mb", "must be at least 1".into()));
+        }
+        for (i, route) in self.gateway.routes.iter().enumerate() {
+            if !route.prefix.starts_with('/') {
+                return Err(invalid(
+                    &format!("gateway.routes[{i}].prefix"),
+                    format!("`{}` must start with /", route.prefix),
+                ));
+            }
+            if !self.services.contains_key(&route.service) {
+                return Err(invalid(
+                    &format!("gateway.routes[{i}].service"),
+                    format!("unknown service `{}`", route.service),
+                ));
+            }
+            if let Some(rewrite) = &route.rewrite
+                && !rewrite.starts_with('/')
+            {
+                return Err(invalid(
+                    &format!("gateway.routes[{i}].rewrite"),
+                    format!("`{rewrite}` must start with /"),
+                ));
+            }
+        }
+        for (name, service) in &self.services {
+            if let Some(schema) = &service.schema
+                && !is_identifier(schema)
+            {
+                return Err(invalid(
+                    &format!("services.{name}.schema"),
+                    "use lowercase letters, digits and _ only".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings of one service (an empty default for a service the file does not list).
+    pub fn service(&self, name: &str) -> ServiceSettings {
+        self.services.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Where the service listens.
+    pub fn bind_addr(&self, service: &str) -> SocketAddr {
+        SocketAddr::new(self.host, self.service(service).port)
+    }
+
+    /// The URLs the gateway (or another service) uses to reach `service`.
+    pub fn upstreams(&self, service: &str) -> Vec<Url> {
+        let settings = self.service(service);
+        if !settings.upstreams.is_empty() {
+            return settings.upstreams;
+        }
+        let addr = self.bind_addr(service);
+        vec![Url::parse(&format!("http://{addr}")).expect("socket address makes a valid URL")]
+    }
+
+    /// The database `service` runs on.
+    pub fn database_backend(&self, service: &str) -> DatabaseBackend {
+        match &self.database.url {
+            Some(url) => DatabaseBackend::Postgres {
+                url: url.clone(),
+                schema: self
+                    .service(service)
+                    .schema
+                    .unwrap_or_else(|| service.to_owned()),
+            },
+            None => DatabaseBackend::Sqlite {
+                path: self.data_dir.join(format!("{service}.db")),
+            },
+        }
+    }
+}
+
+/// `AGORA_SECTION__KEY` variables, plus the standard `DATABASE_URL`, `REDIS_URL`, `NATS_URL`.
+fn env_provider() -> Figment {
+    Figment::new()
+        .merge(Env::prefixed("AGORA_").split("__"))
+        .merge(
+            Env::raw()
+                .only(&["DATABASE_URL", "REDIS_URL", "NATS_URL"])
+                .map(|key| match key.as_str() {
+                    "DATABASE_URL" => "database.url".into(),
+                    "REDIS_URL" => "redis.url".into(),
+                    _ => "nats.url".into(),
+                })
+                .filter(|key| key != "nats.url"),
+        )
+}
+
+/// A safe SQL identifier: lowercase ASCII letters, digits and `_`, not starting with a digit.
+pub fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_choose_embedded_backends() {
+        let settings = Settings::defaults();
+        assert_eq!(settings.bind_addr("gateway").port(), 8080);
+        assert_eq!(
+            settings.database_backend("users"),
+            DatabaseBackend::Sqlite {
+                path: PathBuf::from("./data/users.db")
+            }
+        );
+        assert!(settings.redis.url.is_none());
+        assert_eq!(settings.cache.item_ttl_secs, 300);
+        assert_eq!(settings.cache.list_ttl_secs, 60);
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "agora.toml",
+                "[cache]\nitem_ttl_secs = 10\nlist_ttl_secs = 5\n",
+            )?;
+            jail.set_env("AGORA_CACHE__ITEM_TTL_SECS", "20");
+            jail.set_env("DATABASE_URL", "postgres://postgres@127.0.0.1/agora");
+            jail.set_env("REDIS_URL", "redis://127.0.0.1:6379");
+            let settings = Settings::load(Some(Path::new("agora.toml"))).expect("loads");
+            assert_eq!(settings.cache.item_ttl_secs, 20, "env beats file");
+            assert_eq!(settings.cache.list_ttl_secs, 5, "file beats defaults");
+            assert_eq!(
+                settings.database_backend("users"),
+                DatabaseBackend::Postgres {
+                    url: "postgres://postgres@127.0.0.1/agora".into(),
+                    schema: "users".into()
+                }
+            );
+            assert_eq!(
+                settings.redis.url.as_deref(),
+                Some("redis://127.0.0.1:6379")
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        let cases = [
+            ("AGORA_CACHE__ITEM_TTL_SECS", "soon", "item_ttl_secs"),
+            ("DATABASE_URL", "mysql://localhost/x", "database.url"),
+            ("REDIS_URL", "not a url", "redis.url"),
+            (
+                "AGORA_DATABASE__MAX_CONNECTIONS",
+                "0",
+                "database.max_connections",
+            ),
+        ];
+        for (var, value, key) in cases {
+            Jail::expect_with(|jail| {
+                jail.set_env(var, value);
+                let err = Settings::load(None).expect_err(var).to_string();
+                assert!(
+                    err.contains(key),
+                    "{var}={value}: `{err}` should name `{key}`"
+                );
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn routes_must_target_known_services() {
+        let mut settings = Settings::defaults();
+        settings.gateway.routes.push(Route {
+            prefix: "/x".into(),
+            service: "nope".into(),
+            rewrite: None,
+        });
+        let err = settings
+            .validate()
+            .expect_err("unknown service")
+            .to_string();
+        assert!(
+            err.contains("gateway.routes[") && err.contains("nope"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn identifiers_are_checked() {
+        assert!(is_identifier("users"));
+        assert!(is_identifier("t_1700000000_ab12"));
+        assert!(!is_identifier("Users"));
+        assert!(!is_identifier("users; drop"));
+        assert!(!is_identifier("1abc"));
+    }
+}

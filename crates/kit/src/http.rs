@@ -1,0 +1,359 @@
+//! The HTTP side every service shares: the middleware stack, JSON/path/query extractors whose
+//! rejections are problem bodies, `/health` and `/ready`, and serving with graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Router, body::Body};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::HttpSettings;
+use crate::error::{ApiError, FieldError, InternalError, PROBLEM_JSON, Problem};
+
+/// The request id header, generated when absent and forwarded on every hop.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Wraps `router` in the standard stack, outermost first: request id → trace span → request id
+/// on the response → problem bodies → panic → timeout (408) → body limit (413).
+pub fn with_standard_layers(router: Router, http: &HttpSettings) -> Router {
+    // `Router::layer` wraps what came before, so the last call is the outermost layer.
+    router
+        .layer(axum::extract::DefaultBodyLimit::max(http.body_limit_bytes))
+        .layer(RequestBodyLimitLayer::new(http.body_limit_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(http.request_timeout_secs),
+        ))
+        .layer(CatchPanicLayer::new())
+        .layer(middleware::from_fn(problem_layer))
+        .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let request_id = req
+                .headers()
+                .get(&X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            tracing::info_span!(
+                "request",
+                method = %req.method(),
+                path = %req.uri().path(),
+                request_id = %request_id,
+            )
+        }))
+        .layer(SetRequestIdLayer::new(
+            X_REQUEST_ID.clone(),
+            MakeRequestUuid,
+        ))
+}
+
+/// Completes problem bodies with the request id and logs internal causes (once, here); turns any
+/// other error response without a problem body into one.
+pub async fn problem_layer(req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut response = next.run(req).await;
+    let status = response.status();
+
+    let problem = match response.extensions_mut().remove::<Problem>() {
+        Some(problem) => problem,
+        None if status.is_client_error() || status.is_server_error() => {
+            let is_problem = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|ct| ct.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
+            if is_problem {
+                return response; // already complete (e.g. passed through by the gateway)
+            }
+            Problem::for_status(status, method.as_str(), &path)
+        }
+        None => return response,
+    };
+    if let Some(InternalError(err)) = response.extensions_mut().remove::<InternalError>() {
+        tracing::error!(
+            error.message = %err,
+            error.cause_chain = %format!("{err:#}"),
+            status = status.as_u16(),
+            "request failed"
+        );
+    } else if status.is_server_error() {
+        tracing::error!(status = status.as_u16(), "request failed");
+    }
+    let problem = Problem {
+        request_id,
+        ..problem
+    };
+    let (mut parts, _) = response.into_parts();
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = serde_json::to_vec(&problem).unwrap_or_default();
+    Response::from_parts(parts, Body::from(body))
+}
+
+/// `Json` whose rejections are problem bodies: 400 for malformed JSON, 422 for wrong types,
+/// missing or unknown fields, 415 without a JSON content type, 413 over the body limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(Json(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::JsonDataError(err) => {
+            // "Failed to deserialize the JSON body into the target type: name: invalid type ..."
+            let text = err.body_text();
+            let detail = text
+                .split_once("target type: ")
+                .map_or(text.as_str(), |(_, d)| d);
+            let (field, message) = match detail.split_once(": ") {
+                Some((path, msg)) if !path.contains(' ') => (path.to_owned(), msg.to_owned()),
+                _ => ("body".to_owned(), detail.to_owned()),
+            };
+            ApiError::validation(vec![FieldError::new(field, "invalid", message)]).with_detail(
+                format!("The body does not match the expected shape: {detail}"),
+            )
+        }
+        JsonRejection::JsonSyntaxError(err) => {
+            let text = err.body_text();
+            let detail = text.split_once(": ").map_or(text.as_str(), |(_, d)| d);
+            ApiError::bad_request(
+                "malformed_json",
+                format!("The body is not valid JSON: {detail}"),
+            )
+        }
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Send the body as JSON with `Content-Type: application/json`",
+        ),
+        JsonRejection::BytesRejection(err) if err.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "The request body is larger than this service accepts",
+            )
+        }
+        other => ApiError::bad_request("unreadable_body", other.body_text()),
+    }
+}
+
+/// `Path` whose rejections are 400 problem bodies naming the bad segment.
+#[derive(Debug)]
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(PathRejection::FailedToDeserializePathParams(err)) => Err(ApiError::bad_request(
+                "invalid_path_parameter",
+                err.body_text(),
+            )),
+            Err(other) => Err(ApiError::bad_request(
+                "invalid_path_parameter",
+                other.body_text(),
+            )),
+        }
+    }
+}
+
+/// `Query` whose rejections are 400 problem bodies.
+#[derive(Debug)]
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Query(value)),
+            Err(QueryRejection::FailedToDeserializeQueryString(err)) => {
+                Err(ApiError::bad_request("invalid_query", err.body_text()))
+            }
+            Err(other) => Err(ApiError::bad_request("invalid_query", other.body_text())),
+        }
+    }
+}
+
+/// A response whose body is JSON already encoded (e.g. straight from the cache).
+pub struct RawJson(pub Bytes);
+
+impl IntoResponse for RawJson {
+    fn into_response(self) -> Response {
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.0,
+        )
+            .into_response()
+    }
+}
+
+/// Something `/ready` checks: a database, a cache, a broker.
+pub type Check = Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+
+/// A named dependency of a service, and whether the service can serve without it.
+#[derive(Clone)]
+pub struct Dependency {
+    pub name: &'static str,
+    /// Optional dependencies (the cache) make the service `degraded`, not unready.
+    pub required: bool,
+    pub check: Check,
+}
+
+#[derive(Clone)]
+struct HealthState {
+    service: &'static str,
+    dependencies: Arc<Vec<Dependency>>,
+}
+
+/// `/health` (liveness: the process answers) and `/ready` (each dependency by name; 503 when a
+/// required one is down).
+pub fn health_routes(service: &'static str, dependencies: Vec<Dependency>) -> Router {
+    Router::new()
+        .route("/health", get(get_health))
+        .route("/ready", get(get_ready))
+        .with_state(HealthState {
+            service,
+            dependencies: Arc::new(dependencies),
+        })
+}
+
+async fn get_health(State(state): State<HealthState>) -> Response {
+    axum::Json(serde_json::json!({ "status": "ok", "service": state.service })).into_response()
+}
+
+async fn get_ready(State(state): State<HealthState>) -> Response {
+    let checks = state.dependencies.iter().map(|dep| async move {
+        let started = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(2), (dep.check)()).await;
+        let up = matches!(result, Ok(Ok(())));
+        if !up {
+            let reason = match result {
+                Ok(Err(err)) => format!("{err:#}"),
+                _ => "timed out".to_owned(),
+            };
+            tracing::warn!(dependency = dep.name, error.message = %reason, "dependency is down");
+        }
+        (dep, up, started.elapsed())
+    });
+    let results = futures::future::join_all(checks).await;
+    let mut report = serde_json::Map::new();
+    let mut ready = true;
+    let mut degraded = false;
+    for (dep, up, elapsed) in results {
+        ready &= up || !dep.required;
+        degraded |= !up;
+        report.insert(
+            dep.name.to_owned(),
+            serde_json::json!({
+                "status": if up { "up" } else { "down" },
+                "required": dep.required,
+                "latency_ms": elapsed.as_secs_f64() * 1000.0,
+            }),
+        );
+    }
+    let status = match (ready, degraded) {
+        (false, _) => "unavailable",
+        (true, true) => "degraded",
+        (true, false) => "ready",
+    };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        axum::Json(serde_json::json!({
+            "status": status,
+            "service": state.service,
+            "checks": report,
+        })),
+    )
+        .into_response()
+}
+
+/// Binds `addr` (port 0 picks a free port; the listener knows which).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use anyhow::Context as _;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr} (is another process using the port?)"))
+}
+
+/// Serves `app` until `shutdown` fires, then lets requests in flight finish for up to `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tokio::select! {
+        result = server => result,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_secs = grace.as_secs(), "requests still running after the grace period; closing");
+            Ok(())
+        }
+    }
+}

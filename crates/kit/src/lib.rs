@@ -1,0 +1,18 @@
+//! Agora's shared infrastructure. Infrastructure only: no service's domain lives here, and no
+//! module imports a service.
+
+pub mod cache;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use cache::{Cache, Ttl};
+pub use config::Settings;
+pub use db::Db;
+pub use error::{ApiError, ApiResult, FieldError, Problem};

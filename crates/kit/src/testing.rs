@@ -1,0 +1,188 @@
+//! The test harness every service's API suite uses: a [`TestEnv`] per test, with its own SQLite
+//! directory or PostgreSQL schema and its own Redis key prefix, so tests run in parallel.
+//!
+//! PostgreSQL and Redis are real servers: `TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/agora_test`, created when missing) and `TEST_REDIS_URL`
+//! (default `redis://127.0.0.1:6379`). A test that cannot reach them fails; it never skips.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use sqlx::Connection as _;
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::service::{App, Running};
+
+/// Which backends a suite runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite files in a temp dir + the in-process cache (the embedded default).
+    Sqlite,
+    /// PostgreSQL (own schema per service per test) + Redis (own key prefix per test).
+    Postgres,
+}
+
+/// Settings isolated for one test; keep it alive as long as the test runs.
+pub struct TestEnv {
+    pub settings: Settings,
+    pub backend: Backend,
+    _dir: TempDir,
+}
+
+pub fn test_database_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/agora_test".into())
+}
+
+pub fn test_redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+impl TestEnv {
+    /// A fresh environment on `backend`.
+    pub async fn new(backend: Backend) -> Self {
+        crate::telemetry::init_for_tests();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut settings = Settings::defaults();
+        settings.data_dir = dir.path().join("data");
+        settings.database.max_connections = 5;
+        settings.http.shutdown_grace_secs = 1;
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        if backend == Backend::Postgres {
+            let url = test_database_url();
+            ensure_database(&url)
+                .await
+                .expect("PostgreSQL for tests is reachable (TEST_DATABASE_URL)");
+            let stamp = unix_now();
+            let names: Vec<String> = settings.services.keys().cloned().collect();
+            for name in names {
+                let schema = format!("t{stamp}_{}_{name}", &unique[..10]);
+                if let Some(service) = settings.services.get_mut(&name) {
+                    service.schema = Some(schema);
+                }
+            }
+            settings.database.url = Some(url);
+            settings.redis.url = Some(test_redis_url());
+        }
+        settings.redis.prefix = format!("test:{unique}:");
+        settings.validate().expect("test settings are valid");
+        Self {
+            settings,
+            backend,
+            _dir: dir,
+        }
+    }
+
+    /// Points the cache at a port where nothing listens, to test degradation.
+    pub fn with_unreachable_redis(mut self) -> Self {
+        self.settings.redis.url = Some("redis://127.0.0.1:1".into());
+        self
+    }
+}
+
+/// A service serving on `127.0.0.1:<random port>` for one test; stops when dropped.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub shutdown: CancellationToken,
+    running: Option<Running>,
+}
+
+impl TestServer {
+    /// Serves `app` on a free loopback port.
+    pub async fn start(app: App, settings: &Settings) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let shutdown = CancellationToken::new();
+        let running = app
+            .spawn(listener, shutdown.clone(), settings)
+            .expect("serve");
+        Self {
+            addr: running.addr,
+            shutdown,
+            running: Some(running),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops accepting, drains, and waits for the server to end.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            let _ = running.handle.await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Creates the test database if needed, and drops schemas that earlier runs left behind.
+async fn ensure_database(url: &str) -> anyhow::Result<()> {
+    let parsed = url::Url::parse(url).context("TEST_DATABASE_URL is not a URL")?;
+    let name = parsed.path().trim_start_matches('/').to_owned();
+    anyhow::ensure!(
+        crate::config::is_identifier(&name),
+        "test database name `{name}` must be a plain identifier"
+    );
+    let mut admin_url = parsed.clone();
+    admin_url.set_path("/postgres");
+    let mut admin = sqlx::PgConnection::connect(admin_url.as_str())
+        .await
+        .with_context(|| format!("connecting to {admin_url}"))?;
+    let exists: Option<i32> = sqlx::query_scalar("select 1 from pg_database where datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut admin)
+        .await?;
+    if exists.is_none()
+        && let Err(err) = sqlx::query(&format!("create database {name}"))
+            .execute(&mut admin)
+            .await
+    {
+        // Another test process may have created it a moment ago.
+        let duplicate = matches!(&err, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P04") || db.is_unique_violation());
+        if !duplicate {
+            return Err(err.into());
+        }
+    }
+    admin.close().await.ok();
+    drop_stale_schemas(url).await;
+    Ok(())
+}
+
+/// Schemas of tests older than two hours (their names carry the creation time).
+async fn drop_stale_schemas(url: &str) {
+    let Ok(mut conn) = sqlx::PgConnection::connect(url).await else {
+        return;
+    };
+    let schemas: Vec<String> =
+        sqlx::query_scalar("select nspname::text from pg_namespace where nspname ~ '^t[0-9]{10}_'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
+    let cutoff = unix_now().saturating_sub(2 * 3600);
+    for schema in schemas {
+        let stamp: u64 = schema[1..11].parse().unwrap_or(u64::MAX);
+        if stamp < cutoff && crate::config::is_identifier(&schema) {
+            let _ = sqlx::query(&format!("drop schema if exists {schema} cascade"))
+                .execute(&mut conn)
+                .await;
+        }
+    }
+    conn.close().await.ok();
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}

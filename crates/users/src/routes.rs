@@ -1,0 +1,247 @@
+//! HTTP handlers. Reads go through the cache (items 300 s, lists and lookups 60 s); every write
+//! invalidates the item, every list page and every lookup it could change, after it commits.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use kit::http::{Json, Path, Query, RawJson};
+use kit::{Db, Ttl};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{CreateUserBody, UpdateUserBody, User};
+use crate::error::{Error, Result};
+use crate::{AppState, store};
+
+/// Cache group of every list page.
+const LIST_GROUP: &str = "list";
+/// Cache group of lookups by username and by name.
+const LOOKUP_GROUP: &str = "lookup";
+
+fn item_key(id: i64) -> String {
+    format!("user:{id}")
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/users", get(list_users).post(create_user))
+        .route("/api/v1/users/stats", get(get_stats))
+        .route(
+            "/api/v1/users/{id}",
+            get(get_user)
+                .put(update_user)
+                .patch(update_user)
+                .delete(delete_user),
+        )
+        .route("/api/v1/users/id/{id}", get(get_user))
+        .route(
+            "/api/v1/users/username/{username}",
+            get(get_user_by_username),
+        )
+        .route("/api/v1/users/name/{name}", get(get_user_by_name))
+        .route("/api/v1/stats", get(get_stats))
+        .with_state(state)
+}
+
+fn to_json<T: Serialize>(value: &T) -> anyhow::Result<Bytes> {
+    Ok(Bytes::from(serde_json::to_vec(value)?))
+}
+
+/// A 409 naming the field when a write hits a unique constraint.
+fn map_unique(err: sqlx::Error, fields: &crate::domain::UserFields) -> Error {
+    match kit::db::violated_column(&err, &["username", "email"]) {
+        Some("username") => Error::Taken {
+            field: "username",
+            value: fields.username.clone().unwrap_or_default(),
+        },
+        Some(_) => Error::Taken {
+            field: "email",
+            value: fields.email.clone().unwrap_or_default(),
+        },
+        None => Error::Database(err),
+    }
+}
+
+async fn invalidate_after_write(state: &AppState, id: Option<i64>) {
+    if let Some(id) = id {
+        state.cache.invalidate(&[item_key(id)]).await;
+    }
+    state.cache.invalidate_group(LIST_GROUP).await;
+    state.cache.invalidate_group(LOOKUP_GROUP).await;
+}
+
+#[tracing::instrument(skip_all)]
+async fn create_user(
+    State(state): State<AppState>,
+    Json(body): Json<CreateUserBody>,
+) -> Result<Response> {
+    let fields = body.validate_new().map_err(Error::Invalid)?;
+    let user = store::insert(&state.db, &fields)
+        .await
+        .map_err(|e| map_unique(e, &fields))?;
+    invalidate_after_write(&state, None).await;
+    let location = HeaderValue::from_str(&format!("/api/v1/users/{}", user.id))
+        .map_err(anyhow::Error::from)?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(user),
+    )
+        .into_response())
+}
+
+#[tracing::instrument(skip(state))]
+async fn get_user(State(state): State<AppState>, Path(id): Path<i64>) -> Result<RawJson> {
+    let db = state.db.clone();
+    let cached = state
+        .cache
+        .get_or_load(&item_key(id), Ttl::Item, move || {
+            load_one(db, Lookup::Id(id))
+        })
+        .await?;
+    cached
+        .map(RawJson)
+        .ok_or_else(|| Error::NotFound(format!("with id {id}")))
+}
+
+#[tracing::instrument(skip(state))]
+async fn get_user_by_username(
+    State(state): State<AppState>,
+    Path(username): Path<String>,
+) -> Result<RawJson> {
+    let db = state.db.clone();
+    let field = format!("username:{username}");
+    let lookup = Lookup::Username(username.clone());
+    let cached = state
+        .cache
+        .get_or_load_in(LOOKUP_GROUP, &field, Ttl::List, move || {
+            load_one(db, lookup)
+        })
+        .await?;
+    cached
+        .map(RawJson)
+        .ok_or_else(|| Error::NotFound(format!("with username `{username}`")))
+}
+
+#[tracing::instrument(skip(state))]
+async fn get_user_by_name(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<RawJson> {
+    let db = state.db.clone();
+    let field = format!("name:{name}");
+    let lookup = Lookup::Name(name.clone());
+    let cached = state
+        .cache
+        .get_or_load_in(LOOKUP_GROUP, &field, Ttl::List, move || {
+            load_one(db, lookup)
+        })
+        .await?;
+    cached
+        .map(RawJson)
+        .ok_or_else(|| Error::NotFound(format!("named `{name}`")))
+}
+
+enum Lookup {
+    Id(i64),
+    Username(String),
+    Name(String),
+}
+
+async fn load_one(db: Db, lookup: Lookup) -> anyhow::Result<Option<Bytes>> {
+    let user = match lookup {
+        Lookup::Id(id) => store::find(&db, id).await?,
+        Lookup::Username(username) => store::find_by_username(&db, &username).await?,
+        Lookup::Name(name) => store::find_by_name(&db, &name).await?,
+    };
+    user.as_ref().map(to_json).transpose()
+}
+
+/// `?page=` (from 1) and `?per_page=` (1 to 100, default 20).
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    page: Option<u32>,
+    per_page: Option<u32>,
+}
+
+/// One page of users, in id order.
+#[derive(Debug, Serialize)]
+struct Page {
+    items: Vec<User>,
+    page: u32,
+    per_page: u32,
+    total: i64,
+}
+
+#[tracing::instrument(skip(state))]
+async fn list_users(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> Result<RawJson> {
+    let page = query.page.unwrap_or(1);
+    let per_page = query.per_page.unwrap_or(20);
+    if page == 0 || !(1..=100).contains(&per_page) {
+        return Err(kit::ApiError::bad_request(
+            "invalid_query",
+            "page starts at 1; per_page must be 1 to 100",
+        )
+        .into());
+    }
+    let db = state.db.clone();
+    let field = format!("page={page}&per_page={per_page}");
+    let cached = state
+        .cache
+        .get_or_load_in(LIST_GROUP, &field, Ttl::List, move || async move {
+            let offset = i64::from(page - 1) * i64::from(per_page);
+            let (items, total) = store::list(&db, i64::from(per_page), offset).await?;
+            to_json(&Page {
+                items,
+                page,
+                per_page,
+                total,
+            })
+            .map(Some)
+        })
+        .await?;
+    cached
+        .map(RawJson)
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("list loader returned nothing")))
+}
+
+#[tracing::instrument(skip(state, body))]
+async fn update_user(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    Json(body): Json<UpdateUserBody>,
+) -> Result<Json<User>> {
+    let fields = body.validate_update().map_err(Error::Invalid)?;
+    let user = store::update(&state.db, id, &fields)
+        .await
+        .map_err(|e| map_unique(e, &fields))?;
+    let user = user.ok_or_else(|| Error::NotFound(format!("with id {id}")))?;
+    invalidate_after_write(&state, Some(id)).await;
+    Ok(Json(user))
+}
+
+#[tracing::instrument(skip(state))]
+async fn delete_user(State(state): State<AppState>, Path(id): Path<i64>) -> Result<StatusCode> {
+    if !store::delete(&state.db, id).await? {
+        return Err(Error::NotFound(format!("with id {id}")));
+    }
+    invalidate_after_write(&state, Some(id)).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Counts and cache counters (`/api/v1/users/stats`, `/api/v1/stats`).
+#[tracing::instrument(skip(state))]
+async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
+    let total = store::count(&state.db).await?;
+    Ok(Json(serde_json::json!({
+        "service": crate::NAME,
+        "database": state.db.backend(),
+        "users": total,
+        "cache": state.cache.stats(),
+    })))
+}
