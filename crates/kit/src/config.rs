@@ -359,7 +359,10 @@ mod tests {
         for (var, value, key) in cases {
             Jail::expect_with(|jail| {
                 jail.set_env(var, value);
-                let err = Settings::load(None).expect_err(var).to_string();
+                let err = Settings::load(None)
+                    .expect_err(var)
+                    .to_string()
+                    .to_lowercase();
                 assert!(
                     err.contains(key),
                     "{var}={value}: `{err}` should name `{key}`"

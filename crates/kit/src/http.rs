@@ -80,12 +80,15 @@ pub async fn problem_layer(req: Request, next: Next) -> Response {
     let problem = match response.extensions_mut().remove::<Problem>() {
         Some(problem) => problem,
         None if status.is_client_error() || status.is_server_error() => {
-            let is_problem = response
+            // A JSON body was made on purpose: a problem passed through by the gateway, or a
+            // report such as `/ready`'s 503. Only bare bodies (router, limits, panics) change.
+            let is_json = response
                 .headers()
                 .get(header::CONTENT_TYPE)
-                .is_some_and(|ct| ct.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
-            if is_problem {
-                return response; // already complete (e.g. passed through by the gateway)
+                .and_then(|ct| ct.to_str().ok())
+                .is_some_and(|ct| ct.contains("json"));
+            if is_json {
+                return response;
             }
             Problem::for_status(status, method.as_str(), &path)
         }

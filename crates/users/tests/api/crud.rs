@@ -1,0 +1,298 @@
+//! Create, read, list, update, delete, lookups, uniqueness and validation.
+
+use serde_json::json;
+
+use crate::helpers::{assert_problem, spawn_app};
+use kit::testing::Backend;
+
+on_both_backends!(
+    every_seed_body_creates_a_user,
+    users_are_found_by_id_username_and_name,
+    list_is_paginated_in_id_order,
+    put_and_patch_change_only_the_given_fields,
+    delete_removes_the_user,
+    duplicate_username_or_email_is_409,
+    invalid_fields_are_422_with_one_entry_each,
+);
+
+async fn every_seed_body_creates_a_user(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let cases = [
+        (
+            json!({"name": "Alice Smith", "email": "alice@example.com"}),
+            "Alice Smith",
+            Some("alice@example.com"),
+            None,
+        ),
+        (
+            json!({"username": "bob", "email": "Bob@Example.com"}),
+            "",
+            Some("bob@example.com"),
+            Some("bob"),
+        ),
+        (
+            json!({"email": "carol@example.com", "full_name": "Carol"}),
+            "Carol",
+            Some("carol@example.com"),
+            None,
+        ),
+        (json!({"name": "Dave"}), "Dave", None, None),
+    ];
+    for (body, name, email, username) in cases {
+        let response = app.post("/api/v1/users", body.clone()).await;
+        assert_eq!(response.status(), 201, "{body}");
+        let location = response.headers()["location"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        let user: serde_json::Value = response.json().await.expect("json");
+        assert_eq!(location, format!("/api/v1/users/{}", user["id"]), "{body}");
+        if !name.is_empty() {
+            assert_eq!(user["name"], name, "{body}");
+        }
+        assert_eq!(user["email"].as_str(), email, "{body}");
+        assert_eq!(user["username"].as_str(), username, "{body}");
+        assert!(
+            user["created_at"].is_string() && user["updated_at"].is_string(),
+            "{body}"
+        );
+        let (status, fetched) = app.get_json(&location).await;
+        assert_eq!(
+            (status, &fetched),
+            (200, &user),
+            "{body}: read back what was created"
+        );
+    }
+}
+
+async fn users_are_found_by_id_username_and_name(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let first = app
+        .create_user(json!({"username": "alice", "name": "Alice"}))
+        .await;
+    let second = app.create_user(json!({"name": "Alice"})).await;
+    let id = first["id"].as_i64().expect("id");
+
+    for path in [
+        format!("/api/v1/users/{id}"),
+        format!("/api/v1/users/id/{id}"),
+        "/api/v1/users/username/alice".into(),
+    ] {
+        let (status, user) = app.get_json(&path).await;
+        assert_eq!((status, &user), (200, &first), "{path}");
+    }
+    let (status, user) = app.get_json("/api/v1/users/name/Alice").await;
+    assert_eq!(
+        (status, user["id"].clone()),
+        (200, first["id"].clone()),
+        "the oldest Alice"
+    );
+    assert_ne!(first["id"], second["id"]);
+
+    for path in [
+        "/api/v1/users/999999",
+        "/api/v1/users/username/nobody",
+        "/api/v1/users/name/Nobody",
+    ] {
+        assert_problem(app.get(path).await, 404, "user_not_found").await;
+    }
+}
+
+async fn list_is_paginated_in_id_order(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            app.create_user(json!({"name": format!("User {i}")})).await["id"]
+                .as_i64()
+                .expect("id"),
+        );
+    }
+    let mut seen = Vec::new();
+    for page in 1..=3 {
+        let (status, body) = app
+            .get_json(&format!("/api/v1/users?page={page}&per_page=2"))
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(body["total"], 5);
+        assert_eq!(body["page"], page);
+        assert_eq!(body["per_page"], 2);
+        let items = body["items"].as_array().expect("items");
+        assert_eq!(items.len(), if page < 3 { 2 } else { 1 }, "page {page}");
+        seen.extend(items.iter().map(|u| u["id"].as_i64().expect("id")));
+    }
+    assert_eq!(seen, ids, "every user once, in id order");
+    let (_, beyond) = app.get_json("/api/v1/users?page=4&per_page=2").await;
+    assert_eq!(beyond["items"], json!([]));
+    let (_, default) = app.get_json("/api/v1/users").await;
+    assert_eq!(
+        (default["page"].clone(), default["per_page"].clone()),
+        (json!(1), json!(20))
+    );
+
+    for bad in [
+        "page=0",
+        "per_page=0",
+        "per_page=101",
+        "page=abc",
+        "per_page=-1",
+    ] {
+        assert_problem(
+            app.get(&format!("/api/v1/users?{bad}")).await,
+            400,
+            "invalid_query",
+        )
+        .await;
+    }
+}
+
+async fn put_and_patch_change_only_the_given_fields(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let user = app
+        .create_user(json!({"username": "alice", "name": "Alice", "email": "alice@example.com"}))
+        .await;
+    let path = format!("/api/v1/users/{}", user["id"]);
+
+    let response = app
+        .request(
+            reqwest::Method::PUT,
+            &path,
+            Some(json!({"name": "Alice Updated"})),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let updated: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(updated["name"], "Alice Updated");
+    assert_eq!(updated["username"], "alice", "PUT is partial (seed 004)");
+    assert_eq!(updated["email"], "alice@example.com");
+    assert_eq!(updated["created_at"], user["created_at"]);
+    assert!(updated["updated_at"].as_str() >= user["updated_at"].as_str());
+
+    let response = app
+        .request(
+            reqwest::Method::PATCH,
+            &path,
+            Some(json!({"email": "new@example.com"})),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let (_, fetched) = app.get_json(&path).await;
+    assert_eq!(
+        (fetched["name"].as_str(), fetched["email"].as_str()),
+        (Some("Alice Updated"), Some("new@example.com"))
+    );
+
+    let missing = app
+        .request(
+            reqwest::Method::PATCH,
+            "/api/v1/users/999999",
+            Some(json!({"name": "x"})),
+        )
+        .await;
+    assert_problem(missing, 404, "user_not_found").await;
+    let empty = app
+        .request(reqwest::Method::PATCH, &path, Some(json!({})))
+        .await;
+    assert_problem(empty, 422, "validation_failed").await;
+}
+
+async fn delete_removes_the_user(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let user = app.create_user(json!({"name": "Bob"})).await;
+    let path = format!("/api/v1/users/{}", user["id"]);
+    assert_eq!(
+        app.get(&path).await.status(),
+        200,
+        "cached before the delete"
+    );
+    let response = app.request(reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(response.status(), 204);
+    assert_problem(app.get(&path).await, 404, "user_not_found").await;
+    let again = app.request(reqwest::Method::DELETE, &path, None).await;
+    assert_problem(again, 404, "user_not_found").await;
+}
+
+async fn duplicate_username_or_email_is_409(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.create_user(json!({"username": "alice", "email": "alice@example.com"}))
+        .await;
+    let other = app
+        .create_user(json!({"username": "bob", "email": "bob@example.com"}))
+        .await;
+
+    let cases = [
+        (
+            json!({"username": "alice", "email": "x@example.com"}),
+            "username_taken",
+            "username",
+        ),
+        (
+            json!({"username": "carol", "email": "ALICE@example.com"}),
+            "email_taken",
+            "email",
+        ),
+    ];
+    for (body, code, field) in cases {
+        let problem =
+            assert_problem(app.post("/api/v1/users", body.clone()).await, 409, code).await;
+        assert_eq!(problem["errors"][0]["field"], field, "{body}");
+        // The same conflict through an update.
+        let path = format!("/api/v1/users/{}", other["id"]);
+        let response = app
+            .request(reqwest::Method::PATCH, &path, Some(body.clone()))
+            .await;
+        assert_problem(response, 409, code).await;
+    }
+    let (_, list) = app.get_json("/api/v1/users").await;
+    assert_eq!(
+        list["total"], 2,
+        "nothing was written by the refused requests"
+    );
+}
+
+async fn invalid_fields_are_422_with_one_entry_each(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let cases = [
+        (json!({}), vec!["name"]),
+        (json!({"email": "a@example.com"}), vec!["name"]),
+        (json!({"name": "  "}), vec!["name"]),
+        (json!({"name": "x".repeat(101)}), vec!["name"]),
+        (
+            json!({"name": "Al", "email": "not-an-email"}),
+            vec!["email"],
+        ),
+        (
+            json!({"username": "a b", "email": "@x.io", "name": ""}),
+            vec!["username", "email", "name"],
+        ),
+        (json!({"name": "Al", "nickname": "x"}), vec!["nickname"]),
+        (json!({"name": 5}), vec!["name"]),
+    ];
+    for (body, fields) in cases {
+        let problem = assert_problem(
+            app.post("/api/v1/users", body.clone()).await,
+            422,
+            "validation_failed",
+        )
+        .await;
+        let errors = problem["errors"].as_array().expect("errors");
+        let reported: Vec<&str> = errors
+            .iter()
+            .map(|e| e["field"].as_str().unwrap_or_default())
+            .collect();
+        if fields == ["nickname"] {
+            // serde names the unknown field in the message
+            assert!(
+                errors[0]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("nickname"),
+                "{body}: {problem}"
+            );
+        } else {
+            assert_eq!(reported, fields, "{body}: {problem}");
+        }
+    }
+    let (_, list) = app.get_json("/api/v1/users").await;
+    assert_eq!(list["total"], 0);
+}

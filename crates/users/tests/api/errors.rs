@@ -1,0 +1,167 @@
+//! Every error class is an RFC 9457 problem body with the request id; nothing internal leaks.
+
+use serde_json::json;
+
+use crate::helpers::{assert_problem, spawn_app};
+use kit::testing::Backend;
+
+on_both_backends!(
+    database_failure_is_a_generic_500,
+    readiness_reports_each_dependency
+);
+
+#[tokio::test]
+async fn malformed_json_is_400() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let response = app
+        .client
+        .post(app.server.url("/api/v1/users"))
+        .header("content-type", "application/json")
+        .body(r#"{"name": "#)
+        .send()
+        .await
+        .expect("sent");
+    assert_problem(response, 400, "malformed_json").await;
+}
+
+#[tokio::test]
+async fn wrong_types_are_422_naming_the_field() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let problem = assert_problem(
+        app.post("/api/v1/users", json!({"name": ["a"]})).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(problem["errors"][0]["field"], "name");
+    let response = app
+        .request(
+            reqwest::Method::PATCH,
+            "/api/v1/users/1",
+            Some(json!({"email": 1})),
+        )
+        .await;
+    assert_problem(response, 422, "validation_failed").await;
+}
+
+#[tokio::test]
+async fn body_without_json_content_type_is_415() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let response = app
+        .client
+        .post(app.server.url("/api/v1/users"))
+        .body(r#"{"name": "a"}"#)
+        .send()
+        .await
+        .expect("sent");
+    assert_problem(response, 415, "unsupported_media_type").await;
+}
+
+#[tokio::test]
+async fn unknown_route_and_unknown_user_are_404() {
+    let app = spawn_app(Backend::Sqlite).await;
+    assert_problem(app.get("/api/v1/nothing-here").await, 404, "not_found").await;
+    assert_problem(app.get("/api/v1/users/424242").await, 404, "user_not_found").await;
+}
+
+#[tokio::test]
+async fn non_numeric_id_is_400() {
+    let app = spawn_app(Backend::Sqlite).await;
+    assert_problem(
+        app.get("/api/v1/users/abc").await,
+        400,
+        "invalid_path_parameter",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn wrong_method_is_405_with_allow() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let response = app
+        .request(reqwest::Method::DELETE, "/api/v1/users", None)
+        .await;
+    let allow = response
+        .headers()
+        .get("allow")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        allow.contains("GET") && allow.contains("POST"),
+        "allow: {allow}"
+    );
+    assert_problem(response, 405, "method_not_allowed").await;
+}
+
+#[tokio::test]
+async fn oversize_body_is_413() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let limit = app.env.settings.http.body_limit_bytes;
+    let body = json!({"name": "x".repeat(limit + 1)});
+    assert_problem(
+        app.post("/api/v1/users", body).await,
+        413,
+        "payload_too_large",
+    )
+    .await;
+    // Also without a Content-Length (streamed body).
+    let chunks = futures::stream::iter(vec![Ok::<_, std::io::Error>(vec![b' '; limit + 10])]);
+    let response = app
+        .client
+        .post(app.server.url("/api/v1/users"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("sent");
+    assert_problem(response, 413, "payload_too_large").await;
+}
+
+#[tokio::test]
+async fn incoming_request_id_is_kept() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let response = app
+        .client
+        .get(app.server.url("/api/v1/users/424242"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .expect("sent");
+    let problem = assert_problem(response, 404, "user_not_found").await;
+    assert_eq!(problem["request_id"], "trace-me-42");
+}
+
+/// Sabotage: the table is gone. The client gets a generic 500, never the database's words.
+async fn database_failure_is_a_generic_500(backend: Backend) {
+    let app = spawn_app(backend).await;
+    kit::dispatch!(&app.db, pool => sqlx::query("drop table users").execute(pool).await.map(|_| ()))
+        .expect("drop table");
+    for response in [
+        app.post("/api/v1/users", json!({"name": "Alice"})).await,
+        app.get("/api/v1/users/1").await,
+        app.get("/api/v1/users").await,
+    ] {
+        let problem = assert_problem(response, 500, "internal_error").await;
+        let text = problem.to_string().to_lowercase();
+        for leak in ["users", "table", "relation", "sql", "no such"] {
+            assert!(!text.contains(leak), "`{leak}` leaked in {problem}");
+        }
+    }
+}
+
+async fn readiness_reports_each_dependency(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (status, ready) = app.get_json("/ready").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["checks"]["database"]["status"], "up");
+    assert_eq!(ready["checks"]["cache"]["status"], "up");
+    let (status, health) = app.get_json("/health").await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+
+    app.db.close().await;
+    let (status, ready) = app.get_json("/ready").await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["checks"]["database"]["status"], "down");
+}
