@@ -297,6 +297,7 @@ pub fn is_identifier(s: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
     use figment::Jail;
