@@ -178,3 +178,115 @@ fn serve_refuses_an_unknown_service() {
         "{err}"
     );
 }
+
+/// Reads the child's stdout until the "listening on http://..." line and returns the address.
+fn listening_addr(child: &mut Child) -> String {
+    use std::io::BufRead as _;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let line = lines.next().expect("a first line").expect("utf-8");
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    line.rsplit("http://")
+        .next()
+        .expect("an address")
+        .trim()
+        .to_owned()
+}
+
+/// The distributed mode: `agora serve users` and `agora serve gateway` as separate processes on
+/// PostgreSQL + Redis, the gateway finding users through `services.users.upstreams`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_one_service_per_process_on_postgres_and_redis() {
+    let env = kit::testing::TestEnv::new(kit::testing::Backend::Postgres).await;
+    let settings = &env.settings;
+    let schema = settings.service("users").schema.expect("a test schema");
+    let configure = |command: &mut Command| {
+        command
+            .env(
+                "DATABASE_URL",
+                settings.database.url.as_deref().expect("pg url"),
+            )
+            .env(
+                "REDIS_URL",
+                settings.redis.url.as_deref().expect("redis url"),
+            )
+            .env("AGORA_REDIS__PREFIX", &settings.redis.prefix)
+            .env("AGORA_SERVICES__USERS__SCHEMA", &schema)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut users = agora(dir.path());
+    configure(users.args(["serve", "users", "--port", "0"]));
+    let mut users = users.spawn().expect("users starts");
+    let users_addr = listening_addr(&mut users);
+
+    let mut gateway = agora(dir.path());
+    configure(gateway.args(["serve", "gateway", "--port", "0"]));
+    gateway.env(
+        "AGORA_SERVICES__USERS__UPSTREAMS",
+        format!("[\"http://{users_addr}\"]"),
+    );
+    let mut gateway = gateway.spawn().expect("gateway starts");
+    let gateway_addr = listening_addr(&mut gateway);
+
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("http://{gateway_addr}/api/v1/users"))
+        .json(&json!({"name": "Distributed"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 201);
+    let user: Value = response.json().await.expect("json");
+    let fetched: Value = client
+        .get(format!("http://{gateway_addr}/api/v1/users/{}", user["id"]))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(fetched, user);
+    let stats: Value = client
+        .get(format!("http://{users_addr}/api/v1/users/stats"))
+        .send()
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (
+            stats["database"].as_str(),
+            stats["cache"]["backend"].as_str()
+        ),
+        (Some("postgres"), Some("redis"))
+    );
+    let health: Value = client
+        .get(format!("http://{gateway_addr}/health"))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["services"]["users"]["status"], "up", "{health}");
+
+    for child in [&mut gateway, &mut users] {
+        terminate(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "clean exit: {status}");
+    }
+}

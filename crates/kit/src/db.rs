@@ -34,8 +34,10 @@ pub struct Migrations {
 
 /// Runs `$body` with `$pool` bound to the concrete pool (`&PgPool` or `&SqlitePool`).
 ///
-/// ```ignore
-/// let user = kit::dispatch!(&db, pool => sqlx::query_as::<_, User>(SQL).bind(id).fetch_optional(pool).await)?;
+/// ```no_run
+/// # async fn example(db: kit::Db) -> sqlx::Result<()> {
+/// let one: i64 = kit::dispatch!(&db, pool => sqlx::query_scalar("select $1").bind(1_i64).fetch_one(pool).await)?;
+/// # Ok(()) }
 /// ```
 #[macro_export]
 macro_rules! dispatch {
