@@ -121,7 +121,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     running.push(gateway);
 
     println!(
-        "agora is up in {:.0?} on the embedded default ({})",
+        "agora is up in {:.0?} on {}",
         started.elapsed(),
         describe_backends(&settings)
     );

@@ -178,3 +178,92 @@ async fn unreachable_redis_degrades_to_the_database() {
     assert_eq!(ready["checks"]["cache"]["status"], "down");
     assert_eq!(ready["checks"]["database"]["status"], "up");
 }
+
+/// A TCP proxy in front of the real Redis that the test can cut and restore.
+struct CuttableProxy {
+    port: u16,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl CuttableProxy {
+    async fn start(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let registry = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    let redis = kit::testing::test_redis_url();
+                    let target = redis.trim_start_matches("redis://").trim_end_matches('/');
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                registry.lock().expect("lock").push(conn.abort_handle());
+            }
+        });
+        tasks.lock().expect("lock").push(accept.abort_handle());
+        Self { port, tasks }
+    }
+
+    fn cut(&self) {
+        for task in self.tasks.lock().expect("lock").drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// Redis goes away while a user is cached, the user changes (the invalidation is lost), Redis
+/// comes back with the old entry still in it: the service must not serve that stale entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_a_redis_outage_is_not_shadowed_when_redis_returns() {
+    let proxy = CuttableProxy::start(0).await;
+    let port = proxy.port;
+    let mut env = TestEnv::new(Backend::Postgres).await;
+    env.settings.redis.url = Some(format!("redis://127.0.0.1:{port}"));
+    env.settings.redis.retry_after_ms = 200;
+    let app = spawn_app_in(env).await;
+
+    let user = app.create_user(json!({"name": "Before"})).await;
+    let path = format!("/api/v1/users/{}", user["id"]);
+    app.get_json(&path).await;
+    let (_, cached) = app.get_json(&path).await;
+    assert_eq!(cached["name"], "Before");
+    assert_eq!(app.cache_stats().await["hits"], 1, "the user is in Redis");
+
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let response = app
+        .request(
+            reqwest::Method::PATCH,
+            &path,
+            Some(json!({"name": "After"})),
+        )
+        .await;
+    assert_eq!(response.status(), 200, "writes go on without Redis");
+    let (status, during) = app.get_json(&path).await;
+    assert_eq!(
+        (status, during["name"].as_str()),
+        (200, Some("After")),
+        "served from the database during the outage"
+    );
+
+    let _restored = CuttableProxy::start(port).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..3 {
+        let (status, after) = app.get_json(&path).await;
+        assert_eq!(
+            (status, after["name"].as_str()),
+            (200, Some("After")),
+            "no stale entry after Redis returns"
+        );
+    }
+    let stats = app.cache_stats().await;
+    assert!(
+        stats["hits"].as_u64() >= Some(2),
+        "Redis is used again once it is back: {stats}"
+    );
+}
