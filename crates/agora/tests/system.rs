@@ -25,13 +25,25 @@ fn agora(dir: &std::path::Path) -> Command {
     command
 }
 
-fn terminate(child: &Child) {
+/// Sends SIGTERM and waits (at most 15 s) for the exit status.
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
     let status = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
         .status()
         .expect("kill runs");
     assert!(status.success(), "SIGTERM was delivered");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the process did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,18 +116,7 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
         .expect("json");
     assert_eq!(fetched, erin);
 
-    terminate(&child);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agora up did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = terminate(&mut child);
     let mut out = String::new();
     child.stdout.take().map(|mut s| s.read_to_string(&mut out));
     assert!(status.success(), "clean exit after SIGTERM: {status}");
@@ -275,18 +276,7 @@ async fn serve_runs_one_service_per_process_on_postgres_and_redis() {
     assert_eq!(health["services"]["users"]["status"], "up", "{health}");
 
     for child in [&mut gateway, &mut users] {
-        terminate(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not stop after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = terminate(child);
         assert!(status.success(), "clean exit: {status}");
     }
 }

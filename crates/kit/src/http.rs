@@ -259,6 +259,34 @@ pub struct Dependency {
     pub check: Check,
 }
 
+impl Dependency {
+    /// The service's database: required.
+    pub fn database(db: &crate::Db) -> Self {
+        let db = db.clone();
+        Self {
+            name: "database",
+            required: true,
+            check: Arc::new(move || {
+                let db = db.clone();
+                Box::pin(async move { db.ping().await })
+            }),
+        }
+    }
+
+    /// The service's cache: optional (without it the service is slower, not down).
+    pub fn cache(cache: &crate::Cache) -> Self {
+        let cache = cache.clone();
+        Self {
+            name: "cache",
+            required: false,
+            check: Arc::new(move || {
+                let cache = cache.clone();
+                Box::pin(async move { cache.ping().await })
+            }),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct HealthState {
     service: &'static str,

@@ -6,8 +6,6 @@
 //! - `GET /api/v1/users/username/{username}`, `GET /api/v1/users/name/{name}`
 //! - `GET /api/v1/users/stats`, `GET /api/v1/stats`, `/health`, `/ready`
 
-use std::sync::Arc;
-
 use kit::http::Dependency;
 use kit::service::App;
 use kit::{Cache, Db, Settings};
@@ -45,28 +43,8 @@ pub async fn app(settings: &Settings) -> anyhow::Result<App> {
 /// The router over existing state (tests use it to sabotage a dependency).
 pub fn app_with(settings: &Settings, state: AppState) -> App {
     let dependencies = vec![
-        Dependency {
-            name: "database",
-            required: true,
-            check: {
-                let db = state.db.clone();
-                Arc::new(move || {
-                    let db = db.clone();
-                    Box::pin(async move { db.ping().await })
-                })
-            },
-        },
-        Dependency {
-            name: "cache",
-            required: false,
-            check: {
-                let cache = state.cache.clone();
-                Arc::new(move || {
-                    let cache = cache.clone();
-                    Box::pin(async move { cache.ping().await })
-                })
-            },
-        },
+        Dependency::database(&state.db),
+        Dependency::cache(&state.cache),
     ];
     let router = routes::router(state.clone()).merge(kit::http::health_routes(NAME, dependencies));
     App {

@@ -111,18 +111,7 @@ async fn get_user_by_username(
     State(state): State<AppState>,
     Path(username): Path<String>,
 ) -> Result<RawJson> {
-    let db = state.db.clone();
-    let field = format!("username:{username}");
-    let lookup = Lookup::Username(username.clone());
-    let cached = state
-        .cache
-        .get_or_load_in(LOOKUP_GROUP, &field, Ttl::List, move || {
-            load_one(db, lookup)
-        })
-        .await?;
-    cached
-        .map(RawJson)
-        .ok_or_else(|| Error::NotFound(format!("with username `{username}`")))
+    lookup(&state, Lookup::Username(username)).await
 }
 
 #[tracing::instrument(skip(state))]
@@ -130,18 +119,25 @@ async fn get_user_by_name(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<RawJson> {
+    lookup(&state, Lookup::Name(name)).await
+}
+
+/// A lookup by username or name, cached in the lookup group (any write invalidates it, since a
+/// rename or a delete can change which user a name finds).
+async fn lookup(state: &AppState, lookup: Lookup) -> Result<RawJson> {
+    let (field, not_found) = match &lookup {
+        Lookup::Username(u) => (format!("username:{u}"), format!("with username `{u}`")),
+        Lookup::Name(n) => (format!("name:{n}"), format!("named `{n}`")),
+        Lookup::Id(id) => (format!("id:{id}"), format!("with id {id}")),
+    };
     let db = state.db.clone();
-    let field = format!("name:{name}");
-    let lookup = Lookup::Name(name.clone());
     let cached = state
         .cache
         .get_or_load_in(LOOKUP_GROUP, &field, Ttl::List, move || {
             load_one(db, lookup)
         })
         .await?;
-    cached
-        .map(RawJson)
-        .ok_or_else(|| Error::NotFound(format!("named `{name}`")))
+    cached.map(RawJson).ok_or(Error::NotFound(not_found))
 }
 
 enum Lookup {
