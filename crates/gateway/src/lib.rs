@@ -44,6 +44,8 @@ struct Gateway {
     table: RouteTable,
     upstreams: BTreeMap<String, Upstream>,
     client: Client<HttpConnector, Body>,
+    /// Longest wait for an upstream's response headers (504 after it).
+    upstream_timeout: Duration,
 }
 
 /// The gateway with upstreams as configured (`services.<name>.upstreams`, or each service's
@@ -80,6 +82,10 @@ pub fn app_with_upstreams(settings: &Settings, upstreams: BTreeMap<String, Vec<U
             })
             .collect(),
         client,
+        // Under the request timeout, so the client sees 504 (the upstream is slow), not 408.
+        upstream_timeout: Duration::from_secs(
+            settings.http.request_timeout_secs.saturating_sub(1).max(1),
+        ),
     });
     let router = Router::new()
         .route("/health", get(get_health))
@@ -197,7 +203,21 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
         *outgoing.uri_mut() = uri;
         *outgoing.headers_mut() = parts.headers.clone();
         let started = Instant::now();
-        match gateway.client.request(outgoing).await {
+        let result =
+            match tokio::time::timeout(gateway.upstream_timeout, gateway.client.request(outgoing))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => {
+                    return ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        format!("The {service} service did not answer in time"),
+                    )
+                    .into_response();
+                }
+            };
+        match result {
             Ok(response) => {
                 tracing::debug!(
                     service = %service,

@@ -293,3 +293,34 @@ async fn oversize_bodies_are_refused_at_the_gateway() {
         (413, Some("payload_too_large"))
     );
 }
+
+#[tokio::test]
+async fn a_slow_upstream_is_a_504() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    env.settings.http.request_timeout_secs = 2;
+    // An upstream that answers after the gateway has stopped waiting.
+    let slow = axum::Router::new().fallback(|| async {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        "late"
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, slow).await });
+    let upstreams = BTreeMap::from([(
+        "users".to_owned(),
+        vec![Url::parse(&format!("http://{addr}")).expect("url")],
+    )]);
+    let gateway = TestServer::start(
+        gateway::app_with_upstreams(&env.settings, upstreams),
+        &env.settings,
+    )
+    .await;
+    let response = reqwest::get(gateway.url("/api/v1/users"))
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["code"], "upstream_timeout");
+}

@@ -62,6 +62,25 @@ pub fn with_standard_layers(router: Router, http: &HttpSettings) -> Router {
             X_REQUEST_ID.clone(),
             MakeRequestUuid,
         ))
+        .layer(middleware::from_fn(drop_unusable_request_id))
+}
+
+/// An incoming `x-request-id` is kept only when it is a sane token (at most 128 characters of
+/// letters, digits and `-_.:`); otherwise a new one is generated, so ids stay safe to log and
+/// echo.
+async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
+    let usable = req.headers().get(&X_REQUEST_ID).is_none_or(|value| {
+        let bytes = value.as_bytes();
+        !bytes.is_empty()
+            && bytes.len() <= 128
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    });
+    if !usable {
+        req.headers_mut().remove(&X_REQUEST_ID);
+    }
+    next.run(req).await
 }
 
 /// Completes problem bodies with the request id and logs internal causes (once, here); turns any

@@ -130,6 +130,19 @@ async fn incoming_request_id_is_kept() {
         .expect("sent");
     let problem = assert_problem(response, 404, "user_not_found").await;
     assert_eq!(problem["request_id"], "trace-me-42");
+
+    // An unusable id (too long, odd characters) is replaced, not echoed.
+    for bad in ["x".repeat(200), "has spaces in it".to_owned()] {
+        let response = app
+            .client
+            .get(app.server.url("/api/v1/users/424242"))
+            .header("x-request-id", &bad)
+            .send()
+            .await
+            .expect("sent");
+        let problem = assert_problem(response, 404, "user_not_found").await;
+        assert_ne!(problem["request_id"], bad.as_str());
+    }
 }
 
 /// Sabotage: the table is gone. The client gets a generic 500, never the database's words.
