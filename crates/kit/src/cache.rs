@@ -210,12 +210,9 @@ impl Cache {
                 }
             }
         };
-        let counter = if leader {
-            &self.inner.misses
-        } else {
-            &self.inner.coalesced
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if !leader {
+            self.inner.coalesced.fetch_add(1, Ordering::Relaxed);
+        }
         flight.await.map_err(|err| anyhow::anyhow!("{err:#}"))
     }
 
@@ -228,18 +225,21 @@ impl Cache {
         let cache = self.clone();
         let ttl = self.ttl(ttl);
         let task = tokio::spawn(async move {
+            // Another flight may have stored the value between our read and this flight's start:
+            // look once more before going to the database.
+            if let Ok(Some(bytes)) = cache.inner.backend.get(&slot).await {
+                cache.inner.hits.fetch_add(1, Ordering::Relaxed);
+                cache.end_flight(&flight_key);
+                return Ok(Some(bytes));
+            }
+            cache.inner.misses.fetch_add(1, Ordering::Relaxed);
             let loaded = load.await;
             if let Ok(Some(bytes)) = &loaded
                 && let Err(err) = cache.inner.backend.set(&slot, bytes.clone(), ttl).await
             {
                 cache.fault("set", &err);
             }
-            cache
-                .inner
-                .flights
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&flight_key);
+            cache.end_flight(&flight_key);
             loaded.map_err(Arc::new)
         });
         async move {
@@ -249,6 +249,16 @@ impl Cache {
         }
         .boxed()
         .shared()
+    }
+}
+
+impl Cache {
+    fn end_flight(&self, flight_key: &str) {
+        self.inner
+            .flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(flight_key);
     }
 }
 
