@@ -13,6 +13,7 @@ on_both_backends!(
     delete_removes_the_user,
     duplicate_username_or_email_is_409,
     invalid_fields_are_422_with_one_entry_each,
+    concurrent_creates_all_succeed_with_distinct_ids,
 );
 
 async fn every_seed_body_creates_a_user(backend: Backend) {
@@ -295,4 +296,23 @@ async fn invalid_fields_are_422_with_one_entry_each(backend: Backend) {
     }
     let (_, list) = app.get_json("/api/v1/users").await;
     assert_eq!(list["total"], 0);
+}
+
+/// Many writers at once: none is refused for a busy database, every id is distinct.
+async fn concurrent_creates_all_succeed_with_distinct_ids(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let creates =
+        (0..50).map(|i| app.post("/api/v1/users", json!({"name": format!("Writer {i}")})));
+    let responses = futures::future::join_all(creates).await;
+    let mut ids = Vec::new();
+    for response in responses {
+        assert_eq!(response.status(), 201);
+        let user: serde_json::Value = response.json().await.expect("json");
+        ids.push(user["id"].as_i64().expect("id"));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 50);
+    let (_, list) = app.get_json("/api/v1/users").await;
+    assert_eq!(list["total"], 50);
 }
