@@ -96,7 +96,11 @@ pub fn app_with_upstreams(settings: &Settings, upstreams: BTreeMap<String, Vec<U
         .with_state(gateway);
     App {
         name: NAME,
-        router: kit::http::with_standard_layers(router, &settings.http),
+        router: kit::http::with_standard_layers(
+            router,
+            &settings.http,
+            &kit::metrics::Metrics::new(NAME),
+        ),
         db: None,
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use crate::config::Settings;
@@ -51,10 +52,10 @@ struct Inner {
     item_ttl: Duration,
     list_ttl: Duration,
     flights: Mutex<HashMap<String, Flight>>,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    coalesced: AtomicU64,
-    errors: AtomicU64,
+    hits: Counter,
+    misses: Counter,
+    coalesced: Counter,
+    errors: Counter,
 }
 
 type Flight = Shared<BoxFuture<'static, Result<Option<Bytes>, Arc<anyhow::Error>>>>;
@@ -88,10 +89,10 @@ impl Cache {
                 item_ttl: Duration::from_secs(settings.cache.item_ttl_secs),
                 list_ttl: Duration::from_secs(settings.cache.list_ttl_secs),
                 flights: Mutex::new(HashMap::new()),
-                hits: AtomicU64::new(0),
-                misses: AtomicU64::new(0),
-                coalesced: AtomicU64::new(0),
-                errors: AtomicU64::new(0),
+                hits: Counter::default(),
+                misses: Counter::default(),
+                coalesced: Counter::default(),
+                errors: Counter::default(),
             }),
         })
     }
@@ -146,11 +147,36 @@ impl Cache {
         let i = &self.inner;
         CacheStats {
             backend: i.backend.name(),
-            hits: i.hits.load(Ordering::Relaxed),
-            misses: i.misses.load(Ordering::Relaxed),
-            coalesced: i.coalesced.load(Ordering::Relaxed),
-            errors: i.errors.load(Ordering::Relaxed),
+            hits: i.hits.get(),
+            misses: i.misses.get(),
+            coalesced: i.coalesced.get(),
+            errors: i.errors.get(),
         }
+    }
+
+    /// Exposes the counters as `agora_cache_{hits,misses,coalesced,errors}_total`.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        let i = &self.inner;
+        metrics.register_counter(
+            "cache_hits",
+            "Reads answered from the cache",
+            i.hits.clone(),
+        );
+        metrics.register_counter(
+            "cache_misses",
+            "Reads loaded from the database",
+            i.misses.clone(),
+        );
+        metrics.register_counter(
+            "cache_coalesced",
+            "Reads that joined another read's load",
+            i.coalesced.clone(),
+        );
+        metrics.register_counter(
+            "cache_errors",
+            "Cache operations that failed",
+            i.errors.clone(),
+        );
     }
 
     /// `memory` or `redis`.
@@ -175,7 +201,7 @@ impl Cache {
     }
 
     fn fault(&self, op: &str, err: &anyhow::Error) {
-        self.inner.errors.fetch_add(1, Ordering::Relaxed);
+        self.inner.errors.inc();
         tracing::warn!(cache.op = op, error.message = %format!("{err:#}"), "cache unavailable, using the database");
     }
 
@@ -191,7 +217,7 @@ impl Cache {
     {
         match self.inner.backend.get(&slot).await {
             Ok(Some(bytes)) => {
-                self.inner.hits.fetch_add(1, Ordering::Relaxed);
+                self.inner.hits.inc();
                 return Ok(Some(bytes));
             }
             Ok(None) => {}
@@ -211,7 +237,7 @@ impl Cache {
             }
         };
         if !leader {
-            self.inner.coalesced.fetch_add(1, Ordering::Relaxed);
+            self.inner.coalesced.inc();
         }
         flight.await.map_err(|err| anyhow::anyhow!("{err:#}"))
     }
@@ -228,11 +254,11 @@ impl Cache {
             // Another flight may have stored the value between our read and this flight's start:
             // look once more before going to the database.
             if let Ok(Some(bytes)) = cache.inner.backend.get(&slot).await {
-                cache.inner.hits.fetch_add(1, Ordering::Relaxed);
+                cache.inner.hits.inc();
                 cache.end_flight(&flight_key);
                 return Ok(Some(bytes));
             }
-            cache.inner.misses.fetch_add(1, Ordering::Relaxed);
+            cache.inner.misses.inc();
             let loaded = load.await;
             if let Ok(Some(bytes)) = &loaded
                 && let Err(err) = cache.inner.backend.set(&slot, bytes.clone(), ttl).await
@@ -579,6 +605,7 @@ impl Backend for RedisBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
 
     fn memory_cache() -> Cache {
         Cache::new(&Settings::defaults(), "t").expect("memory cache")

@@ -27,15 +27,18 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::HttpSettings;
 use crate::error::{ApiError, FieldError, InternalError, PROBLEM_JSON, Problem};
+use crate::metrics::Metrics;
 
 /// The request id header, generated when absent and forwarded on every hop.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Wraps `router` in the standard stack, outermost first: request id → trace span → request id
-/// on the response → problem bodies → panic → timeout (408) → body limit (413).
-pub fn with_standard_layers(router: Router, http: &HttpSettings) -> Router {
+/// Adds `/metrics` and wraps `router` in the standard stack, outermost first: request id → trace
+/// span → request id on the response → problem bodies → metrics → panic → timeout (408) → body
+/// limit (413).
+pub fn with_standard_layers(router: Router, http: &HttpSettings, metrics: &Metrics) -> Router {
     // `Router::layer` wraps what came before, so the last call is the outermost layer.
     router
+        .merge(metrics.routes())
         .layer(axum::extract::DefaultBodyLimit::max(http.body_limit_bytes))
         .layer(RequestBodyLimitLayer::new(http.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(
@@ -43,6 +46,10 @@ pub fn with_standard_layers(router: Router, http: &HttpSettings) -> Router {
             Duration::from_secs(http.request_timeout_secs),
         ))
         .layer(CatchPanicLayer::new())
+        .layer(middleware::from_fn_with_state(
+            metrics.clone(),
+            crate::metrics::track,
+        ))
         .layer(middleware::from_fn(problem_layer))
         .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {

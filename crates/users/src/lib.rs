@@ -46,10 +46,12 @@ pub fn app_with(settings: &Settings, state: AppState) -> App {
         Dependency::database(&state.db),
         Dependency::cache(&state.cache),
     ];
+    let metrics = kit::metrics::Metrics::new(NAME);
+    state.cache.register_metrics(&metrics);
     let router = routes::router(state.clone()).merge(kit::http::health_routes(NAME, dependencies));
     App {
         name: NAME,
-        router: kit::http::with_standard_layers(router, &settings.http),
+        router: kit::http::with_standard_layers(router, &settings.http, &metrics),
         db: Some(state.db),
     }
 }

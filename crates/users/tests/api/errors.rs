@@ -178,3 +178,44 @@ async fn readiness_reports_each_dependency(backend: Backend) {
     assert_eq!(status, 503, "{ready}");
     assert_eq!(ready["checks"]["database"]["status"], "down");
 }
+
+/// `/metrics` counts requests by matched route (not raw path) and status, and the cache.
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_the_cache() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let user = app.create_user(json!({"name": "Metered"})).await;
+    for _ in 0..2 {
+        app.get(&format!("/api/v1/users/{}", user["id"])).await;
+    }
+    app.get("/api/v1/users/999999").await;
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("text");
+    let line = |needle: &[&str]| {
+        text.lines()
+            .find(|l| needle.iter().all(|n| l.contains(n)))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+    };
+    let ok = line(&[
+        "agora_http_requests_total{",
+        "route=\"/api/v1/users/{id}\"",
+        "status=\"200\"",
+    ]);
+    assert_eq!(ok.as_deref(), Some("2"), "{text}");
+    let missing = line(&[
+        "agora_http_requests_total{",
+        "route=\"/api/v1/users/{id}\"",
+        "status=\"404\"",
+    ]);
+    assert_eq!(missing.as_deref(), Some("1"), "{text}");
+    assert!(!text.contains("/api/v1/users/999999"), "raw paths never become labels");
+    assert_eq!(
+        line(&["agora_cache_hits_total{"]).as_deref(),
+        Some("1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agora_http_request_duration_seconds_bucket"),
+        "{text}"
+    );
+}
