@@ -208,7 +208,10 @@ async fn metrics_count_requests_by_route_and_the_cache() {
         "status=\"404\"",
     ]);
     assert_eq!(missing.as_deref(), Some("1"), "{text}");
-    assert!(!text.contains("/api/v1/users/999999"), "raw paths never become labels");
+    assert!(
+        !text.contains("/api/v1/users/999999"),
+        "raw paths never become labels"
+    );
     assert_eq!(
         line(&["agora_cache_hits_total{"]).as_deref(),
         Some("1"),
