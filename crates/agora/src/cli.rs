@@ -48,6 +48,9 @@ enum Command {
     },
     /// Apply every service's database migrations and exit.
     Migrate,
+    /// Print the effective configuration (defaults, file and environment merged) as TOML,
+    /// with passwords in URLs hidden, and exit.
+    Config,
     /// Load the sample data of seed 001 (4 users with ids 1-4); rows that exist are kept.
     Seed,
 }
@@ -61,6 +64,7 @@ impl Cli {
             Command::Serve { service, port } => serve(settings, &service, port).await,
             Command::Migrate => migrate(settings).await,
             Command::Seed => seed(settings).await,
+            Command::Config => print_config(settings),
         }
     }
 
@@ -179,6 +183,25 @@ async fn wait_all(
             Ok(())
         }
     }
+}
+
+fn print_config(mut settings: Settings) -> anyhow::Result<()> {
+    let hide = |url: &mut Option<String>| {
+        if let Some(value) = url
+            && let Ok(mut parsed) = url::Url::parse(value)
+            && parsed.password().is_some()
+            && parsed.set_password(Some("***")).is_ok()
+        {
+            *value = parsed.to_string();
+        }
+    };
+    hide(&mut settings.database.url);
+    hide(&mut settings.redis.url);
+    print!(
+        "{}",
+        toml::to_string_pretty(&settings).context("rendering the configuration")?
+    );
+    Ok(())
 }
 
 async fn migrate(settings: Settings) -> anyhow::Result<()> {

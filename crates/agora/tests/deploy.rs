@@ -1,0 +1,186 @@
+//! The shipped Dockerfile, compose file and Kubernetes manifests (no Docker engine or cluster
+//! runs here): they parse, they run every service on the port its config gives it, and every
+//! variable they set is one the binary accepts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_yaml::Value;
+
+fn repo_file(path: &str) -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// `(service, port)` for every service of the default configuration.
+fn services() -> Vec<(String, u16)> {
+    kit::Settings::defaults()
+        .services
+        .iter()
+        .map(|(name, s)| (name.clone(), s.port))
+        .collect()
+}
+
+fn string_list(value: &Value) -> Vec<String> {
+    value
+        .as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn env_map(value: &Value) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    if let Some(map) = value.as_mapping() {
+        for (k, v) in map {
+            if let (Some(k), Some(v)) = (k.as_str(), v.as_str()) {
+                env.insert(k.to_owned(), v.to_owned());
+            }
+        }
+    }
+    if let Some(list) = value.as_sequence() {
+        for item in list {
+            if let (Some(k), Some(v)) = (item["name"].as_str(), item["value"].as_str()) {
+                env.insert(k.to_owned(), v.to_owned());
+            }
+        }
+    }
+    env
+}
+
+/// Runs `agora config` with `env` and returns the effective settings (fails on an unknown key
+/// or a bad value, naming it).
+fn effective_config(env: &BTreeMap<String, String>) -> toml::Value {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agora"));
+    command
+        .arg("config")
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("AGORA_") {
+            command.env_remove(key);
+        }
+    }
+    let output = command.envs(env).output().expect("agora config runs");
+    assert!(
+        output.status.success(),
+        "{env:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    toml::from_str(&String::from_utf8_lossy(&output.stdout)).expect("config prints TOML")
+}
+
+#[test]
+fn compose_runs_every_service_on_its_port_with_valid_settings() {
+    let mut compose: Value =
+        serde_yaml::from_str(&repo_file("deploy/docker-compose.yml")).expect("compose parses");
+    compose.apply_merge().expect("YAML merge keys resolve");
+    let compose_services = &compose["services"];
+    for backing in ["postgres", "redis", "nats"] {
+        assert!(
+            compose_services.get(backing).is_some(),
+            "compose runs {backing}"
+        );
+    }
+    for (name, port) in services() {
+        let service = compose_services
+            .get(name.as_str())
+            .unwrap_or_else(|| panic!("compose has no `{name}`"));
+        let command = string_list(&service["command"]);
+        assert_eq!(
+            command,
+            ["serve", name.as_str(), "--port", &port.to_string()],
+            "{name}"
+        );
+        let env = env_map(&service["environment"]);
+        assert_eq!(
+            env.get("AGORA_HOST").map(String::as_str),
+            Some("0.0.0.0"),
+            "{name} listens beyond loopback"
+        );
+        assert!(
+            env.get("DATABASE_URL")
+                .is_some_and(|u| u.starts_with("postgres://")),
+            "{name}: {env:?}"
+        );
+        assert!(
+            env.get("REDIS_URL")
+                .is_some_and(|u| u.starts_with("redis://")),
+            "{name}: {env:?}"
+        );
+        let config = effective_config(&env);
+        assert_eq!(config["host"].as_str(), Some("0.0.0.0"));
+        if name == "gateway" {
+            let upstreams = config["services"]["users"]["upstreams"]
+                .as_array()
+                .expect("users upstreams");
+            assert_eq!(
+                upstreams[0].as_str(),
+                Some("http://users:8081/"),
+                "the gateway finds users by its compose name"
+            );
+            assert!(string_list(&service["ports"]).contains(&"8080:8080".to_owned()));
+        }
+    }
+    let dockerfile = repo_file("deploy/Dockerfile");
+    assert!(dockerfile.contains("--bin agora") && dockerfile.contains("ENTRYPOINT [\"agora\"]"));
+    for (_, port) in services() {
+        assert!(
+            dockerfile.contains(&port.to_string()),
+            "the image exposes {port}"
+        );
+    }
+}
+
+#[test]
+fn kubernetes_has_a_deployment_and_service_per_service() {
+    let text = repo_file("deploy/k8s/agora.yaml");
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            serde_yaml::with::singleton_map_recursive::deserialize(doc).expect("manifest parses")
+        })
+        .collect();
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| {
+                d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name)
+            })
+            .unwrap_or_else(|| panic!("no {kind} `{name}`"))
+    };
+    let secret = env_map(&find("Secret", "agora")["stringData"]);
+    assert!(secret.contains_key("DATABASE_URL") && secret.contains_key("REDIS_URL"));
+    for (name, port) in services() {
+        let container = &find("Deployment", &name)["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            string_list(&container["args"]),
+            ["serve", name.as_str(), "--port", &port.to_string()],
+            "{name}"
+        );
+        assert_eq!(
+            container["ports"][0]["containerPort"].as_u64(),
+            Some(u64::from(port)),
+            "{name}"
+        );
+        assert_eq!(
+            container["readinessProbe"]["httpGet"]["port"].as_u64(),
+            Some(u64::from(port)),
+            "{name}"
+        );
+        let service = find("Service", &name);
+        assert_eq!(
+            service["spec"]["ports"][0]["targetPort"].as_u64(),
+            Some(u64::from(port)),
+            "{name}"
+        );
+        let mut env = env_map(&container["env"]);
+        env.extend(secret.clone());
+        let config = effective_config(&env);
+        assert_eq!(config["host"].as_str(), Some("0.0.0.0"), "{name}");
+    }
+}
