@@ -25,6 +25,11 @@ fn agora(dir: &std::path::Path) -> Command {
     command
 }
 
+async fn get_json(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
+    let response = client.get(url).send().await.expect("request is sent");
+    response.json().await.expect("a JSON body")
+}
+
 /// Sends SIGTERM and waits (at most 15 s) for the exit status.
 fn terminate(child: &mut Child) -> std::process::ExitStatus {
     let status = Command::new("kill")
@@ -87,14 +92,7 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
     assert!(ready, "the gateway answered on 127.0.0.1:8080");
 
     // Seed 001's walkthrough works on ids 1, 2, ...
-    let alice: Value = client
-        .get("http://127.0.0.1:8080/api/v1/users/1")
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let alice: Value = get_json(&client, "http://127.0.0.1:8080/api/v1/users/1").await;
     assert_eq!(alice["username"], "alice");
 
     let response = client
@@ -106,14 +104,11 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
     assert_eq!(response.status(), 201);
     let erin: Value = response.json().await.expect("json");
     assert_eq!(erin["id"], 5, "new ids continue after the seeded ones");
-    let fetched: Value = client
-        .get(format!("http://127.0.0.1:8080/users/id/{}", erin["id"]))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let fetched: Value = get_json(
+        &client,
+        format!("http://127.0.0.1:8080/users/id/{}", erin["id"]),
+    )
+    .await;
     assert_eq!(fetched, erin);
 
     let status = terminate(&mut child);
@@ -241,23 +236,13 @@ async fn serve_runs_one_service_per_process_on_postgres_and_redis() {
         .expect("post");
     assert_eq!(response.status(), 201);
     let user: Value = response.json().await.expect("json");
-    let fetched: Value = client
-        .get(format!("http://{gateway_addr}/api/v1/users/{}", user["id"]))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let fetched: Value = get_json(
+        &client,
+        format!("http://{gateway_addr}/api/v1/users/{}", user["id"]),
+    )
+    .await;
     assert_eq!(fetched, user);
-    let stats: Value = client
-        .get(format!("http://{users_addr}/api/v1/users/stats"))
-        .send()
-        .await
-        .expect("stats")
-        .json()
-        .await
-        .expect("json");
+    let stats: Value = get_json(&client, format!("http://{users_addr}/api/v1/users/stats")).await;
     assert_eq!(
         (
             stats["database"].as_str(),
@@ -265,14 +250,7 @@ async fn serve_runs_one_service_per_process_on_postgres_and_redis() {
         ),
         (Some("postgres"), Some("redis"))
     );
-    let health: Value = client
-        .get(format!("http://{gateway_addr}/health"))
-        .send()
-        .await
-        .expect("health")
-        .json()
-        .await
-        .expect("json");
+    let health: Value = get_json(&client, format!("http://{gateway_addr}/health")).await;
     assert_eq!(health["services"]["users"]["status"], "up", "{health}");
 
     for child in [&mut gateway, &mut users] {

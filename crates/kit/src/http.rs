@@ -98,8 +98,9 @@ pub async fn problem_layer(req: Request, next: Next) -> Response {
         .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    // Kept for the error path; cloning a `Uri` shares its bytes.
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let uri = req.uri().clone();
     let mut response = next.run(req).await;
     let status = response.status();
 
@@ -116,7 +117,7 @@ pub async fn problem_layer(req: Request, next: Next) -> Response {
             if is_json {
                 return response;
             }
-            Problem::for_status(status, method.as_str(), &path)
+            Problem::for_status(status, method.as_str(), uri.path())
         }
         None => return response,
     };
