@@ -14,13 +14,8 @@ on_both_backends!(
 async fn malformed_json_is_400() {
     let app = spawn_app(Backend::Sqlite).await;
     let response = app
-        .client
-        .post(app.server.url("/api/v1/users"))
-        .header("content-type", "application/json")
-        .body(r#"{"name": "#)
-        .send()
-        .await
-        .expect("sent");
+        .post_raw("/api/v1/users", Some("application/json"), r#"{"name": "#)
+        .await;
     assert_problem(response, 400, "malformed_json").await;
 }
 
@@ -48,12 +43,8 @@ async fn wrong_types_are_422_naming_the_field() {
 async fn body_without_json_content_type_is_415() {
     let app = spawn_app(Backend::Sqlite).await;
     let response = app
-        .client
-        .post(app.server.url("/api/v1/users"))
-        .body(r#"{"name": "a"}"#)
-        .send()
-        .await
-        .expect("sent");
+        .post_raw("/api/v1/users", None, r#"{"name": "a"}"#)
+        .await;
     assert_problem(response, 415, "unsupported_media_type").await;
 }
 

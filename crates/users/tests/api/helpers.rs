@@ -80,6 +80,20 @@ impl TestApp {
         self.request(Method::POST, path, Some(body)).await
     }
 
+    /// POSTs a raw body, with the given `Content-Type` if any (for malformed or non-JSON bodies).
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: &'static str,
+    ) -> Response {
+        let mut request = self.client.post(self.server.url(path)).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send().await.expect("request is sent")
+    }
+
     /// Creates a user and returns it, asserting 201.
     pub async fn create_user(&self, body: Value) -> Value {
         let response = self.post("/api/v1/users", body.clone()).await;
