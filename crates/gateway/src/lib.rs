@@ -193,7 +193,8 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
     };
     let mut body = Some(body);
     let mut last_error = None;
-    for base in attempts {
+    let last = attempts.len().saturating_sub(1);
+    for (attempt, base) in attempts.into_iter().enumerate() {
         let uri: Uri =
             match format!("{}{}", base.as_str().trim_end_matches('/'), path_and_query).parse() {
                 Ok(uri) => uri,
@@ -205,7 +206,12 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
         let mut outgoing = Request::new(body.take().unwrap_or_default());
         *outgoing.method_mut() = parts.method.clone();
         *outgoing.uri_mut() = uri;
-        *outgoing.headers_mut() = parts.headers.clone();
+        // Writes (one attempt) and the last retry take the headers instead of copying them.
+        *outgoing.headers_mut() = if attempt == last {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
         let started = Instant::now();
         let result =
             match tokio::time::timeout(gateway.upstream_timeout, gateway.client.request(outgoing))
