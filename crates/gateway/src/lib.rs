@@ -94,15 +94,12 @@ pub fn app_with_upstreams(settings: &Settings, upstreams: BTreeMap<String, Vec<U
         .route("/ready", get(get_ready))
         .fallback(forward)
         .with_state(gateway);
-    App {
-        name: NAME,
-        router: kit::http::with_standard_layers(
-            router,
-            &settings.http,
-            &kit::metrics::Metrics::new(NAME),
-        ),
-        db: None,
-    }
+    let metrics = kit::metrics::Metrics::new(NAME);
+    App::new(
+        NAME,
+        kit::http::with_standard_layers(router, &settings.http, &metrics),
+        None,
+    )
 }
 
 /// Headers that describe one connection, not the request; never forwarded (RFC 9110 7.6.1).

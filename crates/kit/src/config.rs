@@ -25,6 +25,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub cache: CacheSettings,
+    pub bus: BusSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
     pub services: BTreeMap<String, ServiceSettings>,
@@ -47,6 +48,23 @@ pub struct RedisSettings {
     pub prefix: String,
     pub timeout_ms: u64,
     pub retry_after_ms: u64,
+}
+
+/// The event bus the outbox relay publishes to: in process, or NATS JetStream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusSettings {
+    /// Unset: the in-process bus. `nats://...`: NATS JetStream.
+    pub url: Option<String>,
+    /// Names everything Agora creates on the bus: the stream `<PREFIX>_EVENTS` and subjects
+    /// `<prefix>.events.<topic>`. Tests give each run its own.
+    pub prefix: String,
+    /// How often the outbox relay looks for unpublished events when nothing wakes it sooner.
+    pub relay_poll_ms: u64,
+    /// Events the relay publishes per round.
+    pub relay_batch: u32,
+    /// A publish (JetStream ack included) slower than this counts as failed and is retried.
+    pub publish_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,6 +202,37 @@ impl Settings {
                 ));
             }
         }
+        if let Some(url) = &self.bus.url {
+            let parsed = Url::parse(url)
+                .map_err(|e| invalid("bus.url (NATS_URL)", format!("not a URL: {e}")))?;
+            if !matches!(parsed.scheme(), "nats" | "tls") {
+                return Err(invalid(
+                    "bus.url (NATS_URL)",
+                    format!(
+                        "unsupported scheme `{}`: use nats://, or unset it for the in-process bus",
+                        parsed.scheme()
+                    ),
+                ));
+            }
+        }
+        if self.bus.prefix.is_empty()
+            || !self
+                .bus
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(invalid(
+                "bus.prefix",
+                "use letters, digits and _ only".into(),
+            ));
+        }
+        if self.bus.relay_batch == 0 || self.bus.relay_poll_ms == 0 {
+            return Err(invalid(
+                "bus.relay_batch",
+                "relay_batch and relay_poll_ms must be at least 1".into(),
+            ));
+        }
         if self.database.max_connections == 0 {
             return Err(invalid(
                 "database.max_connections",
@@ -281,9 +330,8 @@ fn env_provider() -> Figment {
                 .map(|key| match key.as_str() {
                     "DATABASE_URL" => "database.url".into(),
                     "REDIS_URL" => "redis.url".into(),
-                    _ => "nats.url".into(),
-                })
-                .filter(|key| key != "nats.url"),
+                    _ => "bus.url".into(),
+                }),
         )
 }
 

@@ -117,12 +117,16 @@ impl Db {
         }
     }
 
-    /// Applies the migrations that have not run yet.
+    /// Applies the migrations that have not run yet, and makes sure the service's outbox table
+    /// exists (see [`crate::outbox`]).
     pub async fn migrate(&self, migrations: &Migrations) -> anyhow::Result<()> {
         match self {
             Db::Postgres(pool) => migrations.postgres.run(pool).await?,
             Db::Sqlite(pool) => migrations.sqlite.run(pool).await?,
         }
+        crate::outbox::install(self)
+            .await
+            .context("creating the outbox table")?;
         Ok(())
     }
 
@@ -143,6 +147,34 @@ impl Db {
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
         dispatch!(self, pool => pool.close().await);
+    }
+}
+
+/// Opening a transaction that will write, on either pool: `pool.begin_write()` inside
+/// [`dispatch!`].
+///
+/// On SQLite this is `BEGIN IMMEDIATE`, which takes the write lock up front: a deferred
+/// transaction that reads and then writes can fail with "database is locked" when another
+/// connection wrote in between, whereas an immediate one waits its turn (`busy_timeout`). On
+/// PostgreSQL it is a plain `BEGIN` (row locks and conditional updates do the rest).
+pub trait BeginWrite {
+    type Database: sqlx::Database;
+    fn begin_write(
+        &self,
+    ) -> impl std::future::Future<Output = sqlx::Result<sqlx::Transaction<'static, Self::Database>>> + Send;
+}
+
+impl BeginWrite for PgPool {
+    type Database = sqlx::Postgres;
+    async fn begin_write(&self) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        self.begin().await
+    }
+}
+
+impl BeginWrite for SqlitePool {
+    type Database = sqlx::Sqlite;
+    async fn begin_write(&self) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.begin_with("BEGIN IMMEDIATE").await
     }
 }
 

@@ -300,6 +300,20 @@ impl Dependency {
         }
     }
 
+    /// The event bus: optional (while it is down, events wait in the outbox and are published
+    /// when it returns).
+    pub fn bus(bus: &crate::bus::Bus) -> Self {
+        let bus = bus.clone();
+        Self {
+            name: "bus",
+            required: false,
+            check: Arc::new(move || {
+                let bus = bus.clone();
+                Box::pin(async move { bus.ping().await })
+            }),
+        }
+    }
+
     /// The service's cache: optional (without it the service is slower, not down).
     pub fn cache(cache: &crate::Cache) -> Self {
         let cache = cache.clone();

@@ -1,16 +1,19 @@
 //! Agora's shared infrastructure. Infrastructure only: no service's domain lives here, and no
 //! module imports a service.
 
+pub mod bus;
 pub mod cache;
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod outbox;
+pub mod relay;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use cache::{Cache, Ttl};

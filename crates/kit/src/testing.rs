@@ -20,7 +20,8 @@ use crate::service::{App, Running};
 pub enum Backend {
     /// SQLite files in a temp dir + the in-process cache (the embedded default).
     Sqlite,
-    /// PostgreSQL (own schema per service per test) + Redis (own key prefix per test).
+    /// PostgreSQL (own schema per service per test) + Redis (own key prefix per test) + NATS
+    /// JetStream (own stream per test).
     Postgres,
 }
 
@@ -34,6 +35,10 @@ pub struct TestEnv {
 pub fn test_database_url() -> String {
     std::env::var("TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/agora_test".into())
+}
+
+pub fn test_nats_url() -> String {
+    std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
 pub fn test_redis_url() -> String {
@@ -65,8 +70,11 @@ impl TestEnv {
             }
             settings.database.url = Some(url);
             settings.redis.url = Some(test_redis_url());
+            settings.bus.url = Some(test_nats_url());
         }
         settings.redis.prefix = format!("test:{unique}:");
+        // Own stream and subjects per test (the bus deletes test streams it finds stale).
+        settings.bus.prefix = format!("t{}_{}", unix_now(), &unique[..10]);
         settings.validate().expect("test settings are valid");
         Self {
             settings,
@@ -185,4 +193,58 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default()
+}
+
+/// Runs each listed `async fn(Backend)` as two tests: `sqlite::name` and `postgres::name`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(kit::testing::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(kit::testing::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// Asserts an RFC 9457 problem body with this status and code, whose `request_id` is the one in
+/// the response header; returns the body.
+pub async fn assert_problem(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+) -> serde_json::Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let request_id = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .expect("x-request-id header");
+    let body: serde_json::Value = response.json().await.expect("problem json");
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["request_id"], request_id.as_str(), "{body}");
+    for member in ["type", "title", "detail"] {
+        assert!(body[member].is_string(), "`{member}` missing in {body}");
+    }
+    body
 }

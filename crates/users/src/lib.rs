@@ -49,9 +49,9 @@ pub fn app_with(settings: &Settings, state: AppState) -> App {
     let metrics = kit::metrics::Metrics::new(NAME);
     state.cache.register_metrics(&metrics);
     let router = routes::router(state.clone()).merge(kit::http::health_routes(NAME, dependencies));
-    App {
-        name: NAME,
-        router: kit::http::with_standard_layers(router, &settings.http, &metrics),
-        db: Some(state.db),
-    }
+    App::new(
+        NAME,
+        kit::http::with_standard_layers(router, &settings.http, &metrics),
+        Some(state.db),
+    )
 }

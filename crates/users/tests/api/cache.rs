@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::helpers::{spawn_app, spawn_app_in};
 use kit::testing::{Backend, TestEnv};
 
-on_both_backends!(
+kit::on_both_backends!(
     second_get_is_served_from_cache,
     a_read_after_a_write_sees_the_write,
     concurrent_misses_query_the_database_once,

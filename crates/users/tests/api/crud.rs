@@ -5,7 +5,7 @@ use serde_json::json;
 use crate::helpers::{assert_problem, spawn_app};
 use kit::testing::Backend;
 
-on_both_backends!(
+kit::on_both_backends!(
     every_seed_body_creates_a_user,
     users_are_found_by_id_username_and_name,
     list_is_paginated_in_id_order,

@@ -5,7 +5,7 @@ use serde_json::json;
 use crate::helpers::{assert_problem, spawn_app};
 use kit::testing::Backend;
 
-on_both_backends!(
+kit::on_both_backends!(
     database_failure_is_a_generic_500,
     readiness_reports_each_dependency
 );

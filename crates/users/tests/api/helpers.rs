@@ -1,33 +1,12 @@
 //! `spawn_app`: a users service on a free port with its own database (SQLite dir or PostgreSQL
 //! schema) and its own Redis prefix, plus a typed client.
 
+pub use kit::testing::assert_problem;
 use kit::testing::{Backend, TestEnv, TestServer};
 use kit::{Cache, Db};
 use reqwest::{Method, Response};
 use serde_json::Value;
 use users::AppState;
-
-/// Runs each listed `async fn(Backend)` as two tests: `sqlite::name` and `postgres::name`.
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(kit::testing::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(kit::testing::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
 
 pub struct TestApp {
     pub server: TestServer,
@@ -113,31 +92,4 @@ impl TestApp {
         assert_eq!(status, 200);
         stats["cache"].clone()
     }
-}
-
-/// Asserts an RFC 9457 problem body with this status and code, whose `request_id` is the one in
-/// the response header; returns the body.
-pub async fn assert_problem(response: Response, status: u16, code: &str) -> Value {
-    assert_eq!(response.status().as_u16(), status, "status");
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    assert_eq!(content_type, "application/problem+json");
-    let request_id = response
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .expect("x-request-id header");
-    let body: Value = response.json().await.expect("problem json");
-    assert_eq!(body["status"], status, "{body}");
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["request_id"], request_id.as_str(), "{body}");
-    for member in ["type", "title", "detail"] {
-        assert!(body[member].is_string(), "`{member}` missing in {body}");
-    }
-    body
 }

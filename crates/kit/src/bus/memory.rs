@@ -1,0 +1,203 @@
+//! The in-process backend: per consumer name a queue, shared by its subscriptions.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Acker, Delivery, Message, topic_matches};
+
+#[derive(Default)]
+pub(super) struct MemoryBus {
+    consumers: Mutex<HashMap<String, Arc<MemoryConsumer>>>,
+    pub(super) unavailable: AtomicBool,
+}
+
+/// One consumer name's queue, shared by its subscriptions and its outstanding deliveries.
+#[derive(Default)]
+struct MemoryConsumer {
+    state: Mutex<ConsumerState>,
+    /// Wakes one waiting subscription per message made ready (or per new earliest due time).
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct ConsumerState {
+    topics: Vec<String>,
+    queue: VecDeque<Queued>,
+    /// Nacked or dropped deliveries, by due time (then by order of arrival).
+    delayed: BinaryHeap<Reverse<(Instant, u64, Queued)>>,
+    arrivals: u64,
+}
+
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Queued {
+    attempt: u64,
+    id: String,
+    topic: String,
+    payload: Bytes,
+}
+
+pub(super) struct MemorySubscription {
+    consumer: Arc<MemoryConsumer>,
+    ack_wait: Duration,
+}
+
+/// The un-acked message of a delivery; redelivered after the ack wait if dropped un-acked.
+pub(super) struct MemoryAck {
+    consumer: Arc<MemoryConsumer>,
+    item: Option<Queued>,
+    ack_wait: Duration,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded state stays consistent even if a holder panicked (no code panics mid-update).
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MemoryBus {
+    pub(super) fn publish(&self, message: &Message) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.unavailable.load(Ordering::SeqCst),
+            "bus made unavailable by a test"
+        );
+        let consumers: Vec<Arc<MemoryConsumer>> = lock(&self.consumers).values().cloned().collect();
+        for consumer in consumers {
+            let mut state = lock(&consumer.state);
+            if state
+                .topics
+                .iter()
+                .any(|p| topic_matches(p, &message.topic))
+            {
+                state.queue.push_back(Queued {
+                    attempt: 1,
+                    id: message.id.clone(),
+                    topic: message.topic.clone(),
+                    payload: message.payload.clone(),
+                });
+                drop(state);
+                consumer.ready.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// Subscribes as `name`; its topics become `topics`.
+    pub(super) fn subscribe(
+        &self,
+        name: &str,
+        topics: Vec<String>,
+        ack_wait: Duration,
+    ) -> MemorySubscription {
+        let consumer = lock(&self.consumers)
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        lock(&consumer.state).topics = topics;
+        MemorySubscription { consumer, ack_wait }
+    }
+
+    /// Forgets every consumer and its queue.
+    pub(super) fn clear(&self) {
+        lock(&self.consumers).clear();
+    }
+}
+
+impl MemoryConsumer {
+    fn redeliver(&self, mut item: Queued, delay: Duration) {
+        item.attempt += 1;
+        let mut state = lock(&self.state);
+        if delay.is_zero() {
+            state.queue.push_back(item);
+        } else {
+            state.arrivals += 1;
+            let arrival = state.arrivals;
+            state
+                .delayed
+                .push(Reverse((Instant::now() + delay, arrival, item)));
+        }
+        drop(state);
+        // A waiting subscription may be sleeping until a later due time (or forever).
+        self.ready.notify_one();
+    }
+}
+
+impl MemorySubscription {
+    pub(super) async fn next(&mut self) -> Delivery {
+        loop {
+            // Registered before looking at the queue, so a publish in between is not missed.
+            let notified = self.consumer.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wake_at = {
+                let mut state = lock(&self.consumer.state);
+                let now = Instant::now();
+                while let Some(Reverse((due, _, _))) = state.delayed.peek()
+                    && *due <= now
+                {
+                    if let Some(Reverse((_, _, item))) = state.delayed.pop() {
+                        state.queue.push_back(item);
+                    }
+                }
+                if let Some(item) = state.queue.pop_front() {
+                    let more = !state.queue.is_empty();
+                    drop(state);
+                    if more {
+                        // Pass the turn on, in case the wake-up for the rest went to us.
+                        self.consumer.ready.notify_one();
+                    }
+                    return Delivery {
+                        message: Message {
+                            id: item.id.clone(),
+                            topic: item.topic.clone(),
+                            payload: item.payload.clone(),
+                        },
+                        attempt: item.attempt,
+                        acker: Acker::Memory(MemoryAck {
+                            consumer: self.consumer.clone(),
+                            item: Some(item),
+                            ack_wait: self.ack_wait,
+                        }),
+                    };
+                }
+                state.delayed.peek().map(|Reverse((due, _, _))| *due)
+            };
+            match wake_at {
+                Some(due) => {
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = tokio::time::sleep_until(due) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+}
+
+impl MemoryAck {
+    /// Acked: nothing to redeliver.
+    pub(super) fn settle(mut self) {
+        self.item = None;
+    }
+
+    /// Nacked: back in the queue after `delay`.
+    pub(super) fn redeliver_after(mut self, delay: Duration) {
+        if let Some(item) = self.item.take() {
+            self.consumer.redeliver(item, delay);
+        }
+    }
+}
+
+impl Drop for MemoryAck {
+    fn drop(&mut self) {
+        if let Some(item) = self.item.take() {
+            self.consumer.redeliver(item, self.ack_wait);
+        }
+    }
+}

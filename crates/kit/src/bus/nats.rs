@@ -1,0 +1,314 @@
+//! The NATS JetStream backend: one stream per prefix, a durable pull consumer per consumer name.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, consumer::pull, stream};
+use futures::{StreamExt as _, TryStreamExt as _};
+
+use super::{Acker, Delivery, Message, topic_matches};
+use crate::config::Settings;
+
+/// JetStream drops a re-publish of an id seen this recently (a relay that crashed after
+/// publishing but before marking the row re-publishes it on restart).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long the stream keeps messages, for consumers that are down or not created yet.
+const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Messages a NATS subscription pulls at a time. One, so a message is never parked behind a slow
+/// handler in one replica while another replica is idle, nor times out (ack wait) in a buffer.
+const PULL_BATCH: usize = 1;
+/// How long a pull request waits on the server. The server does not notice a subscription that
+/// was dropped; a message it hands to that subscription's last request returns after the ack
+/// wait, so requests are kept short-lived.
+const PULL_EXPIRY: Duration = Duration::from_secs(10);
+/// Test streams (`T<unix time>_..._EVENTS`) older than this are deleted by the next test run.
+const STALE_TEST_STREAM: u64 = 2 * 3600;
+
+pub(super) struct NatsBus {
+    js: jetstream::Context,
+    /// `<PREFIX>_EVENTS`
+    stream: String,
+    /// `<prefix>.events.`
+    subjects: String,
+    publish_timeout: Duration,
+    pub(super) unavailable: AtomicBool,
+}
+
+pub(super) struct NatsSubscription {
+    messages: pull::Stream,
+    /// Filtered here too: a consumer of several topics pulls the whole stream (one filter subject
+    /// is all NATS servers before 2.10 support).
+    topics: Vec<String>,
+    subjects: String,
+}
+
+impl NatsBus {
+    pub(super) async fn connect(url: &str, settings: &Settings) -> anyhow::Result<Self> {
+        let prefix = &settings.bus.prefix;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("agora-{prefix}"))
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .with_context(|| {
+                format!("connecting to NATS at {} (bus.url (NATS_URL))", redact(url))
+            })?;
+        let mut js = jetstream::new(client);
+        let publish_timeout = Duration::from_millis(settings.bus.publish_timeout_ms);
+        js.set_timeout(publish_timeout.max(Duration::from_secs(1)));
+        let bus = Self {
+            js,
+            stream: format!("{}_EVENTS", prefix.to_uppercase()),
+            subjects: format!("{prefix}.events."),
+            publish_timeout,
+            unavailable: AtomicBool::new(false),
+        };
+        if is_test_prefix(prefix) {
+            bus.delete_stale_test_streams().await;
+        }
+        bus.js
+            .create_or_update_stream(stream::Config {
+                name: bus.stream.clone(),
+                subjects: vec![format!("{}>", bus.subjects)],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: MAX_AGE,
+                duplicate_window: DUPLICATE_WINDOW,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| {
+                format!(
+                    "creating the JetStream stream {} (is JetStream enabled on bus.url?)",
+                    bus.stream
+                )
+            })?;
+        Ok(bus)
+    }
+
+    pub(super) async fn publish(&self, message: &Message) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.unavailable.load(Ordering::SeqCst),
+            "bus made unavailable by a test"
+        );
+        let subject = format!("{}{}", self.subjects, message.topic);
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(message.payload.clone())
+            .message_id(&message.id);
+        let stored = async {
+            let ack = self.js.send_publish(subject, publish).await?;
+            ack.await?;
+            Ok::<_, async_nats::Error>(())
+        };
+        tokio::time::timeout(self.publish_timeout, stored)
+            .await
+            .map_err(|_| anyhow::anyhow!("no ack within {:?}", self.publish_timeout))
+            .and_then(|r| r.map_err(|e| anyhow::anyhow!(e)))
+            .with_context(|| format!("publishing {} ({})", message.id, message.topic))
+    }
+
+    pub(super) async fn subscribe(
+        &self,
+        name: &str,
+        topics: Vec<String>,
+        ack_wait: Duration,
+    ) -> anyhow::Result<NatsSubscription> {
+        let filter = match topics.as_slice() {
+            [one] => format!("{}{one}", self.subjects),
+            _ => format!("{}>", self.subjects),
+        };
+        let consumer = self.durable(name, filter, ack_wait).await?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(PULL_BATCH)
+            .expires(PULL_EXPIRY)
+            .heartbeat(PULL_EXPIRY / 2)
+            .messages()
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| format!("pulling from consumer {name}"))?;
+        Ok(NatsSubscription {
+            messages,
+            topics,
+            subjects: self.subjects.clone(),
+        })
+    }
+
+    /// Creates the durable consumer `name`, or updates its ack wait. A change of topics recreates
+    /// it instead, resuming after the last message it acknowledged: NATS 2.9 accepts a new filter
+    /// on an existing consumer but then delivers nothing (seen on 2.9.10), and a recreated
+    /// consumer neither replays what was handled nor skips what is pending.
+    async fn durable(
+        &self,
+        name: &str,
+        filter: String,
+        ack_wait: Duration,
+    ) -> anyhow::Result<consumer::Consumer<pull::Config>> {
+        let mut config = pull::Config {
+            durable_name: Some(name.to_owned()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait,
+            // Never given up on by the server: the consumer decides, from `attempt`.
+            max_deliver: -1,
+            deliver_policy: consumer::DeliverPolicy::All,
+            filter_subject: filter,
+            ..Default::default()
+        };
+        let existing = self
+            .js
+            .get_consumer_from_stream::<pull::Config, _, _>(name, &self.stream)
+            .await;
+        if let Ok(existing) = existing {
+            let info = existing.cached_info();
+            if info.config.filter_subject == config.filter_subject {
+                // The start position cannot change; keep it so the update is accepted.
+                config.deliver_policy = info.config.deliver_policy;
+            } else {
+                tracing::info!(
+                    consumer = name,
+                    from = %info.config.filter_subject,
+                    to = %config.filter_subject,
+                    "recreating the consumer for its new topics"
+                );
+                config.deliver_policy = consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: info.ack_floor.stream_sequence + 1,
+                };
+                self.js
+                    .delete_consumer_from_stream(name, &self.stream)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))
+                    .with_context(|| format!("deleting consumer {name} to change its topics"))?;
+            }
+        }
+        self.js
+            .create_consumer_on_stream(config, &self.stream)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| format!("creating consumer {name} on {}", self.stream))
+    }
+
+    pub(super) async fn ping(&self) -> anyhow::Result<()> {
+        self.js
+            .get_stream(&self.stream)
+            .await
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| format!("looking up the JetStream stream {}", self.stream))
+    }
+
+    pub(super) async fn delete_stream(&self) -> anyhow::Result<()> {
+        match self.js.delete_stream(&self.stream).await {
+            Ok(_) => Ok(()),
+            Err(err)
+                if matches!(err.kind(), jetstream::context::DeleteStreamErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(anyhow::anyhow!(err))
+                .with_context(|| format!("deleting the JetStream stream {}", self.stream)),
+        }
+    }
+
+    /// Test runs that were killed never delete their stream; their names carry their start time
+    /// (like the test schemas of PostgreSQL), so the next run removes those over two hours old.
+    async fn delete_stale_test_streams(&self) {
+        let Ok(names) = self.js.stream_names().try_collect::<Vec<String>>().await else {
+            return;
+        };
+        let cutoff = unix_now().saturating_sub(STALE_TEST_STREAM);
+        for name in names {
+            let Some(prefix) = name.strip_suffix("_EVENTS") else {
+                continue;
+            };
+            if !is_test_prefix(&prefix.to_lowercase()) || name == self.stream {
+                continue;
+            }
+            let stamp: u64 = prefix[1..11].parse().unwrap_or(u64::MAX);
+            if stamp < cutoff {
+                tracing::debug!(stream = %name, "deleting a stale test stream");
+                let _ = self.js.delete_stream(&name).await;
+            }
+        }
+    }
+}
+
+impl NatsSubscription {
+    pub(super) async fn next(&mut self) -> Option<anyhow::Result<Delivery>> {
+        loop {
+            let message = match self.messages.next().await? {
+                Ok(message) => message,
+                Err(err) => {
+                    return Some(
+                        Err(anyhow::anyhow!(err)).context("pulling the next message from NATS"),
+                    );
+                }
+            };
+            let (attempt, sequence) = match message.info() {
+                Ok(info) => (
+                    u64::try_from(info.delivered).unwrap_or(1),
+                    info.stream_sequence,
+                ),
+                Err(err) => {
+                    return Some(Err(anyhow::anyhow!(err)).context("reading delivery metadata"));
+                }
+            };
+            let topic = message
+                .subject
+                .as_str()
+                .strip_prefix(&self.subjects)
+                .unwrap_or(message.subject.as_str())
+                .to_owned();
+            if !self.topics.iter().any(|p| topic_matches(p, &topic)) {
+                // Pulled only because the consumer's server-side filter is wider than its topics.
+                if let Err(err) = message.ack().await {
+                    return Some(Err(anyhow::anyhow!(err)).context("acking a skipped message"));
+                }
+                continue;
+            }
+            let id = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                .map_or_else(|| sequence.to_string(), |v| v.as_str().to_owned());
+            return Some(Ok(Delivery {
+                message: Message {
+                    id,
+                    topic,
+                    payload: message.payload.clone(),
+                },
+                attempt,
+                acker: Acker::Nats(Box::new(message)),
+            }));
+        }
+    }
+}
+
+/// `t<10 digits>_...`: the prefix [`crate::testing::TestEnv`] gives each test.
+pub(super) fn is_test_prefix(prefix: &str) -> bool {
+    let bytes = prefix.as_bytes();
+    bytes.len() > 12
+        && bytes[0] == b't'
+        && bytes[1..11].iter().all(u8::is_ascii_digit)
+        && bytes[11] == b'_'
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+pub(super) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
