@@ -1,0 +1,311 @@
+//! Reservations: stock held for an order, all lines or none, then committed (sold) or released
+//! (back on sale). Each call is idempotent by order id, because the orders service delivers at
+//! least once: a repeated reserve, commit or release returns the reservation and changes nothing.
+//!
+//! A reservation moves units from `stock` (sellable) to `reserved` with one conditional update
+//! per line (`stock >= quantity`), so reserved units can never be sold twice; a commit drops them
+//! from `reserved`; a release moves them back to `stock`.
+
+use chrono::{DateTime, Utc};
+use kit::db::BeginWrite as _;
+use kit::outbox::OutboxTx as _;
+use kit::{Db, FieldError, dispatch};
+
+use crate::domain::{Product, Reservation, ReservationItem, ReservationStatus, ReserveRequest};
+use crate::error::{Error, Result};
+use crate::events::{self, Reason};
+use crate::money::Money;
+use crate::store::{COLUMNS, for_update, now};
+
+/// What a reserve call did.
+#[derive(Debug)]
+pub enum Reserved {
+    /// Stock was taken now.
+    Created(Reservation),
+    /// The same order had already reserved the same items: nothing changed.
+    Existing(Reservation),
+}
+
+/// Reserves every line of `request` or none.
+#[tracing::instrument(skip_all, fields(order_id = %request.order_id))]
+pub async fn reserve(db: &Db, request: &ReserveRequest) -> Result<Reserved> {
+    let take = format!(
+        "update products set stock = stock - $1, reserved = reserved + $1, updated_at = $2 \
+         where id = $3 and stock >= $1 returning {COLUMNS}"
+    );
+    let now = now();
+    let order_id = request.order_id.as_str();
+    let created = dispatch!(db, pool => {
+        let mut tx = pool.begin_write().await?;
+        // Claim the order id first: a concurrent reserve of the same order waits here (PostgreSQL
+        // row lock on the key) and then finds it taken.
+        let claimed = sqlx::query(
+            "insert into reservations (order_id, status, created_at, updated_at) \
+             values ($1, 'reserved', $2, $2) on conflict do nothing",
+        )
+        .bind(order_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !claimed {
+            None
+        } else {
+            let mut events = Vec::new();
+            let mut short = Vec::new();
+            for (i, &(product_id, quantity)) in request.items.iter().enumerate() {
+                let product = sqlx::query_as::<_, Product>(&take)
+                    .bind(quantity)
+                    .bind(now)
+                    .bind(product_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match product {
+                    Some(product) => {
+                        sqlx::query(
+                            "insert into reservation_items \
+                             (order_id, product_id, quantity, unit_price_cents) \
+                             values ($1, $2, $3, $4)",
+                        )
+                        .bind(order_id)
+                        .bind(product_id)
+                        .bind(quantity)
+                        .bind(product.price.cents())
+                        .execute(&mut *tx)
+                        .await?;
+                        let previous = product.stock + quantity;
+                        events.extend(events::stock_changed(
+                            &product,
+                            previous,
+                            Reason::Reserve,
+                            Some(order_id),
+                        )?);
+                    }
+                    None => {
+                        let available: Option<i64> =
+                            sqlx::query_scalar("select stock from products where id = $1")
+                                .bind(product_id)
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                        short.push((i, product_id, quantity, available));
+                    }
+                }
+            }
+            if !short.is_empty() {
+                // Dropping the transaction rolls back every line already taken.
+                return Err(refusal(&short));
+            }
+            tx.enqueue(&events).await?;
+            tx.commit().await?;
+            Some(())
+        }
+    });
+    let reservation = find(db, order_id)
+        .await?
+        .ok_or_else(|| Error::ReservationNotFound(order_id.to_owned()))?;
+    if created.is_some() {
+        return Ok(Reserved::Created(reservation));
+    }
+    // The order id was taken: the same request again is a no-op; anything else is a conflict.
+    match reservation.status {
+        ReservationStatus::Released => Err(Error::ReservationConflict {
+            code: "reservation_released",
+            detail: format!("The reservation of order `{order_id}` was released"),
+        }),
+        _ if same_items(&reservation, request) => Ok(Reserved::Existing(reservation)),
+        _ => Err(Error::ReservationConflict {
+            code: "reservation_mismatch",
+            detail: format!("Order `{order_id}` already reserved different items"),
+        }),
+    }
+}
+
+fn same_items(reservation: &Reservation, request: &ReserveRequest) -> bool {
+    let held: Vec<(i64, i64)> = reservation
+        .items
+        .iter()
+        .map(|i| (i.product_id, i.quantity))
+        .collect();
+    held == request.items
+}
+
+/// Unknown products are a 422 (the request names things that do not exist); known products
+/// short of stock are a 409 (the request was fine, the stock is not there).
+fn refusal(short: &[(usize, i64, i64, Option<i64>)]) -> Error {
+    let unknown: Vec<FieldError> = short
+        .iter()
+        .filter(|(_, _, _, available)| available.is_none())
+        .map(|(i, product_id, _, _)| {
+            FieldError::new(
+                format!("items[{i}].product_id"),
+                "not_found",
+                format!("no product with id {product_id}"),
+            )
+        })
+        .collect();
+    if !unknown.is_empty() {
+        return Error::Invalid(unknown);
+    }
+    let errors = short
+        .iter()
+        .map(|(i, product_id, quantity, available)| {
+            FieldError::new(
+                format!("items[{i}].quantity"),
+                "insufficient_stock",
+                format!(
+                    "product {product_id} has {} units in stock; {quantity} requested",
+                    available.unwrap_or_default()
+                ),
+            )
+        })
+        .collect();
+    Error::InsufficientStock {
+        detail: "Not enough stock for every item; nothing was reserved".into(),
+        errors,
+    }
+}
+
+/// Marks the order's units as sold: they leave `reserved` for good.
+#[tracing::instrument(skip(db))]
+pub async fn commit(db: &Db, order_id: &str) -> Result<Reservation> {
+    settle(db, order_id, ReservationStatus::Committed).await
+}
+
+/// Puts the order's units back on sale. Releasing an order that never reserved records the
+/// release, so a late reserve of that order (a retried message) is refused.
+#[tracing::instrument(skip(db))]
+pub async fn release(db: &Db, order_id: &str) -> Result<Reservation> {
+    settle(db, order_id, ReservationStatus::Released).await
+}
+
+async fn settle(db: &Db, order_id: &str, to: ReservationStatus) -> Result<Reservation> {
+    let lock = for_update(db);
+    let select = format!("select status from reservations where order_id = $1{lock}");
+    let give_back = match to {
+        ReservationStatus::Released => "stock = stock + $1, reserved = reserved - $1",
+        _ => "reserved = reserved - $1",
+    };
+    let update_product = format!(
+        "update products set {give_back}, updated_at = $2 where id = $3 returning {COLUMNS}"
+    );
+    let now = now();
+    dispatch!(db, pool => {
+        let mut tx = pool.begin_write().await?;
+        let status: Option<String> = sqlx::query_scalar(&select)
+            .bind(order_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match status.as_deref().and_then(ReservationStatus::parse) {
+            Some(ReservationStatus::Reserved) => {
+                let items: Vec<(i64, i64)> = sqlx::query_as(
+                    "select product_id, quantity from reservation_items where order_id = $1 \
+                     order by product_id",
+                )
+                .bind(order_id)
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut events = Vec::new();
+                for (product_id, quantity) in items {
+                    // The product may have been deleted since (only when nothing was reserved,
+                    // so not while this hold is open); a missing row changes nothing.
+                    let product = sqlx::query_as::<_, Product>(&update_product)
+                        .bind(quantity)
+                        .bind(now)
+                        .bind(product_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if let (Some(product), ReservationStatus::Released) = (product, to) {
+                        let previous = product.stock - quantity;
+                        events.extend(events::stock_changed(
+                            &product,
+                            previous,
+                            Reason::Release,
+                            Some(order_id),
+                        )?);
+                    }
+                }
+                sqlx::query("update reservations set status = $1, updated_at = $2 where order_id = $3")
+                    .bind(to.as_str())
+                    .bind(now)
+                    .bind(order_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.enqueue(&events).await?;
+                tx.commit().await?;
+            }
+            Some(current) if current == to => {} // repeated call: nothing to do
+            Some(current) => {
+                return Err(Error::ReservationConflict {
+                    code: if current == ReservationStatus::Committed {
+                        "reservation_committed"
+                    } else {
+                        "reservation_released"
+                    },
+                    detail: format!(
+                        "The reservation of order `{order_id}` is {}; it cannot be {}",
+                        current.as_str(),
+                        to.as_str()
+                    ),
+                });
+            }
+            None if to == ReservationStatus::Released => {
+                sqlx::query(
+                    "insert into reservations (order_id, status, created_at, updated_at) \
+                     values ($1, 'released', $2, $2)",
+                )
+                .bind(order_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+            None => return Err(Error::ReservationNotFound(order_id.to_owned())),
+        }
+    });
+    find(db, order_id)
+        .await?
+        .ok_or_else(|| Error::ReservationNotFound(order_id.to_owned()))
+}
+
+/// The reservation of an order, with its lines.
+#[tracing::instrument(skip(db))]
+pub async fn find(db: &Db, order_id: &str) -> Result<Option<Reservation>> {
+    let head: Option<(String, DateTime<Utc>, DateTime<Utc>)> = dispatch!(db, pool =>
+        sqlx::query_as(
+            "select status, created_at, updated_at from reservations where order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_optional(pool)
+        .await)?;
+    let Some((status, created_at, updated_at)) = head else {
+        return Ok(None);
+    };
+    let status = ReservationStatus::parse(&status)
+        .ok_or_else(|| anyhow::anyhow!("unknown reservation status `{status}` stored"))?;
+    let lines: Vec<(i64, i64, i64)> = dispatch!(db, pool => sqlx::query_as(
+        "select product_id, quantity, unit_price_cents from reservation_items \
+         where order_id = $1 order by product_id",
+    )
+    .bind(order_id)
+    .fetch_all(pool)
+    .await)?;
+    let items: Vec<ReservationItem> = lines
+        .into_iter()
+        .map(|(product_id, quantity, unit_cents)| ReservationItem {
+            product_id,
+            quantity,
+            unit_price: Money::from_cents(unit_cents),
+            line_total: Money::from_cents(unit_cents.saturating_mul(quantity)),
+        })
+        .collect();
+    let total = Money::from_cents(items.iter().map(|i| i.line_total.cents()).sum());
+    Ok(Some(Reservation {
+        order_id: order_id.to_owned(),
+        status,
+        items,
+        total,
+        created_at,
+        updated_at,
+    }))
+}

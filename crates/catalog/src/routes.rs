@@ -1,0 +1,296 @@
+//! HTTP handlers. Reads go through the cache (items 300 s, lists 60 s); every write invalidates
+//! the items it changed and every list page, after it commits, and wakes the outbox relay.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use bytes::Bytes;
+use kit::Ttl;
+use kit::http::{Json, Path, Query, RawJson};
+use serde::{Deserialize, Serialize};
+
+use crate::AppState;
+use crate::domain::{Product, ProductBody, Reservation, ReserveBody, StockBody, generated_sku};
+use crate::error::{Error, Result};
+use crate::reservations::{self, Reserved};
+use crate::store;
+
+/// Cache group of every list page (all filters).
+const LIST_GROUP: &str = "list";
+/// Cache group of the category summary.
+const CATEGORIES_GROUP: &str = "categories";
+
+fn item_key(id: i64) -> String {
+    format!("product:{id}")
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/products", get(list_products).post(create_product))
+        .route("/api/v1/products/stats", get(get_stats))
+        .route(
+            "/api/v1/products/{id}",
+            get(get_product)
+                .put(update_product)
+                .patch(update_product)
+                .delete(delete_product),
+        )
+        .route("/api/v1/products/{id}/stock", patch(change_stock))
+        .route("/api/v1/categories", get(list_categories))
+        .route("/api/v1/stats", get(get_stats))
+        // Internal: called by the orders service, not routed by the gateway.
+        .route("/internal/v1/reservations", post(reserve))
+        .route("/internal/v1/reservations/{order_id}", get(get_reservation))
+        .route(
+            "/internal/v1/reservations/{order_id}/commit",
+            post(commit_reservation),
+        )
+        .route(
+            "/internal/v1/reservations/{order_id}/release",
+            post(release_reservation),
+        )
+        .with_state(state)
+}
+
+fn to_json<T: Serialize>(value: &T) -> anyhow::Result<Bytes> {
+    Ok(Bytes::from(serde_json::to_vec(value)?))
+}
+
+/// After a committed write: drop what it changed from the cache, and let the relay publish the
+/// events it wrote now rather than at its next poll.
+async fn after_write(state: &AppState, ids: &[i64]) {
+    let keys: Vec<String> = ids.iter().map(|&id| item_key(id)).collect();
+    if !keys.is_empty() {
+        state.cache.invalidate(&keys).await;
+    }
+    state.cache.invalidate_group(LIST_GROUP).await;
+    state.cache.invalidate_group(CATEGORIES_GROUP).await;
+    state.outbox.notify();
+}
+
+#[tracing::instrument(skip_all)]
+async fn create_product(
+    State(state): State<AppState>,
+    Json(body): Json<ProductBody>,
+) -> Result<Response> {
+    let new = body
+        .validate_new(state.low_stock_threshold)
+        .map_err(Error::Invalid)?;
+    let sku = new.sku.clone().unwrap_or_else(generated_sku);
+    let product = store::insert(&state.db, &new, &sku).await?;
+    after_write(&state, &[]).await;
+    let location = HeaderValue::from_str(&format!("/api/v1/products/{}", product.id))
+        .map_err(anyhow::Error::from)?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(product),
+    )
+        .into_response())
+}
+
+#[tracing::instrument(skip(state))]
+async fn get_product(State(state): State<AppState>, Path(id): Path<i64>) -> Result<RawJson> {
+    let db = state.db.clone();
+    let cached = state
+        .cache
+        .get_or_load(&item_key(id), Ttl::Item, move || async move {
+            store::find(&db, id)
+                .await?
+                .as_ref()
+                .map(to_json)
+                .transpose()
+        })
+        .await?;
+    cached.map(RawJson).ok_or(Error::ProductNotFound(id))
+}
+
+/// `?category=` (any case), `?page=` (from 1) and `?per_page=` (1 to 100, default 20).
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    category: Option<String>,
+    page: Option<u32>,
+    per_page: Option<u32>,
+}
+
+/// One page of products, in id order.
+#[derive(Debug, Serialize)]
+struct Page {
+    items: Vec<Product>,
+    page: u32,
+    per_page: u32,
+    total: i64,
+}
+
+#[tracing::instrument(skip(state))]
+async fn list_products(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> Result<RawJson> {
+    let page = query.page.unwrap_or(1);
+    let per_page = query.per_page.unwrap_or(20);
+    if page == 0 || !(1..=100).contains(&per_page) {
+        return Err(kit::ApiError::bad_request(
+            "invalid_query",
+            "page starts at 1; per_page must be 1 to 100",
+        )
+        .into());
+    }
+    let category = query.category.filter(|c| !c.trim().is_empty());
+    let field = format!(
+        "page={page}&per_page={per_page}&category={}",
+        category.as_deref().unwrap_or_default().to_lowercase()
+    );
+    let db = state.db.clone();
+    let cached = state
+        .cache
+        .get_or_load_in(LIST_GROUP, &field, Ttl::List, move || async move {
+            let offset = i64::from(page - 1) * i64::from(per_page);
+            let (items, total) =
+                store::list(&db, category.as_deref(), i64::from(per_page), offset).await?;
+            to_json(&Page {
+                items,
+                page,
+                per_page,
+                total,
+            })
+            .map(Some)
+        })
+        .await?;
+    cached
+        .map(RawJson)
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("list loader returned nothing")))
+}
+
+#[tracing::instrument(skip(state, body))]
+async fn update_product(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    Json(body): Json<ProductBody>,
+) -> Result<Json<Product>> {
+    let changes = body.validate_update().map_err(Error::Invalid)?;
+    let product = store::update(&state.db, id, &changes)
+        .await?
+        .ok_or(Error::ProductNotFound(id))?;
+    after_write(&state, &[id]).await;
+    Ok(Json(product))
+}
+
+#[tracing::instrument(skip(state))]
+async fn delete_product(State(state): State<AppState>, Path(id): Path<i64>) -> Result<StatusCode> {
+    store::delete(&state.db, id).await?;
+    after_write(&state, &[id]).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `{"stock": N}` sets, `{"delta": N}` adjusts; 409 when stock would go negative.
+#[tracing::instrument(skip(state, body))]
+async fn change_stock(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    Json(body): Json<StockBody>,
+) -> Result<Json<Product>> {
+    let change = body.validate().map_err(Error::Invalid)?;
+    let result = store::change_stock(&state.db, id, change).await;
+    if result.is_ok() {
+        after_write(&state, &[id]).await;
+    }
+    Ok(Json(result?))
+}
+
+#[derive(Debug, Serialize)]
+struct Category {
+    name: String,
+    products: i64,
+}
+
+#[tracing::instrument(skip(state))]
+async fn list_categories(State(state): State<AppState>) -> Result<RawJson> {
+    let db = state.db.clone();
+    let cached = state
+        .cache
+        .get_or_load_in(CATEGORIES_GROUP, "all", Ttl::List, move || async move {
+            let categories: Vec<Category> = store::categories(&db)
+                .await?
+                .into_iter()
+                .map(|(name, products)| Category { name, products })
+                .collect();
+            to_json(&serde_json::json!({ "items": categories })).map(Some)
+        })
+        .await?;
+    cached
+        .map(RawJson)
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("categories loader returned nothing")))
+}
+
+#[tracing::instrument(skip_all)]
+async fn reserve(State(state): State<AppState>, Json(body): Json<ReserveBody>) -> Result<Response> {
+    let request = body.validate().map_err(Error::Invalid)?;
+    let reserved = reservations::reserve(&state.db, &request).await?;
+    let (status, reservation) = match reserved {
+        Reserved::Created(reservation) => {
+            let ids: Vec<i64> = request.items.iter().map(|(id, _)| *id).collect();
+            after_write(&state, &ids).await;
+            (StatusCode::CREATED, reservation)
+        }
+        Reserved::Existing(reservation) => (StatusCode::OK, reservation),
+    };
+    Ok((status, Json(reservation)).into_response())
+}
+
+#[tracing::instrument(skip(state))]
+async fn get_reservation(
+    State(state): State<AppState>,
+    Path(order_id): Path<String>,
+) -> Result<Json<Reservation>> {
+    reservations::find(&state.db, &order_id)
+        .await?
+        .map(Json)
+        .ok_or(Error::ReservationNotFound(order_id))
+}
+
+#[tracing::instrument(skip(state))]
+async fn commit_reservation(
+    State(state): State<AppState>,
+    Path(order_id): Path<String>,
+) -> Result<Json<Reservation>> {
+    let reservation = reservations::commit(&state.db, &order_id).await?;
+    settled(&state, &reservation).await;
+    Ok(Json(reservation))
+}
+
+#[tracing::instrument(skip(state))]
+async fn release_reservation(
+    State(state): State<AppState>,
+    Path(order_id): Path<String>,
+) -> Result<Json<Reservation>> {
+    let reservation = reservations::release(&state.db, &order_id).await?;
+    settled(&state, &reservation).await;
+    Ok(Json(reservation))
+}
+
+/// A commit or release changed `stock`/`reserved` of its products (a repeated call changed
+/// nothing, but invalidating again is harmless and cheaper than telling the cases apart).
+async fn settled(state: &AppState, reservation: &Reservation) {
+    let ids: Vec<i64> = reservation.items.iter().map(|i| i.product_id).collect();
+    after_write(state, &ids).await;
+}
+
+/// Counts, outbox backlog and cache counters (`/api/v1/products/stats`, `/api/v1/stats`).
+#[tracing::instrument(skip(state))]
+async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
+    let totals = store::totals(&state.db).await?;
+    let backlog = kit::outbox::backlog(&state.db).await?;
+    Ok(Json(serde_json::json!({
+        "service": crate::NAME,
+        "database": state.db.backend(),
+        "products": totals.products,
+        "categories": totals.categories,
+        "units_in_stock": totals.units_in_stock,
+        "units_reserved": totals.units_reserved,
+        "outbox_backlog": backlog,
+        "cache": state.cache.stats(),
+    })))
+}

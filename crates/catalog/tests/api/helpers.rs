@@ -1,0 +1,110 @@
+//! `spawn_app`: a catalog service on a free port with its own database (SQLite dir or PostgreSQL
+//! schema), its own Redis prefix and its own bus stream, plus a typed client.
+
+use kit::bus::Bus;
+use kit::testing::{Backend, TestEnv, TestServer};
+use kit::{Cache, Db};
+use reqwest::{Method, Response};
+use serde_json::{Value, json};
+
+pub use kit::testing::assert_problem;
+
+pub struct TestApp {
+    pub server: TestServer,
+    pub client: reqwest::Client,
+    /// The service's own database handle, to inspect or sabotage it.
+    pub db: Db,
+    /// The bus its relay publishes to (subscribe to see the events).
+    pub bus: Bus,
+    /// Keeps the test's SQLite directory alive.
+    _env: TestEnv,
+}
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    let env = TestEnv::new(backend).await;
+    let settings = &env.settings;
+    let db = Db::connect(settings, catalog::NAME, &catalog::MIGRATIONS)
+        .await
+        .expect("test database is reachable and migrates");
+    let cache = Cache::new(settings, catalog::NAME).expect("cache");
+    let bus = Bus::connect(settings)
+        .await
+        .expect("the bus is reachable (NATS for the PostgreSQL suite)");
+    let app = catalog::app_with(settings, db.clone(), cache, bus.clone()).expect("app");
+    let server = TestServer::start(app, settings).await;
+    TestApp {
+        server,
+        client: reqwest::Client::new(),
+        db,
+        bus,
+        _env: env,
+    }
+}
+
+impl TestApp {
+    pub async fn request(&self, method: Method, path: &str, body: Option<Value>) -> Response {
+        let mut request = self.client.request(method, self.server.url(path));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.expect("request is sent")
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.request(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Response {
+        self.request(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> Response {
+        self.request(Method::PATCH, path, Some(body)).await
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self.get(path).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates a product and returns it, asserting 201.
+    pub async fn create_product(&self, body: Value) -> Value {
+        let response = self.post("/api/v1/products", body.clone()).await;
+        assert_eq!(response.status(), 201, "creating {body}");
+        response.json().await.expect("product json")
+    }
+
+    /// A product with `stock` units (and the default threshold unless given).
+    pub async fn product_with_stock(&self, stock: i64) -> i64 {
+        let product = self
+            .create_product(json!({"name": "Widget", "price": 9.99, "stock": stock}))
+            .await;
+        product["id"].as_i64().expect("id")
+    }
+
+    /// `stock` and `reserved` as stored, read past the cache and the API.
+    pub async fn stored_stock(&self, id: i64) -> (i64, i64) {
+        let product = catalog::store::find(&self.db, id)
+            .await
+            .expect("query")
+            .expect("product exists");
+        (product.stock, product.reserved)
+    }
+
+    pub async fn reserve(&self, order_id: &str, items: Value) -> Response {
+        self.post(
+            "/internal/v1/reservations",
+            json!({"order_id": order_id, "items": items}),
+        )
+        .await
+    }
+
+    pub async fn settle(&self, order_id: &str, action: &str) -> Response {
+        self.post(
+            &format!("/internal/v1/reservations/{order_id}/{action}"),
+            json!({}),
+        )
+        .await
+    }
+}
