@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use kit::Settings;
+use kit::bus::Bus;
 use kit::config::DatabaseBackend;
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +41,7 @@ enum Command {
     /// Run one service in this process (the distributed mode: one process per service, as
     /// many replicas as you like behind the gateway).
     Serve {
-        /// users or gateway
+        /// users, catalog or gateway
         service: String,
         /// Listen on this port instead of `services.<name>.port` (0 = any free port).
         #[arg(long)]
@@ -51,7 +52,8 @@ enum Command {
     /// Print the effective configuration (defaults, file and environment merged) as TOML,
     /// with passwords in URLs hidden, and exit.
     Config,
-    /// Load the sample data of seed 001 (4 users with ids 1-4); rows that exist are kept.
+    /// Load the sample data of seed 001 (4 users with ids 1-4, 10 products with ids 1-10); rows
+    /// that exist are kept.
     Seed,
 }
 
@@ -93,7 +95,11 @@ fn describe_backends(settings: &Settings) -> String {
         Some(_) => "Redis",
         None => "in-process cache",
     };
-    format!("{database}, {cache}")
+    let bus = match &settings.bus.url {
+        Some(_) => "NATS JetStream",
+        None => "in-process bus",
+    };
+    format!("{database}, {cache}, {bus}")
 }
 
 async fn up(settings: Settings) -> anyhow::Result<()> {
@@ -101,9 +107,11 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     let shutdown = kit::shutdown::on_signal();
     let mut running = Vec::new();
     let mut upstreams = BTreeMap::new();
+    // One bus for the whole process: every service's events reach every consumer.
+    let bus = Bus::connect(&settings).await?;
     for name in services::BACKENDS {
         let listener = kit::http::bind(settings.bind_addr(name)).await?;
-        let app = services::build(name, &settings)
+        let app = services::build(name, &settings, &bus)
             .await
             .with_context(|| format!("starting {name}"))?;
         let service = app.spawn(listener, shutdown.clone(), &settings)?;
@@ -148,7 +156,8 @@ async fn serve(mut settings: Settings, name: &str, port: Option<u16>) -> anyhow:
     }
     let shutdown = kit::shutdown::on_signal();
     let listener = kit::http::bind(settings.bind_addr(name)).await?;
-    let app = services::build(name, &settings)
+    let bus = Bus::connect(&settings).await?;
+    let app = services::build(name, &settings, &bus)
         .await
         .with_context(|| format!("starting {name}"))?;
     let service = app.spawn(listener, shutdown.clone(), &settings)?;
@@ -217,6 +226,7 @@ const SEED_001: &str = include_str!("../seed/seed-001-sample.json");
 #[derive(serde::Deserialize)]
 struct SeedFile {
     users: Vec<SeedUser>,
+    products: Vec<SeedProduct>,
 }
 
 #[derive(serde::Deserialize)]
@@ -226,11 +236,22 @@ struct SeedUser {
     email: String,
 }
 
+#[derive(serde::Deserialize)]
+struct SeedProduct {
+    id: i64,
+    name: String,
+    description: String,
+    price: catalog::money::Money,
+    stock: i64,
+    category: String,
+}
+
 async fn seed(settings: Settings) -> anyhow::Result<()> {
     let data: SeedFile =
         serde_json::from_str(SEED_001).context("parsing the built-in seed data")?;
+
     let db = kit::Db::connect(&settings, users::NAME, &users::MIGRATIONS).await?;
-    let mut added = 0;
+    let mut added_users = 0;
     for user in &data.users {
         let fields = users::domain::UserFields {
             username: Some(user.username.clone()),
@@ -238,13 +259,35 @@ async fn seed(settings: Settings) -> anyhow::Result<()> {
             name: None,
         };
         if users::store::insert_with_id(&db, user.id, &fields).await? {
-            added += 1;
+            added_users += 1;
         }
     }
     db.close().await;
+
+    let db = kit::Db::connect(&settings, catalog::NAME, &catalog::MIGRATIONS).await?;
+    let mut added_products = 0;
+    for product in &data.products {
+        let new = catalog::domain::NewProduct {
+            name: product.name.clone(),
+            description: product.description.clone(),
+            sku: None,
+            category: Some(product.category.clone()),
+            price: product.price,
+            stock: product.stock,
+            low_stock_threshold: catalog::DEFAULT_LOW_STOCK_THRESHOLD,
+        };
+        let sku = format!("SEED-{:04}", product.id);
+        if catalog::store::insert_with_id(&db, product.id, &new, &sku).await? {
+            added_products += 1;
+        }
+    }
+    db.close().await;
+
     println!(
-        "seeded users: {added} added, {} already present ({})",
-        data.users.len() - added,
+        "seeded users: {added_users} added, {} already present; products: {added_products} added, \
+         {} already present ({})",
+        data.users.len() - added_users,
+        data.products.len() - added_products,
         describe_backends(&settings)
     );
     Ok(())

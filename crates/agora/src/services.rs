@@ -1,10 +1,11 @@
 //! The services this binary can run, and how to build each one.
 
 use kit::Settings;
+use kit::bus::Bus;
 use kit::service::App;
 
 /// Every service behind the gateway, in start order.
-pub const BACKENDS: &[&str] = &[users::NAME];
+pub const BACKENDS: &[&str] = &[users::NAME, catalog::NAME];
 
 /// Backends and the gateway.
 pub fn all() -> Vec<&'static str> {
@@ -13,10 +14,12 @@ pub fn all() -> Vec<&'static str> {
     all
 }
 
-/// Builds one service (connecting and migrating its database as configured).
-pub async fn build(name: &str, settings: &Settings) -> anyhow::Result<App> {
+/// Builds one service (connecting and migrating its database as configured). Services that
+/// announce events publish them on `bus` (one bus shared by every service of the process).
+pub async fn build(name: &str, settings: &Settings, bus: &Bus) -> anyhow::Result<App> {
     match name {
         users::NAME => users::app(settings).await,
+        catalog::NAME => catalog::app(settings, bus.clone()).await,
         gateway::NAME => gateway::app(settings).await,
         other => anyhow::bail!(
             "unknown service `{other}`; choose one of: {}",
@@ -25,13 +28,21 @@ pub async fn build(name: &str, settings: &Settings) -> anyhow::Result<App> {
     }
 }
 
+/// The migrations of a service that has a database.
+fn migrations(name: &str) -> Option<&'static kit::db::Migrations> {
+    match name {
+        users::NAME => Some(&users::MIGRATIONS),
+        catalog::NAME => Some(&catalog::MIGRATIONS),
+        _ => None,
+    }
+}
+
 /// Runs the migrations of every service that has a database.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
     let mut done = Vec::new();
     for name in BACKENDS {
-        let migrations = match *name {
-            users::NAME => &users::MIGRATIONS,
-            _ => continue,
+        let Some(migrations) = migrations(name) else {
+            continue;
         };
         let db = kit::Db::connect_only(settings, name).await?;
         db.migrate(migrations).await?;

@@ -61,7 +61,8 @@ fn effective_config(env: &BTreeMap<String, String>) -> toml::Value {
         .arg("config")
         .current_dir(dir.path())
         .env_remove("DATABASE_URL")
-        .env_remove("REDIS_URL");
+        .env_remove("REDIS_URL")
+        .env_remove("NATS_URL");
     for (key, _) in std::env::vars() {
         if key.starts_with("AGORA_") {
             command.env_remove(key);
@@ -116,15 +117,22 @@ fn compose_runs_every_service_on_its_port_with_valid_settings() {
         );
         let config = effective_config(&env);
         assert_eq!(config["host"].as_str(), Some("0.0.0.0"));
+        assert!(
+            env.get("NATS_URL")
+                .is_some_and(|u| u.starts_with("nats://")),
+            "{name}: {env:?}"
+        );
         if name == "gateway" {
-            let upstreams = config["services"]["users"]["upstreams"]
-                .as_array()
-                .expect("users upstreams");
-            assert_eq!(
-                upstreams[0].as_str(),
-                Some("http://users:8081/"),
-                "the gateway finds users by its compose name"
-            );
+            for (backend, port) in services().into_iter().filter(|(n, _)| n != "gateway") {
+                let upstreams = config["services"][backend.as_str()]["upstreams"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{backend} upstreams"));
+                assert_eq!(
+                    upstreams[0].as_str(),
+                    Some(format!("http://{backend}:{port}/").as_str()),
+                    "the gateway finds {backend} by its compose name"
+                );
+            }
             assert!(string_list(&service["ports"]).contains(&"8080:8080".to_owned()));
         }
     }
@@ -154,7 +162,9 @@ fn kubernetes_has_a_deployment_and_service_per_service() {
             .unwrap_or_else(|| panic!("no {kind} `{name}`"))
     };
     let secret = env_map(&find("Secret", "agora")["stringData"]);
-    assert!(secret.contains_key("DATABASE_URL") && secret.contains_key("REDIS_URL"));
+    for key in ["DATABASE_URL", "REDIS_URL", "NATS_URL"] {
+        assert!(secret.contains_key(key), "the secret sets {key}");
+    }
     for (name, port) in services() {
         let container = &find("Deployment", &name)["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(

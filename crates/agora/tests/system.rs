@@ -16,6 +16,7 @@ fn agora(dir: &std::path::Path) -> Command {
         .current_dir(dir)
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
+        .env_remove("NATS_URL")
         .env("RUST_LOG", "warn");
     for (key, _) in std::env::vars() {
         if key.starts_with("AGORA_") {
@@ -60,10 +61,10 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
         "seed: {}",
         String::from_utf8_lossy(&seeded.stderr)
     );
+    let said = String::from_utf8_lossy(&seeded.stdout);
     assert!(
-        String::from_utf8_lossy(&seeded.stdout).contains("4 added"),
-        "{}",
-        String::from_utf8_lossy(&seeded.stdout)
+        said.contains("users: 4 added") && said.contains("products: 10 added"),
+        "{said}"
     );
 
     let started = Instant::now();
@@ -111,6 +112,52 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
     .await;
     assert_eq!(fetched, erin);
 
+    // Seed 001's products, through the canonical path and seed 003's inventory path.
+    let text = client
+        .get("http://127.0.0.1:8080/api/v1/products/2")
+        .send()
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        text.contains(r#""name":"Mouse""#) && text.contains(r#""price":29.99"#),
+        "{text}"
+    );
+    let mouse: Value = serde_json::from_str(&text).expect("json");
+    let inventory: Value =
+        get_json(&client, "http://127.0.0.1:8080/api/inventory/products/2").await;
+    assert_eq!(inventory, mouse);
+    let furniture: Value = get_json(
+        &client,
+        "http://127.0.0.1:8080/api/v1/products?category=Furniture",
+    )
+    .await;
+    assert_eq!(furniture["total"], 2, "{furniture}");
+    let response = client
+        .patch("http://127.0.0.1:8080/api/v1/products/2/stock")
+        .json(&json!({"stock": 150}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(response.status(), 200);
+    let response = client
+        .post("http://127.0.0.1:8080/api/v1/products")
+        .json(
+            &json!({"name": "Webcam", "description": "1080p", "price": 59.99,
+                      "stock": 30, "category": "Electronics"}),
+        )
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 201);
+    let webcam: Value = response.json().await.expect("json");
+    assert_eq!(
+        webcam["id"], 11,
+        "new product ids continue after the seeded ones"
+    );
+
     let status = terminate(&mut child);
     let mut out = String::new();
     child.stdout.take().map(|mut s| s.read_to_string(&mut out));
@@ -119,10 +166,12 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
         out.contains("gateway") && out.contains("127.0.0.1:8080"),
         "up prints where services listen: {out}"
     );
-    assert!(
-        dir.path().join("data/users.db").exists(),
-        "SQLite file under ./data"
-    );
+    for service in ["users", "catalog"] {
+        assert!(
+            dir.path().join(format!("data/{service}.db")).exists(),
+            "{service}: SQLite file under ./data"
+        );
+    }
 }
 
 #[test]
@@ -190,13 +239,14 @@ fn listening_addr(child: &mut Child) -> String {
         .to_owned()
 }
 
-/// The distributed mode: `agora serve users` and `agora serve gateway` as separate processes on
-/// PostgreSQL + Redis, the gateway finding users through `services.users.upstreams`.
+/// The distributed mode: `agora serve users`, `agora serve catalog` and `agora serve gateway` as
+/// separate processes on PostgreSQL + Redis + NATS JetStream, the gateway finding the services
+/// through `services.<name>.upstreams`, the catalog's events reaching NATS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_runs_one_service_per_process_on_postgres_and_redis() {
+async fn serve_runs_one_service_per_process_on_postgres_redis_and_nats() {
     let env = kit::testing::TestEnv::new(kit::testing::Backend::Postgres).await;
     let settings = &env.settings;
-    let schema = settings.service("users").schema.expect("a test schema");
+    let schema = |service: &str| settings.service(service).schema.expect("a test schema");
     let configure = |command: &mut Command| {
         command
             .env(
@@ -207,8 +257,11 @@ async fn serve_runs_one_service_per_process_on_postgres_and_redis() {
                 "REDIS_URL",
                 settings.redis.url.as_deref().expect("redis url"),
             )
+            .env("NATS_URL", settings.bus.url.as_deref().expect("nats url"))
             .env("AGORA_REDIS__PREFIX", &settings.redis.prefix)
-            .env("AGORA_SERVICES__USERS__SCHEMA", &schema)
+            .env("AGORA_BUS__PREFIX", &settings.bus.prefix)
+            .env("AGORA_SERVICES__USERS__SCHEMA", schema("users"))
+            .env("AGORA_SERVICES__CATALOG__SCHEMA", schema("catalog"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
     };
@@ -217,13 +270,22 @@ async fn serve_runs_one_service_per_process_on_postgres_and_redis() {
     configure(users.args(["serve", "users", "--port", "0"]));
     let mut users = users.spawn().expect("users starts");
     let users_addr = listening_addr(&mut users);
+    let mut catalog = agora(dir.path());
+    configure(catalog.args(["serve", "catalog", "--port", "0"]));
+    let mut catalog = catalog.spawn().expect("catalog starts");
+    let catalog_addr = listening_addr(&mut catalog);
 
     let mut gateway = agora(dir.path());
     configure(gateway.args(["serve", "gateway", "--port", "0"]));
-    gateway.env(
-        "AGORA_SERVICES__USERS__UPSTREAMS",
-        format!("[\"http://{users_addr}\"]"),
-    );
+    gateway
+        .env(
+            "AGORA_SERVICES__USERS__UPSTREAMS",
+            format!("[\"http://{users_addr}\"]"),
+        )
+        .env(
+            "AGORA_SERVICES__CATALOG__UPSTREAMS",
+            format!("[\"http://{catalog_addr}\"]"),
+        );
     let mut gateway = gateway.spawn().expect("gateway starts");
     let gateway_addr = listening_addr(&mut gateway);
 
@@ -250,11 +312,52 @@ async fn serve_runs_one_service_per_process_on_postgres_and_redis() {
         ),
         (Some("postgres"), Some("redis"))
     );
-    let health: Value = get_json(&client, format!("http://{gateway_addr}/health")).await;
-    assert_eq!(health["services"]["users"]["status"], "up", "{health}");
 
-    for child in [&mut gateway, &mut users] {
+    // The catalog process publishes its events to NATS through its outbox relay.
+    let bus = kit::bus::Bus::connect(settings).await.expect("NATS");
+    let mut events = bus
+        .subscribe("system-test", &["product.*"])
+        .await
+        .expect("subscribe");
+    let response = client
+        .post(format!("http://{gateway_addr}/api/v1/products"))
+        .json(&json!({"name": "Distributed", "price": "5.00", "stock": 3}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 201);
+    let product: Value = response.json().await.expect("json");
+    let fetched: Value = get_json(
+        &client,
+        format!(
+            "http://{gateway_addr}/api/inventory/products/{}",
+            product["id"]
+        ),
+    )
+    .await;
+    assert_eq!(fetched, product);
+    let delivery = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("product.created arrives on NATS")
+        .expect("subscription open")
+        .expect("delivery");
+    let event = delivery.message.event().expect("an event");
+    assert_eq!(
+        (event.topic.as_str(), &event.data["id"]),
+        ("product.created", &product["id"])
+    );
+    delivery.ack().await.expect("ack");
+
+    let health: Value = get_json(&client, format!("http://{gateway_addr}/health")).await;
+    for service in ["users", "catalog"] {
+        assert_eq!(health["services"][service]["status"], "up", "{health}");
+    }
+    let ready: Value = get_json(&client, format!("http://{catalog_addr}/ready")).await;
+    assert_eq!(ready["checks"]["bus"]["status"], "up", "{ready}");
+
+    for child in [&mut gateway, &mut catalog, &mut users] {
         let status = terminate(child);
         assert!(status.success(), "clean exit: {status}");
     }
+    bus.delete_stream().await.expect("delete test stream");
 }

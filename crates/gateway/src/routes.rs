@@ -92,6 +92,31 @@ mod tests {
     }
 
     #[test]
+    fn every_seed_catalog_path_reaches_the_canonical_api() {
+        let cases = [
+            ("/api/v1/products", "/api/v1/products"),
+            ("/api/v1/products/2", "/api/v1/products/2"),
+            ("/api/v1/products/2/stock", "/api/v1/products/2/stock"),
+            ("/api/v1/categories", "/api/v1/categories"),
+            ("/api/inventory/products/123", "/api/v1/products/123"),
+            ("/api/inventory/products", "/api/v1/products"),
+        ];
+        let table = table();
+        for (incoming, forwarded) in cases {
+            let target = table
+                .resolve(incoming)
+                .unwrap_or_else(|| panic!("{incoming} has no route"));
+            assert_eq!(
+                (target.service, target.path.as_str()),
+                ("catalog", forwarded),
+                "{incoming}"
+            );
+        }
+        // Reservations are internal: the orders service calls catalog directly.
+        assert!(table.resolve("/internal/v1/reservations").is_none());
+    }
+
+    #[test]
     fn prefixes_match_whole_segments_only() {
         let table = table();
         assert!(table.resolve("/usersx").is_none());
