@@ -65,6 +65,8 @@ pub struct BusSettings {
     pub relay_batch: u32,
     /// A publish (JetStream ack included) slower than this counts as failed and is retried.
     pub publish_timeout_ms: u64,
+    /// Published outbox rows are deleted after this many hours (0 keeps them forever).
+    pub outbox_retention_hours: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -73,6 +74,14 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .register(name, help, counter);
+    }
+
+    /// Registers a gauge kept elsewhere (e.g. the outbox backlog).
+    pub fn register_gauge(&self, name: &str, help: &str, gauge: Gauge) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .register(name, help, gauge);
     }
 
     /// The text exposition of every metric.

@@ -19,6 +19,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,9 @@ const TAKE_TURN: &str =
 const MARK_PUBLISHED: &str = "update outbox set published_at = $1 where seq = $2";
 const MARK_FAILED: &str =
     "update outbox set attempts = attempts + 1, last_error = $1 where seq = $2";
+const PRUNE: &str = "delete from outbox where published_at is not null and published_at < $1";
+/// How often a running relay deletes rows past their retention.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Publishes one service's outbox; see the module docs.
 pub struct Relay {
@@ -52,8 +56,12 @@ pub struct Relay {
     batch: u32,
     poll: Duration,
     wake: Arc<Notify>,
+    /// Published rows older than this are deleted; `None` keeps them.
+    retention: Option<Duration>,
     published: Counter,
     failures: Counter,
+    /// Unpublished rows after the last round.
+    backlog: Gauge,
 }
 
 /// Wakes the relay; cheap to clone, one per request handler is fine.
@@ -94,8 +102,11 @@ impl Relay {
             batch: settings.relay_batch.max(1),
             poll: Duration::from_millis(settings.relay_poll_ms.max(1)),
             wake: Arc::new(Notify::new()),
+            retention: (settings.outbox_retention_hours > 0)
+                .then(|| Duration::from_secs(settings.outbox_retention_hours * 3600)),
             published: Counter::default(),
             failures: Counter::default(),
+            backlog: Gauge::default(),
         }
     }
 
@@ -118,6 +129,31 @@ impl Relay {
             "Outbox publishes that failed (the event is retried)",
             self.failures.clone(),
         );
+        metrics.register_gauge(
+            "outbox_backlog",
+            "Outbox events not yet published",
+            self.backlog.clone(),
+        );
+    }
+
+    /// Deletes published rows older than `bus.outbox_retention_hours`; returns how many. Unpublished
+    /// rows are never deleted, however old.
+    pub async fn prune(&self) -> anyhow::Result<u64> {
+        let Some(retention) = self.retention else {
+            return Ok(0);
+        };
+        let cutoff = Utc::now()
+            - chrono::Duration::from_std(retention).context("outbox retention is too long")?;
+        let deleted = crate::dispatch!(&self.db, pool => sqlx::query(PRUNE)
+            .bind(cutoff)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))
+        .context("deleting published outbox rows")?;
+        if deleted > 0 {
+            tracing::debug!(deleted, "pruned published outbox rows");
+        }
+        Ok(deleted)
     }
 
     /// Runs the relay until `shutdown` fires: a round at start (events left by the previous
@@ -126,7 +162,14 @@ impl Relay {
     pub fn spawn(self, shutdown: CancellationToken) -> JoinHandle<()> {
         tokio::spawn(async move {
             let mut backoff = Duration::ZERO;
+            let mut next_prune = tokio::time::Instant::now();
             loop {
+                if tokio::time::Instant::now() >= next_prune {
+                    next_prune += PRUNE_EVERY;
+                    if let Err(err) = self.prune().await {
+                        tracing::warn!(error.message = %err, error.cause_chain = ?err, "pruning the outbox failed");
+                    }
+                }
                 let wait = match self.run_once().await {
                     Ok(n) => {
                         backoff = Duration::ZERO;
@@ -178,6 +221,8 @@ impl Relay {
     #[tracing::instrument(name = "outbox_relay", level = "debug", skip_all, fields(published))]
     pub async fn run_once(&self) -> anyhow::Result<usize> {
         let batch = i64::from(self.batch);
+        let batch_len = self.batch as usize;
+        let fetched: usize;
         let outcome = match &self.db {
             Db::Postgres(pool) => {
                 let mut tx = pool
@@ -196,6 +241,7 @@ impl Relay {
                     .fetch_all(&mut *tx)
                     .await
                     .context("claiming outbox rows")?;
+                fetched = rows.len();
                 let outcome = self.publish(rows).await;
                 record::<sqlx::Postgres>(&mut *tx, &outcome).await?;
                 tx.commit().await.context("committing the relay round")?;
@@ -208,8 +254,10 @@ impl Relay {
                     .await
                     .context("reading outbox rows")?;
                 if rows.is_empty() {
+                    self.backlog.set(0);
                     return Ok(0);
                 }
+                fetched = rows.len();
                 let outcome = self.publish(rows).await;
                 let mut tx = pool
                     .begin_write()
@@ -222,6 +270,13 @@ impl Relay {
         };
         let published = outcome.published.len();
         tracing::Span::current().record("published", published);
+        // A short batch published whole leaves nothing behind (until the next commit); otherwise
+        // count what is left.
+        if outcome.failed.is_none() && fetched < batch_len {
+            self.backlog.set(0);
+        } else if let Ok(left) = crate::outbox::backlog(&self.db).await {
+            self.backlog.set(left);
+        }
         match outcome.failed {
             None => Ok(published),
             Some((seq, err)) => Err(err.context(format!(
@@ -601,6 +656,58 @@ mod tests {
             text.contains("agora_outbox_publish_failures_total"),
             "{text}"
         );
+        assert!(
+            text.contains("agora_outbox_backlog{service=\"relaytest\"} 0"),
+            "{text}"
+        );
         teardown(s).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_backlog_gauge_counts_what_a_round_left() {
+        let mut s = setup(Backend::Sqlite).await;
+        s.env.settings.bus.relay_batch = 2;
+        let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+        enqueue(&s.db, &events(3), true).await;
+        relay.run_once().await.expect("round");
+        assert_eq!(relay.backlog.get(), 1, "a full batch leaves one row");
+        relay.run_once().await.expect("round");
+        assert_eq!(relay.backlog.get(), 0);
+        teardown(s).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pruning_deletes_only_published_rows_past_retention() {
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let mut s = setup(backend).await;
+            let what = s.bus.backend();
+            s.env.settings.bus.outbox_retention_hours = 24;
+            let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+            enqueue(&s.db, &events(3), true).await;
+            assert_eq!(relay.run_once().await.expect("round"), 3, "{what}");
+            // Two rows were published two days ago; one more is not published at all.
+            let old = Utc::now() - chrono::Duration::days(2);
+            crate::dispatch!(&s.db, pool => sqlx::query(
+                "update outbox set published_at = $1 where seq in \
+                 (select seq from outbox order by seq limit 2)",
+            )
+            .bind(old)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+            .expect("age rows");
+            enqueue(&s.db, &events(1), true).await;
+
+            assert_eq!(relay.prune().await.expect("prune"), 2, "{what}");
+            assert_eq!(
+                rows(&s.db).await.iter().map(|r| r.0).collect::<Vec<_>>(),
+                [true, false],
+                "{what}: the recent published row and the unpublished one stay"
+            );
+            s.env.settings.bus.outbox_retention_hours = 0;
+            let keep_all = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+            assert_eq!(keep_all.prune().await.expect("prune"), 0, "{what}");
+            teardown(s).await;
+        }
     }
 }
