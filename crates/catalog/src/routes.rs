@@ -9,6 +9,7 @@ use axum::routing::{get, patch, post};
 use bytes::Bytes;
 use kit::Ttl;
 use kit::http::{Json, Path, Query, RawJson};
+use kit::page::Pagination;
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
@@ -115,48 +116,30 @@ struct ListQuery {
     per_page: Option<u32>,
 }
 
-/// One page of products, in id order.
-#[derive(Debug, Serialize)]
-struct Page {
-    items: Vec<Product>,
-    page: u32,
-    per_page: u32,
-    total: i64,
-}
-
 #[tracing::instrument(skip(state))]
 async fn list_products(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
 ) -> Result<RawJson> {
-    let page = query.page.unwrap_or(1);
-    let per_page = query.per_page.unwrap_or(20);
-    if page == 0 || !(1..=100).contains(&per_page) {
-        return Err(kit::ApiError::bad_request(
-            "invalid_query",
-            "page starts at 1; per_page must be 1 to 100",
-        )
-        .into());
-    }
+    let pagination = Pagination::new(query.page, query.per_page)?;
     let category = query.category.filter(|c| !c.trim().is_empty());
     let field = format!(
-        "page={page}&per_page={per_page}&category={}",
+        "{}&category={}",
+        pagination.cache_field(),
         category.as_deref().unwrap_or_default().to_lowercase()
     );
     let db = state.db.clone();
     let cached = state
         .cache
         .get_or_load_in(LIST_GROUP, &field, Ttl::List, move || async move {
-            let offset = i64::from(page - 1) * i64::from(per_page);
-            let (items, total) =
-                store::list(&db, category.as_deref(), i64::from(per_page), offset).await?;
-            to_json(&Page {
-                items,
-                page,
-                per_page,
-                total,
-            })
-            .map(Some)
+            let (items, total) = store::list(
+                &db,
+                category.as_deref(),
+                pagination.limit(),
+                pagination.offset(),
+            )
+            .await?;
+            to_json(&pagination.page(items, total)).map(Some)
         })
         .await?;
     cached

@@ -86,15 +86,7 @@ pub async fn insert_with_id(db: &Db, id: i64, new: &NewProduct, sku: &str) -> Re
         .execute(pool)
         .await
         .map(|r| r.rows_affected()))?;
-    if let Db::Postgres(pool) = db {
-        // Explicit ids do not advance the identity sequence; move it past the seeded rows.
-        sqlx::query(
-            "select setval(pg_get_serial_sequence('products', 'id'), \
-             greatest((select max(id) from products), 1))",
-        )
-        .execute(pool)
-        .await?;
-    }
+    kit::db::sync_identity(db, "products").await?;
     Ok(inserted == 1)
 }
 

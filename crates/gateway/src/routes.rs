@@ -65,6 +65,20 @@ mod tests {
         RouteTable::new(kit::Settings::defaults().gateway.routes)
     }
 
+    /// Each `(incoming, forwarded)` path goes to `service` as `forwarded`.
+    fn assert_routes(table: &RouteTable, service: &str, cases: &[(&str, &str)]) {
+        for (incoming, forwarded) in cases {
+            let target = table
+                .resolve(incoming)
+                .unwrap_or_else(|| panic!("{incoming} has no route"));
+            assert_eq!(
+                (target.service, target.path.as_str()),
+                (service, *forwarded),
+                "{incoming}"
+            );
+        }
+    }
+
     #[test]
     fn every_seed_users_path_reaches_the_canonical_api() {
         let cases = [
@@ -78,17 +92,7 @@ mod tests {
             ("/api/users/1", "/api/v1/users/1"),
             ("/api/users/health", "/health"),
         ];
-        let table = table();
-        for (incoming, forwarded) in cases {
-            let target = table
-                .resolve(incoming)
-                .unwrap_or_else(|| panic!("{incoming} has no route"));
-            assert_eq!(
-                (target.service, target.path.as_str()),
-                ("users", forwarded),
-                "{incoming}"
-            );
-        }
+        assert_routes(&table(), "users", &cases);
     }
 
     #[test]
@@ -101,19 +105,9 @@ mod tests {
             ("/api/inventory/products/123", "/api/v1/products/123"),
             ("/api/inventory/products", "/api/v1/products"),
         ];
-        let table = table();
-        for (incoming, forwarded) in cases {
-            let target = table
-                .resolve(incoming)
-                .unwrap_or_else(|| panic!("{incoming} has no route"));
-            assert_eq!(
-                (target.service, target.path.as_str()),
-                ("catalog", forwarded),
-                "{incoming}"
-            );
-        }
+        assert_routes(&table(), "catalog", &cases);
         // Reservations are internal: the orders service calls catalog directly.
-        assert!(table.resolve("/internal/v1/reservations").is_none());
+        assert!(table().resolve("/internal/v1/reservations").is_none());
     }
 
     #[test]

@@ -150,6 +150,26 @@ impl Db {
     }
 }
 
+/// After rows were inserted with explicit ids (seed data), moves PostgreSQL's identity sequence of
+/// `table.id` past the largest id, so the next generated id does not collide. SQLite's
+/// autoincrement needs nothing.
+pub async fn sync_identity(db: &Db, table: &str) -> sqlx::Result<()> {
+    if let Db::Postgres(pool) = db {
+        if !is_identifier(table) {
+            return Err(sqlx::Error::Protocol(format!(
+                "invalid table name `{table}`"
+            )));
+        }
+        sqlx::query(&format!(
+            "select setval(pg_get_serial_sequence('{table}', 'id'), \
+             greatest((select max(id) from {table}), 1))"
+        ))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Opening a transaction that will write, on either pool: `pool.begin_write()` inside
 /// [`dispatch!`].
 ///

@@ -121,7 +121,8 @@ pub struct InternalError(pub Arc<anyhow::Error>);
 /// `From<anyhow::Error>` / `From<sqlx::Error>` and are reported as a generic 500.
 #[derive(Debug)]
 pub struct ApiError {
-    problem: Problem,
+    /// Boxed so `Result<T, ApiError>` stays small on the happy path.
+    problem: Box<Problem>,
     source: Option<anyhow::Error>,
 }
 
@@ -131,7 +132,7 @@ pub type ApiResult<T, E = ApiError> = std::result::Result<T, E>;
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> Self {
         Self {
-            problem: Problem::new(status, code, detail),
+            problem: Box::new(Problem::new(status, code, detail)),
             source: None,
         }
     }
@@ -166,7 +167,11 @@ impl ApiError {
     /// A generic 500; `source` is logged, never sent.
     pub fn internal(source: anyhow::Error) -> Self {
         Self {
-            problem: Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR, "", ""),
+            problem: Box::new(Problem::for_status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "",
+                "",
+            )),
             source: Some(source),
         }
     }
@@ -174,11 +179,11 @@ impl ApiError {
     /// 503 for a dependency that is down; `source` is logged, never sent.
     pub fn unavailable(what: &str, source: anyhow::Error) -> Self {
         Self {
-            problem: Problem::new(
+            problem: Box::new(Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "dependency_unavailable",
                 format!("The {what} is unavailable; try again shortly"),
-            ),
+            )),
             source: Some(source),
         }
     }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod outbox;
+pub mod page;
 pub mod relay;
 pub mod service;
 pub mod shutdown;

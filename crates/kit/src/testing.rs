@@ -94,6 +94,7 @@ impl TestEnv {
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub shutdown: CancellationToken,
+    pub client: reqwest::Client,
     running: Option<Running>,
 }
 
@@ -110,12 +111,60 @@ impl TestServer {
         Self {
             addr: running.addr,
             shutdown,
+            client: reqwest::Client::new(),
             running: Some(running),
         }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends `method path` with `body` as JSON when given.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> reqwest::Response {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.expect("request is sent")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.request(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.request(reqwest::Method::PATCH, path, Some(body)).await
+    }
+
+    /// POSTs a raw body, with the given `Content-Type` if any (for malformed or non-JSON bodies).
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: &'static str,
+    ) -> reqwest::Response {
+        let mut request = self.client.post(self.url(path)).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send().await.expect("request is sent")
+    }
+
+    /// `GET path`: the status and the JSON body (`null` when the body is not JSON).
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self.get(path).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or_default())
     }
 
     /// Stops accepting, drains, and waits for the server to end.

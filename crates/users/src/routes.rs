@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use kit::http::{Json, Path, Query, RawJson};
+use kit::page::Pagination;
 use kit::{Db, Ttl};
 use serde::{Deserialize, Serialize};
 
@@ -163,43 +164,25 @@ struct ListQuery {
 }
 
 /// One page of users, in id order.
-#[derive(Debug, Serialize)]
-struct Page {
-    items: Vec<User>,
-    page: u32,
-    per_page: u32,
-    total: i64,
-}
-
 #[tracing::instrument(skip(state))]
 async fn list_users(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
 ) -> Result<RawJson> {
-    let page = query.page.unwrap_or(1);
-    let per_page = query.per_page.unwrap_or(20);
-    if page == 0 || !(1..=100).contains(&per_page) {
-        return Err(kit::ApiError::bad_request(
-            "invalid_query",
-            "page starts at 1; per_page must be 1 to 100",
-        )
-        .into());
-    }
+    let pagination = Pagination::new(query.page, query.per_page)?;
     let db = state.db.clone();
-    let field = format!("page={page}&per_page={per_page}");
     let cached = state
         .cache
-        .get_or_load_in(LIST_GROUP, &field, Ttl::List, move || async move {
-            let offset = i64::from(page - 1) * i64::from(per_page);
-            let (items, total) = store::list(&db, i64::from(per_page), offset).await?;
-            to_json(&Page {
-                items,
-                page,
-                per_page,
-                total,
-            })
-            .map(Some)
-        })
+        .get_or_load_in(
+            LIST_GROUP,
+            &pagination.cache_field(),
+            Ttl::List,
+            move || async move {
+                let (items, total) =
+                    store::list(&db, pagination.limit(), pagination.offset()).await?;
+                to_json(&pagination.page(items, total)).map(Some)
+            },
+        )
         .await?;
     cached
         .map(RawJson)

@@ -45,15 +45,7 @@ pub async fn insert_with_id(db: &Db, id: i64, fields: &UserFields) -> sqlx::Resu
         .execute(pool)
         .await
         .map(|r| r.rows_affected()))?;
-    if let Db::Postgres(pool) = db {
-        // Explicit ids do not advance the identity sequence; move it past the seeded rows.
-        sqlx::query(
-            "select setval(pg_get_serial_sequence('users', 'id'), \
-             greatest((select max(id) from users), 1))",
-        )
-        .execute(pool)
-        .await?;
-    }
+    kit::db::sync_identity(db, "users").await?;
     Ok(inserted == 1)
 }
 

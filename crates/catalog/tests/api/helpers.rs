@@ -4,14 +4,13 @@
 use kit::bus::Bus;
 use kit::testing::{Backend, TestEnv, TestServer};
 use kit::{Cache, Db};
-use reqwest::{Method, Response};
+use reqwest::Response;
 use serde_json::{Value, json};
 
 pub use kit::testing::assert_problem;
 
 pub struct TestApp {
     pub server: TestServer,
-    pub client: reqwest::Client,
     /// The service's own database handle, to inspect or sabotage it.
     pub db: Db,
     /// The bus its relay publishes to (subscribe to see the events).
@@ -34,40 +33,22 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
     let server = TestServer::start(app, settings).await;
     TestApp {
         server,
-        client: reqwest::Client::new(),
         db,
         bus,
         _env: env,
     }
 }
 
+/// `app.get(..)`, `app.post(..)`, ... are the server's request helpers.
+impl std::ops::Deref for TestApp {
+    type Target = TestServer;
+
+    fn deref(&self) -> &TestServer {
+        &self.server
+    }
+}
+
 impl TestApp {
-    pub async fn request(&self, method: Method, path: &str, body: Option<Value>) -> Response {
-        let mut request = self.client.request(method, self.server.url(path));
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        request.send().await.expect("request is sent")
-    }
-
-    pub async fn get(&self, path: &str) -> Response {
-        self.request(Method::GET, path, None).await
-    }
-
-    pub async fn post(&self, path: &str, body: Value) -> Response {
-        self.request(Method::POST, path, Some(body)).await
-    }
-
-    pub async fn patch(&self, path: &str, body: Value) -> Response {
-        self.request(Method::PATCH, path, Some(body)).await
-    }
-
-    pub async fn get_json(&self, path: &str) -> (u16, Value) {
-        let response = self.get(path).await;
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
     /// Creates a product and returns it, asserting 201.
     pub async fn create_product(&self, body: Value) -> Value {
         let response = self.post("/api/v1/products", body.clone()).await;
