@@ -140,12 +140,13 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     for service in &running {
         println!("  {:<8} http://{}", service.name, service.addr);
     }
+    let gateway = running
+        .last()
+        .map(|s| s.addr.to_string())
+        .unwrap_or_default();
     println!(
-        "try: curl http://{}/api/v1/users   (Ctrl-C to stop)",
-        running
-            .last()
-            .map(|s| s.addr.to_string())
-            .unwrap_or_default()
+        "try: curl http://{gateway}/api/v1/users   curl http://{gateway}/api/v1/products   \
+         (Ctrl-C to stop)"
     );
     wait_all(running, shutdown).await
 }

@@ -223,11 +223,20 @@ async fn reserve(State(state): State<AppState>, Json(body): Json<ReserveBody>) -
     Ok((status, Json(reservation)).into_response())
 }
 
+/// The order id of a reservation path, checked like the one in a reserve body.
+fn order_id_param(order_id: String) -> Result<String> {
+    crate::domain::parse_order_id(&order_id).map_err(|(_, message)| {
+        kit::ApiError::bad_request("invalid_path_parameter", format!("The order id {message}"))
+            .into()
+    })
+}
+
 #[tracing::instrument(skip(state))]
 async fn get_reservation(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
+    let order_id = order_id_param(order_id)?;
     reservations::find(&state.db, &order_id)
         .await?
         .map(Json)
@@ -239,6 +248,7 @@ async fn commit_reservation(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
+    let order_id = order_id_param(order_id)?;
     let reservation = reservations::commit(&state.db, &order_id).await?;
     settled(&state, &reservation).await;
     Ok(Json(reservation))
@@ -249,6 +259,7 @@ async fn release_reservation(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
+    let order_id = order_id_param(order_id)?;
     let reservation = reservations::release(&state.db, &order_id).await?;
     settled(&state, &reservation).await;
     Ok(Json(reservation))
