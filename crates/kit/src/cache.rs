@@ -4,6 +4,10 @@
 //! - Items live `cache.item_ttl_secs`, lists `cache.list_ttl_secs`. Lists of a resource form a
 //!   *group* (all pages, all filters) that one write invalidates at once.
 //! - One loader per key on a miss (single-flight), so an expired hot key costs one query.
+//! - A load never stores a value older than the last invalidation: every key (and group) has a
+//!   version that invalidation bumps; a load captures it before reading the database and stores
+//!   only if it is unchanged. So a read racing a write cannot put the pre-write value back after
+//!   the write's invalidation (which would otherwise be served for a whole TTL).
 //! - A cache fault never fails a request: the value is loaded from the database instead, Redis is
 //!   skipped for `redis.retry_after_ms`, and when it comes back after a failed invalidation the
 //!   service's keyspace is flushed first, so no write made during the outage is shadowed by a
@@ -251,6 +255,9 @@ impl Cache {
         let cache = self.clone();
         let ttl = self.ttl(ttl);
         let task = tokio::spawn(async move {
+            // The version before anything is read: a write that commits and invalidates while we
+            // load bumps it, and our (possibly older) value is then not stored.
+            let version = cache.inner.backend.version(&slot).await;
             // Another flight may have stored the value between our read and this flight's start:
             // look once more before going to the database.
             if let Ok(Some(bytes)) = cache.inner.backend.get(&slot).await {
@@ -260,10 +267,19 @@ impl Cache {
             }
             cache.inner.misses.inc();
             let loaded = load.await;
-            if let Ok(Some(bytes)) = &loaded
-                && let Err(err) = cache.inner.backend.set(&slot, bytes.clone(), ttl).await
-            {
-                cache.fault("set", &err);
+            match (&loaded, version) {
+                (Ok(Some(bytes)), Ok(version)) => {
+                    if let Err(err) = cache
+                        .inner
+                        .backend
+                        .set(&slot, bytes.clone(), ttl, version)
+                        .await
+                    {
+                        cache.fault("set", &err);
+                    }
+                }
+                (_, Err(err)) => cache.fault("version", &err),
+                _ => {}
             }
             cache.end_flight(&flight_key);
             loaded.map_err(Arc::new)
@@ -297,6 +313,13 @@ enum Slot {
 }
 
 impl Slot {
+    /// The key or group whose version guards this slot.
+    fn base(&self) -> &str {
+        match self {
+            Slot::Key(key) | Slot::Field(key, _) => key,
+        }
+    }
+
     fn flight_key(&self) -> String {
         match self {
             Slot::Key(key) => key.clone(),
@@ -305,22 +328,38 @@ impl Slot {
     }
 }
 
+/// How many times a key or group has been invalidated (`None`: never, or too long ago to matter).
+type Version = Option<u64>;
+
 #[async_trait]
 trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     async fn get(&self, slot: &Slot) -> anyhow::Result<Option<Bytes>>;
-    async fn set(&self, slot: &Slot, value: Bytes, ttl: Duration) -> anyhow::Result<()>;
-    /// Deletes keys and groups alike.
+    /// The current version of the slot's key or group (bumped by every [`Backend::delete`]).
+    async fn version(&self, slot: &Slot) -> anyhow::Result<Version>;
+    /// Stores `value` unless the slot's version is no longer `version`.
+    async fn set(
+        &self,
+        slot: &Slot,
+        value: Bytes,
+        ttl: Duration,
+        version: Version,
+    ) -> anyhow::Result<()>;
+    /// Deletes keys and groups alike, bumping their versions.
     async fn delete(&self, keys: &[String]) -> anyhow::Result<()>;
     async fn ping(&self) -> anyhow::Result<()>;
 }
 
 /// The in-process backend: moka with per-entry TTL and a byte budget (`cache.max_memory_mb`).
+///
+/// Entries live under `<key>#<version>` (`<group>#<version>\x1f<field>` for group members), so
+/// bumping a version orphans every entry stored under the old one at once, and a load that
+/// captured an old version can only store where nobody looks any more (it ages out or is evicted
+/// by the budget).
 struct MemoryBackend {
     entries: moka::future::Cache<String, (Bytes, Duration)>,
-    /// Group generations: invalidating a group bumps its number, orphaning its members (which
-    /// then age out or are evicted by the budget).
-    generations: Mutex<HashMap<String, u64>>,
+    /// Versions of the keys and groups invalidated so far.
+    versions: Mutex<HashMap<String, u64>>,
 }
 
 struct PerEntryTtl;
@@ -347,23 +386,23 @@ impl MemoryBackend {
             .build();
         Self {
             entries,
-            generations: Mutex::new(HashMap::new()),
+            versions: Mutex::new(HashMap::new()),
         }
     }
 
-    fn entry_key(&self, slot: &Slot) -> String {
+    fn current(&self, base: &str) -> u64 {
+        self.versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(base)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn entry_key(slot: &Slot, version: u64) -> String {
         match slot {
-            Slot::Key(key) => key.clone(),
-            Slot::Field(group, field) => {
-                let generation = self
-                    .generations
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(group)
-                    .copied()
-                    .unwrap_or(0);
-                format!("{group}#{generation}\u{1f}{field}")
-            }
+            Slot::Key(key) => format!("{key}#{version}"),
+            Slot::Field(group, field) => format!("{group}#{version}\u{1f}{field}"),
         }
     }
 }
@@ -375,29 +414,42 @@ impl Backend for MemoryBackend {
     }
 
     async fn get(&self, slot: &Slot) -> anyhow::Result<Option<Bytes>> {
-        Ok(self
-            .entries
-            .get(&self.entry_key(slot))
-            .await
-            .map(|(bytes, _)| bytes))
+        let key = Self::entry_key(slot, self.current(slot.base()));
+        Ok(self.entries.get(&key).await.map(|(bytes, _)| bytes))
     }
 
-    async fn set(&self, slot: &Slot, value: Bytes, ttl: Duration) -> anyhow::Result<()> {
-        self.entries
-            .insert(self.entry_key(slot), (value, ttl))
-            .await;
+    async fn version(&self, slot: &Slot) -> anyhow::Result<Version> {
+        Ok(Some(self.current(slot.base())))
+    }
+
+    async fn set(
+        &self,
+        slot: &Slot,
+        value: Bytes,
+        ttl: Duration,
+        version: Version,
+    ) -> anyhow::Result<()> {
+        let version = version.unwrap_or(0);
+        if version == self.current(slot.base()) {
+            self.entries
+                .insert(Self::entry_key(slot, version), (value, ttl))
+                .await;
+        }
         Ok(())
     }
 
     async fn delete(&self, keys: &[String]) -> anyhow::Result<()> {
         for key in keys {
-            self.entries.invalidate(key).await;
-            let mut generations = self.generations.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(generation) = generations.get_mut(key) {
-                *generation += 1;
-            } else {
-                generations.insert(key.clone(), 1);
-            }
+            let old = {
+                let mut versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+                let version = versions.entry(key.clone()).or_insert(0);
+                *version += 1;
+                *version - 1
+            };
+            // Free a plain key's memory now; group members age out.
+            self.entries
+                .invalidate(&Self::entry_key(&Slot::Key(key.clone()), old))
+                .await;
         }
         Ok(())
     }
@@ -419,6 +471,7 @@ struct RedisBackend {
     down_until: Mutex<Option<Instant>>,
     /// An invalidation was lost: flush the namespace before trusting Redis again.
     dirty: AtomicBool,
+    store_script: redis::Script,
 }
 
 impl RedisBackend {
@@ -436,6 +489,7 @@ impl RedisBackend {
             namespace,
             down_until: Mutex::new(None),
             dirty: AtomicBool::new(false),
+            store_script: redis::Script::new(STORE_SCRIPT),
         })
     }
 
@@ -521,6 +575,31 @@ impl RedisBackend {
     }
 }
 
+/// Where the version of a key or group lives.
+fn version_key(base: &str) -> String {
+    format!("{base}:ver")
+}
+
+/// Versions outlive every entry they guard (the longest TTL is far shorter); after a day without
+/// invalidation a key's version may lapse, which only means "never invalidated" again.
+const VERSION_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// Stores a value only if the version is still the one the load started with, atomically.
+/// KEYS: the key (or group), its version key. ARGV: expected version ("" = none), value, TTL in
+/// ms, field ("" = a plain key). A group expires TTL after its first member was stored, so no
+/// member is ever older than the list TTL.
+const STORE_SCRIPT: &str = r"
+local current = redis.call('GET', KEYS[2]) or ''
+if current ~= ARGV[1] then return 0 end
+if ARGV[4] == '' then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('HSET', KEYS[1], ARGV[4], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX')
+end
+return 1
+";
+
 #[async_trait]
 impl Backend for RedisBackend {
     fn name(&self) -> &'static str {
@@ -547,49 +626,53 @@ impl Backend for RedisBackend {
         Ok(value.map(Bytes::from))
     }
 
-    async fn set(&self, slot: &Slot, value: Bytes, ttl: Duration) -> anyhow::Result<()> {
+    async fn version(&self, slot: &Slot) -> anyhow::Result<Version> {
+        let key = version_key(slot.base());
+        self.run(async |c| redis::cmd("GET").arg(&key).query_async(c).await)
+            .await
+    }
+
+    async fn set(
+        &self,
+        slot: &Slot,
+        value: Bytes,
+        ttl: Duration,
+        version: Version,
+    ) -> anyhow::Result<()> {
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        match slot {
-            Slot::Key(key) => {
-                self.run(async |c| {
-                    redis::cmd("SET")
-                        .arg(key)
-                        .arg(value.as_ref())
-                        .arg("PX")
-                        .arg(ms)
-                        .query_async::<()>(c)
-                        .await
-                })
+        let expected = version.map(|v| v.to_string()).unwrap_or_default();
+        let field = match slot {
+            Slot::Key(_) => "",
+            Slot::Field(_, field) => field.as_str(),
+        };
+        let script = &self.store_script;
+        self.run(async |c| {
+            script
+                .key(slot.base())
+                .key(version_key(slot.base()))
+                .arg(&expected)
+                .arg(value.as_ref())
+                .arg(ms)
+                .arg(field)
+                .invoke_async::<()>(c)
                 .await
-            }
-            Slot::Field(group, field) => {
-                // The group expires `ttl` after its first member was stored, so no member is
-                // ever older than the list TTL.
-                self.run(async |c| {
-                    redis::pipe()
-                        .atomic()
-                        .cmd("HSET")
-                        .arg(group)
-                        .arg(field)
-                        .arg(value.as_ref())
-                        .ignore()
-                        .cmd("PEXPIRE")
-                        .arg(group)
-                        .arg(ms)
-                        .arg("NX")
-                        .ignore()
-                        .query_async::<()>(c)
-                        .await
-                })
-                .await
-            }
-        }
+        })
+        .await
     }
 
     async fn delete(&self, keys: &[String]) -> anyhow::Result<()> {
-        let result = self
-            .run(async |c| redis::cmd("DEL").arg(keys).query_async::<()>(c).await)
-            .await;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for key in keys {
+            let version = version_key(key);
+            pipe.cmd("INCR").arg(&version).ignore();
+            pipe.cmd("PEXPIRE")
+                .arg(&version)
+                .arg(VERSION_TTL_MS)
+                .ignore();
+            pipe.cmd("DEL").arg(key).ignore();
+        }
+        let result = self.run(async |c| pipe.query_async::<()>(c).await).await;
         if result.is_err() {
             self.dirty.store(true, Ordering::Release);
         }
@@ -677,6 +760,65 @@ mod tests {
                 .expect("loads");
             assert_eq!(v.as_deref(), Some(&b"new"[..]), "page {page}");
         }
+    }
+
+    /// A read loads the old value; a write commits and invalidates while that load is in flight;
+    /// the load finishes. The next read must see the new value, not the old one put back.
+    async fn a_load_racing_an_invalidation_does_not_store_its_old_value(cache: Cache) {
+        for group in [None, Some("list")] {
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+            let load = move || async move {
+                let _ = started_tx.send(());
+                let _ = release_rx.await;
+                Ok(Some(Bytes::from_static(b"old")))
+            };
+            let racing = {
+                let cache = cache.clone();
+                tokio::spawn(async move {
+                    match group {
+                        None => cache.get_or_load("k", Ttl::Item, load).await,
+                        Some(group) => cache.get_or_load_in(group, "p1", Ttl::List, load).await,
+                    }
+                })
+            };
+            started_rx.await.expect("the load started");
+            match group {
+                None => cache.invalidate(&["k".to_owned()]).await,
+                Some(group) => cache.invalidate_group(group).await,
+            }
+            release_tx.send(()).expect("release the load");
+            let raced = racing.await.expect("join").expect("load");
+            assert_eq!(
+                raced.as_deref(),
+                Some(&b"old"[..]),
+                "{group:?}: it read before"
+            );
+
+            let new = || async { Ok(Some(Bytes::from_static(b"new"))) };
+            let next = match group {
+                None => cache.get_or_load("k", Ttl::Item, new).await,
+                Some(group) => cache.get_or_load_in(group, "p1", Ttl::List, new).await,
+            };
+            assert_eq!(
+                next.expect("load").as_deref(),
+                Some(&b"new"[..]),
+                "{group:?}: the old value was not stored after the invalidation"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_loads_never_store_across_an_invalidation() {
+        a_load_racing_an_invalidation_does_not_store_its_old_value(memory_cache()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_loads_never_store_across_an_invalidation() {
+        let env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
+        let cache = Cache::new(&env.settings, "t").expect("redis cache");
+        a_load_racing_an_invalidation_does_not_store_its_old_value(cache.clone()).await;
+        assert_eq!(cache.stats().errors, 0, "Redis answered every call");
     }
 
     #[tokio::test]
