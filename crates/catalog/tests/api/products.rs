@@ -16,6 +16,7 @@ kit::on_both_backends!(
     categories_are_counted,
     a_read_after_any_write_sees_the_write,
     deleting_a_product_with_reserved_units_is_409,
+    seeded_ids_are_kept_and_new_ids_follow_them,
 );
 
 async fn seed_001_body_creates_a_product(backend: Backend) {
@@ -388,4 +389,35 @@ async fn deleting_a_product_with_reserved_units_is_409(backend: Backend) {
     let (status, reservation) = app.get_json("/internal/v1/reservations/o-9").await;
     assert_eq!(status, 200, "committed reservations outlive their product");
     assert_eq!(reservation["status"], "committed");
+}
+
+async fn seeded_ids_are_kept_and_new_ids_follow_them(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let seeded = catalog::domain::NewProduct {
+        name: "Laptop".into(),
+        description: "High-performance laptop for professionals".into(),
+        sku: None,
+        category: Some("Electronics".into()),
+        price: catalog::money::Money::from_cents(129_999),
+        stock: 50,
+        low_stock_threshold: 10,
+    };
+    for id in [1, 7] {
+        let added = catalog::store::insert_with_id(&app.db, id, &seeded, &format!("SEED-{id}"))
+            .await
+            .expect("seed");
+        assert!(added, "product {id} seeded");
+    }
+    let again = catalog::store::insert_with_id(&app.db, 1, &seeded, "SEED-1")
+        .await
+        .expect("seed again");
+    assert!(!again, "seeding twice keeps the existing row");
+
+    let (_, laptop) = app.get_json("/api/v1/products/1").await;
+    assert_eq!(laptop["price"].as_f64(), Some(1299.99));
+    let created = app.create_product(json!({"name": "New", "price": 1})).await;
+    assert_eq!(
+        created["id"], 8,
+        "new ids continue after the largest seeded one"
+    );
 }

@@ -14,6 +14,7 @@ kit::on_both_backends!(
     duplicate_username_or_email_is_409,
     invalid_fields_are_422_with_one_entry_each,
     concurrent_creates_all_succeed_with_distinct_ids,
+    seeded_ids_are_kept_and_new_ids_follow_them,
 );
 
 async fn every_seed_body_creates_a_user(backend: Backend) {
@@ -315,4 +316,30 @@ async fn concurrent_creates_all_succeed_with_distinct_ids(backend: Backend) {
     assert_eq!(ids.len(), 50);
     let (_, list) = app.get_json("/api/v1/users").await;
     assert_eq!(list["total"], 50);
+}
+
+async fn seeded_ids_are_kept_and_new_ids_follow_them(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for (id, username) in [(1, "alice"), (4, "diana")] {
+        let fields = users::domain::UserFields {
+            username: Some(username.into()),
+            email: Some(format!("{username}@example.com")),
+            name: None,
+        };
+        let added = users::store::insert_with_id(&app.db, id, &fields)
+            .await
+            .expect("seed");
+        assert!(added, "user {id} seeded");
+        let again = users::store::insert_with_id(&app.db, id, &fields)
+            .await
+            .expect("seed again");
+        assert!(!again, "seeding twice keeps the existing row");
+    }
+    let (_, alice) = app.get_json("/api/v1/users/1").await;
+    assert_eq!(alice["username"], "alice");
+    let created = app.create_user(json!({"name": "Erin"})).await;
+    assert_eq!(
+        created["id"], 5,
+        "new ids continue after the largest seeded one"
+    );
 }
