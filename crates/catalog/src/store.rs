@@ -124,11 +124,12 @@ pub async fn list(
     Ok((products, total))
 }
 
-/// Each category with its number of products, by name.
+/// Each category with its number of products, by name. Categories differing only in case are
+/// one category (as for the `?category=` filter), shown with the first spelling in sort order.
 #[tracing::instrument(skip(db))]
 pub async fn categories(db: &Db) -> sqlx::Result<Vec<(String, i64)>> {
-    let sql = "select category, count(*) from products where category is not null \
-               group by category order by category";
+    let sql = "select min(category), count(*) from products where category is not null \
+               group by lower(category) order by lower(category)";
     dispatch!(db, pool => sqlx::query_as::<_, (String, i64)>(sql).fetch_all(pool).await)
 }
 
@@ -277,7 +278,7 @@ pub struct Totals {
 }
 
 pub async fn totals(db: &Db) -> sqlx::Result<Totals> {
-    let sql = "select count(*), count(distinct category), \
+    let sql = "select count(*), count(distinct lower(category)), \
                cast(coalesce(sum(stock), 0) as bigint), cast(coalesce(sum(reserved), 0) as bigint) \
                from products";
     let (products, categories, units_in_stock, units_reserved) = dispatch!(db, pool =>
