@@ -303,6 +303,20 @@ async fn categories_are_counted(backend: Backend) {
         .await;
     let (_, body) = app.get_json("/api/v1/categories").await;
     assert_eq!(body["items"].as_array().map(Vec::len), Some(3), "{body}");
+    let (_, stats) = app.get_json("/api/v1/products/stats").await;
+    assert_eq!(
+        (&stats["products"], &stats["categories"], &stats["database"]),
+        (
+            &json!(4),
+            &json!(3),
+            &json!(if backend == Backend::Postgres {
+                "postgres"
+            } else {
+                "sqlite"
+            })
+        ),
+        "{stats}"
+    );
 }
 
 async fn a_read_after_any_write_sees_the_write(backend: Backend) {
