@@ -111,7 +111,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     let bus = Bus::connect(&settings).await?;
     for name in services::BACKENDS {
         let listener = kit::http::bind(settings.bind_addr(name)).await?;
-        let app = services::build(name, &settings, &bus)
+        let app = services::build(name, &settings, Some(&bus))
             .await
             .with_context(|| format!("starting {name}"))?;
         let service = app.spawn(listener, shutdown.clone(), &settings)?;
@@ -157,8 +157,7 @@ async fn serve(mut settings: Settings, name: &str, port: Option<u16>) -> anyhow:
     }
     let shutdown = kit::shutdown::on_signal();
     let listener = kit::http::bind(settings.bind_addr(name)).await?;
-    let bus = Bus::connect(&settings).await?;
-    let app = services::build(name, &settings, &bus)
+    let app = services::build(name, &settings, None)
         .await
         .with_context(|| format!("starting {name}"))?;
     let service = app.spawn(listener, shutdown.clone(), &settings)?;

@@ -15,11 +15,17 @@ pub fn all() -> Vec<&'static str> {
 }
 
 /// Builds one service (connecting and migrating its database as configured). Services that
-/// announce events publish them on `bus` (one bus shared by every service of the process).
-pub async fn build(name: &str, settings: &Settings, bus: &Bus) -> anyhow::Result<App> {
+/// announce events publish them on `bus` when given (`agora up` shares one bus between all its
+/// services), or connect to the configured bus themselves; services without events never touch
+/// the bus.
+pub async fn build(name: &str, settings: &Settings, bus: Option<&Bus>) -> anyhow::Result<App> {
+    let bus = async || match bus {
+        Some(bus) => anyhow::Ok(bus.clone()),
+        None => Bus::connect(settings).await,
+    };
     match name {
         users::NAME => users::app(settings).await,
-        catalog::NAME => catalog::app(settings, bus.clone()).await,
+        catalog::NAME => catalog::app(settings, bus().await?).await,
         gateway::NAME => gateway::app(settings).await,
         other => anyhow::bail!(
             "unknown service `{other}`; choose one of: {}",
