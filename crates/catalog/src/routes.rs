@@ -6,7 +6,6 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
-use bytes::Bytes;
 use kit::Ttl;
 use kit::http::{Json, Path, Query, RawJson};
 use kit::page::Pagination;
@@ -55,10 +54,6 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn to_json<T: Serialize>(value: &T) -> anyhow::Result<Bytes> {
-    Ok(Bytes::from(serde_json::to_vec(value)?))
-}
-
 /// After a committed write: drop what it changed from the cache, and let the relay publish the
 /// events it wrote now rather than at its next poll.
 async fn after_write(state: &AppState, ids: &[i64]) {
@@ -101,7 +96,7 @@ async fn get_product(State(state): State<AppState>, Path(id): Path<i64>) -> Resu
             store::find(&db, id)
                 .await?
                 .as_ref()
-                .map(to_json)
+                .map(kit::cache::json_bytes)
                 .transpose()
         })
         .await?;
@@ -129,9 +124,9 @@ async fn list_products(
         category.as_deref().unwrap_or_default().to_lowercase()
     );
     let db = state.db.clone();
-    let cached = state
+    let page = state
         .cache
-        .get_or_load_in(LIST_GROUP, &field, Ttl::List, move || async move {
+        .list_json(LIST_GROUP, &field, move || async move {
             let (items, total) = store::list(
                 &db,
                 category.as_deref(),
@@ -139,12 +134,10 @@ async fn list_products(
                 pagination.offset(),
             )
             .await?;
-            to_json(&pagination.page(items, total)).map(Some)
+            Ok(pagination.page(items, total))
         })
         .await?;
-    cached
-        .map(RawJson)
-        .ok_or_else(|| Error::Internal(anyhow::anyhow!("list loader returned nothing")))
+    Ok(RawJson(page))
 }
 
 #[tracing::instrument(skip(state, body))]
@@ -192,20 +185,18 @@ struct Category {
 #[tracing::instrument(skip(state))]
 async fn list_categories(State(state): State<AppState>) -> Result<RawJson> {
     let db = state.db.clone();
-    let cached = state
+    let categories = state
         .cache
-        .get_or_load_in(CATEGORIES_GROUP, "all", Ttl::List, move || async move {
-            let categories: Vec<Category> = store::categories(&db)
+        .list_json(CATEGORIES_GROUP, "all", move || async move {
+            let items: Vec<Category> = store::categories(&db)
                 .await?
                 .into_iter()
                 .map(|(name, products)| Category { name, products })
                 .collect();
-            to_json(&serde_json::json!({ "items": categories })).map(Some)
+            Ok(serde_json::json!({ "items": items }))
         })
         .await?;
-    cached
-        .map(RawJson)
-        .ok_or_else(|| Error::Internal(anyhow::anyhow!("categories loader returned nothing")))
+    Ok(RawJson(categories))
 }
 
 #[tracing::instrument(skip_all)]

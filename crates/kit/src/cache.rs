@@ -29,6 +29,11 @@ use serde::Serialize;
 
 use crate::config::Settings;
 
+/// `value` as the JSON bytes the cache stores and the API returns.
+pub fn json_bytes<T: Serialize>(value: &T) -> anyhow::Result<Bytes> {
+    Ok(Bytes::from(serde_json::to_vec(value)?))
+}
+
 /// Counters of one service's cache, as served by its stats endpoint.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct CacheStats {
@@ -131,6 +136,27 @@ impl Cache {
     {
         let slot = Slot::Field(self.key(group), field.to_owned());
         self.load_through(slot, ttl, load).await
+    }
+
+    /// A list page (or any collection view) as JSON: member `field` of `group`, cached for the
+    /// list TTL, built by `load` on a miss. Unlike items, a list always has a value.
+    pub async fn list_json<T, F, Fut>(
+        &self,
+        group: &str,
+        field: &str,
+        load: F,
+    ) -> anyhow::Result<Bytes>
+    where
+        T: Serialize,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
+    {
+        let load = load();
+        self.get_or_load_in(group, field, Ttl::List, move || async move {
+            json_bytes(&load.await?).map(Some)
+        })
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the list loader of `{group}` returned nothing"))
     }
 
     /// Removes `keys`; call after every write that changes them.

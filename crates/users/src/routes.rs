@@ -10,7 +10,7 @@ use bytes::Bytes;
 use kit::http::{Json, Path, Query, RawJson};
 use kit::page::Pagination;
 use kit::{Db, Ttl};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::domain::{CreateUserBody, UpdateUserBody, User};
 use crate::error::{Error, Result};
@@ -44,10 +44,6 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/users/name/{name}", get(get_user_by_name))
         .route("/api/v1/stats", get(get_stats))
         .with_state(state)
-}
-
-fn to_json<T: Serialize>(value: &T) -> anyhow::Result<Bytes> {
-    Ok(Bytes::from(serde_json::to_vec(value)?))
 }
 
 /// A 409 naming the field when a write hits a unique constraint.
@@ -153,7 +149,7 @@ async fn load_one(db: Db, lookup: Lookup) -> anyhow::Result<Option<Bytes>> {
         Lookup::Username(username) => store::find_by_username(&db, &username).await?,
         Lookup::Name(name) => store::find_by_name(&db, &name).await?,
     };
-    user.as_ref().map(to_json).transpose()
+    user.as_ref().map(kit::cache::json_bytes).transpose()
 }
 
 /// `?page=` (from 1) and `?per_page=` (1 to 100, default 20).
@@ -171,22 +167,14 @@ async fn list_users(
 ) -> Result<RawJson> {
     let pagination = Pagination::new(query.page, query.per_page)?;
     let db = state.db.clone();
-    let cached = state
+    let page = state
         .cache
-        .get_or_load_in(
-            LIST_GROUP,
-            &pagination.cache_field(),
-            Ttl::List,
-            move || async move {
-                let (items, total) =
-                    store::list(&db, pagination.limit(), pagination.offset()).await?;
-                to_json(&pagination.page(items, total)).map(Some)
-            },
-        )
+        .list_json(LIST_GROUP, &pagination.cache_field(), move || async move {
+            let (items, total) = store::list(&db, pagination.limit(), pagination.offset()).await?;
+            Ok(pagination.page(items, total))
+        })
         .await?;
-    cached
-        .map(RawJson)
-        .ok_or_else(|| Error::Internal(anyhow::anyhow!("list loader returned nothing")))
+    Ok(RawJson(page))
 }
 
 #[tracing::instrument(skip(state, body))]
