@@ -248,7 +248,10 @@ pub async fn change_stock(db: &Db, id: i64, change: StockChange) -> Result<Produ
                 (product, previous, Reason::Adjust)
             }
         };
-        tx.enqueue(&events::stock_changed(&product, previous, reason, None)?).await?;
+        // Setting the stock it already has (or a delta of 0) changes nothing worth announcing.
+        if product.stock != previous {
+            tx.enqueue(&events::stock_changed(&product, previous, reason, None)?).await?;
+        }
         tx.commit().await?;
         Ok(product)
     })

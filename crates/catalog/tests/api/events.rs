@@ -110,6 +110,9 @@ async fn changes_are_published_in_order_with_stock_low_once(backend: Backend) {
     assert_eq!(app.patch(&stock, json!({"delta": -2})).await.status(), 200);
     assert_eq!(app.patch(&stock, json!({"delta": -1})).await.status(), 200);
     assert_eq!(app.patch(&stock, json!({"stock": 8})).await.status(), 200);
+    // No change, no event.
+    assert_eq!(app.patch(&stock, json!({"stock": 8})).await.status(), 200);
+    assert_eq!(app.patch(&stock, json!({"delta": 0})).await.status(), 200);
     assert_eq!(app.patch(&stock, json!({"stock": 0})).await.status(), 200);
 
     let events = next_events(&mut subscription, 7).await;
