@@ -57,12 +57,10 @@ pub fn router(state: AppState) -> Router {
 /// After a committed write: drop what it changed from the cache, and let the relay publish the
 /// events it wrote now rather than at its next poll.
 async fn after_write(state: &AppState, ids: &[i64]) {
-    let keys: Vec<String> = ids.iter().map(|&id| item_key(id)).collect();
-    if !keys.is_empty() {
-        state.cache.invalidate(&keys).await;
-    }
-    state.cache.invalidate_group(LIST_GROUP).await;
-    state.cache.invalidate_group(CATEGORIES_GROUP).await;
+    // Items and groups in one call: one atomic round trip on Redis.
+    let mut keys: Vec<String> = ids.iter().map(|&id| item_key(id)).collect();
+    keys.extend([LIST_GROUP.to_owned(), CATEGORIES_GROUP.to_owned()]);
+    state.cache.invalidate(&keys).await;
     state.outbox.notify();
 }
 

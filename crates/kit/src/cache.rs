@@ -159,7 +159,8 @@ impl Cache {
         .ok_or_else(|| anyhow::anyhow!("the list loader of `{group}` returned nothing"))
     }
 
-    /// Removes `keys`; call after every write that changes them.
+    /// Removes `keys`, which may mix item keys and list group names; call once after every write,
+    /// with everything it changed (on Redis that is one atomic round trip).
     pub async fn invalidate(&self, keys: &[String]) {
         let keys: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
         if let Err(err) = self.inner.backend.delete(&keys).await {

@@ -62,11 +62,10 @@ fn map_unique(err: sqlx::Error, fields: &crate::domain::UserFields) -> Error {
 }
 
 async fn invalidate_after_write(state: &AppState, id: Option<i64>) {
-    if let Some(id) = id {
-        state.cache.invalidate(&[item_key(id)]).await;
-    }
-    state.cache.invalidate_group(LIST_GROUP).await;
-    state.cache.invalidate_group(LOOKUP_GROUP).await;
+    // Item and groups in one call: one atomic round trip on Redis.
+    let mut keys = vec![LIST_GROUP.to_owned(), LOOKUP_GROUP.to_owned()];
+    keys.extend(id.map(item_key));
+    state.cache.invalidate(&keys).await;
 }
 
 #[tracing::instrument(skip_all)]
