@@ -265,6 +265,7 @@ async fn seed(settings: Settings) -> anyhow::Result<()> {
     db.close().await;
 
     let db = kit::Db::connect(&settings, catalog::NAME, &catalog::MIGRATIONS).await?;
+    let threshold = catalog::low_stock_threshold(&settings)?;
     let mut added_products = 0;
     for product in &data.products {
         let new = catalog::domain::NewProduct {
@@ -274,7 +275,7 @@ async fn seed(settings: Settings) -> anyhow::Result<()> {
             category: Some(product.category.clone()),
             price: product.price,
             stock: product.stock,
-            low_stock_threshold: catalog::DEFAULT_LOW_STOCK_THRESHOLD,
+            low_stock_threshold: threshold,
         };
         let sku = format!("SEED-{:04}", product.id);
         if catalog::store::insert_with_id(&db, product.id, &new, &sku).await? {

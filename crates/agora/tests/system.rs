@@ -193,6 +193,18 @@ fn a_bad_setting_is_refused_naming_the_key() {
         .expect("runs");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("DATABASE_URL"));
+
+    let output = agora(dir.path())
+        .arg("seed")
+        .env("AGORA_SERVICES__CATALOG__LOW_STOCK_THRESHOLD", "-1")
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("services.catalog.low_stock_threshold"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -88,7 +88,7 @@ pub fn app_with(settings: &Settings, db: Db, cache: Cache, bus: Bus) -> anyhow::
 }
 
 /// `services.catalog.low_stock_threshold`, checked.
-fn low_stock_threshold(settings: &Settings) -> anyhow::Result<i64> {
+pub fn low_stock_threshold(settings: &Settings) -> anyhow::Result<i64> {
     let Some(value) = settings.service(NAME).extra.remove("low_stock_threshold") else {
         return Ok(DEFAULT_LOW_STOCK_THRESHOLD);
     };
@@ -103,4 +103,33 @@ fn low_stock_threshold(settings: &Settings) -> anyhow::Result<i64> {
                 domain::MAX_UNITS
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_threshold(value: figment::value::Value) -> Settings {
+        let mut settings = Settings::defaults();
+        if let Some(catalog) = settings.services.get_mut(NAME) {
+            catalog.extra.insert("low_stock_threshold".into(), value);
+        }
+        settings
+    }
+
+    #[test]
+    fn the_configured_low_stock_threshold_is_used_and_checked() {
+        assert_eq!(
+            low_stock_threshold(&Settings::defaults()).ok(),
+            Some(DEFAULT_LOW_STOCK_THRESHOLD)
+        );
+        assert_eq!(low_stock_threshold(&with_threshold(3.into())).ok(), Some(3));
+        for bad in [(-1).into(), "many".into()] {
+            let err = low_stock_threshold(&with_threshold(bad)).expect_err("refused");
+            assert!(
+                err.to_string()
+                    .contains("services.catalog.low_stock_threshold")
+            );
+        }
+    }
 }
