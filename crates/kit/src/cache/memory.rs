@@ -1,0 +1,116 @@
+//! The in-process backend: moka with per-entry TTL and a byte budget (`cache.max_memory_mb`).
+//!
+//! Entries live under `<key>#<version>` (`<group>#<version>\x1f<field>` for group members), so
+//! bumping a version orphans every entry stored under the old one at once, and a load that
+//! captured an old version can only store where nobody looks any more (it ages out or is evicted
+//! by the budget). Versions are a local map, so reading one with the value costs nothing.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{Backend, Slot, Version};
+
+pub(super) struct MemoryBackend {
+    entries: moka::future::Cache<String, (Bytes, Duration)>,
+    /// Versions of the keys and groups invalidated so far.
+    versions: Mutex<HashMap<String, u64>>,
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<String, (Bytes, Duration)> for PerEntryTtl {
+    fn expire_after_create(
+        &self,
+        _: &String,
+        value: &(Bytes, Duration),
+        _: Instant,
+    ) -> Option<Duration> {
+        Some(value.1)
+    }
+}
+
+impl MemoryBackend {
+    pub(super) fn new(budget_bytes: u64) -> Self {
+        let entries = moka::future::Cache::builder()
+            .max_capacity(budget_bytes)
+            .weigher(|key: &String, value: &(Bytes, Duration)| {
+                u32::try_from(key.len() + value.0.len() + 64).unwrap_or(u32::MAX)
+            })
+            .expire_after(PerEntryTtl)
+            .build();
+        Self {
+            entries,
+            versions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn current(&self, base: &str) -> u64 {
+        self.versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(base)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn entry_key(slot: &Slot, version: u64) -> String {
+        match slot {
+            Slot::Key(key) => format!("{key}#{version}"),
+            Slot::Field(group, field) => format!("{group}#{version}\u{1f}{field}"),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn get(&self, slot: &Slot) -> anyhow::Result<(Option<Bytes>, Version)> {
+        let version = self.current(slot.base());
+        let key = Self::entry_key(slot, version);
+        let value = self.entries.get(&key).await.map(|(bytes, _)| bytes);
+        Ok((value, Some(version)))
+    }
+
+    async fn set(
+        &self,
+        slot: &Slot,
+        value: Bytes,
+        ttl: Duration,
+        version: Version,
+    ) -> anyhow::Result<()> {
+        let version = version.unwrap_or(0);
+        if version == self.current(slot.base()) {
+            self.entries
+                .insert(Self::entry_key(slot, version), (value, ttl))
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, keys: &[String]) -> anyhow::Result<()> {
+        for key in keys {
+            let old = {
+                let mut versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+                let version = versions.entry(key.clone()).or_insert(0);
+                *version += 1;
+                *version - 1
+            };
+            // Free a plain key's memory now; group members age out.
+            self.entries
+                .invalidate(&Self::entry_key(&Slot::Key(key.clone()), old))
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,235 @@
+//! Tests of the cache front end on both backends (Redis through `crate::testing`).
+
+use super::*;
+
+fn memory_cache() -> Cache {
+    Cache::new(&Settings::defaults(), "t").expect("memory cache")
+}
+
+#[tokio::test]
+async fn second_read_is_a_hit() {
+    let cache = memory_cache();
+    for _ in 0..2 {
+        let v = cache
+            .get_or_load("k", Ttl::Item, || async {
+                Ok(Some(Bytes::from_static(b"1")))
+            })
+            .await
+            .expect("loads");
+        assert_eq!(v.as_deref(), Some(&b"1"[..]));
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.hits, stats.misses), (1, 1));
+}
+
+#[tokio::test]
+async fn concurrent_misses_load_once() {
+    let cache = memory_cache();
+    let loads = Arc::new(AtomicU64::new(0));
+    let reads = (0..32).map(|_| {
+        let loads = loads.clone();
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_or_load("hot", Ttl::Item, move || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(Some(Bytes::from_static(b"v")))
+                })
+                .await
+        }
+    });
+    let results = futures::future::join_all(reads).await;
+    assert!(results.iter().all(|r| matches!(r, Ok(Some(b)) if b == "v")));
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "one loader for 32 concurrent misses"
+    );
+    let stats = cache.stats();
+    assert_eq!(stats.misses + stats.coalesced + stats.hits, 32);
+    assert_eq!(stats.misses, 1);
+}
+
+#[tokio::test]
+async fn invalidating_a_group_drops_every_member() {
+    let cache = memory_cache();
+    for page in ["1", "2"] {
+        cache
+            .get_or_load_in("list", page, Ttl::List, || async {
+                Ok(Some(Bytes::from_static(b"old")))
+            })
+            .await
+            .expect("loads");
+    }
+    cache.invalidate_group("list").await;
+    for page in ["1", "2"] {
+        let v = cache
+            .get_or_load_in("list", page, Ttl::List, || async {
+                Ok(Some(Bytes::from_static(b"new")))
+            })
+            .await
+            .expect("loads");
+        assert_eq!(v.as_deref(), Some(&b"new"[..]), "page {page}");
+    }
+}
+
+/// A read loads the old value; a write commits and invalidates while that load is in flight;
+/// the load finishes. The next read must see the new value, not the old one put back.
+async fn a_load_racing_an_invalidation_does_not_store_its_old_value(cache: Cache) {
+    for group in [None, Some("list")] {
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let load = move || async move {
+            let _ = started_tx.send(());
+            let _ = release_rx.await;
+            Ok(Some(Bytes::from_static(b"old")))
+        };
+        let racing = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                match group {
+                    None => cache.get_or_load("k", Ttl::Item, load).await,
+                    Some(group) => cache.get_or_load_in(group, "p1", Ttl::List, load).await,
+                }
+            })
+        };
+        started_rx.await.expect("the load started");
+        match group {
+            None => cache.invalidate(&["k".to_owned()]).await,
+            Some(group) => cache.invalidate_group(group).await,
+        }
+        release_tx.send(()).expect("release the load");
+        let raced = racing.await.expect("join").expect("load");
+        assert_eq!(
+            raced.as_deref(),
+            Some(&b"old"[..]),
+            "{group:?}: it read before"
+        );
+
+        let new = || async { Ok(Some(Bytes::from_static(b"new"))) };
+        let next = match group {
+            None => cache.get_or_load("k", Ttl::Item, new).await,
+            Some(group) => cache.get_or_load_in(group, "p1", Ttl::List, new).await,
+        };
+        assert_eq!(
+            next.expect("load").as_deref(),
+            Some(&b"new"[..]),
+            "{group:?}: the old value was not stored after the invalidation"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_loads_never_store_across_an_invalidation() {
+    a_load_racing_an_invalidation_does_not_store_its_old_value(memory_cache()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_loads_never_store_across_an_invalidation() {
+    let env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
+    let cache = Cache::new(&env.settings, "t").expect("redis cache");
+    a_load_racing_an_invalidation_does_not_store_its_old_value(cache.clone()).await;
+    assert_eq!(cache.stats().errors, 0, "Redis answered every call");
+}
+
+/// A miss is one read (value + version) and one store; a hit is one read; an invalidation is one
+/// atomic pipeline. For a plain key and a group member alike.
+#[tokio::test]
+async fn redis_round_trips_per_miss_and_hit() {
+    let env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
+    let cache = Cache::new(&env.settings, "t").expect("redis cache");
+    cache.ping().await.expect("redis answers");
+    let load = || async { Ok(Some(Bytes::from_static(b"v"))) };
+    for group in [None, Some("list")] {
+        let read = async || match group {
+            None => cache.get_or_load("k", Ttl::Item, load).await,
+            Some(group) => cache.get_or_load_in(group, "p1", Ttl::List, load).await,
+        };
+        let before = cache.round_trips();
+        assert_eq!(read().await.expect("miss").as_deref(), Some(&b"v"[..]));
+        let miss = cache.round_trips() - before;
+        let before = cache.round_trips();
+        assert_eq!(read().await.expect("hit").as_deref(), Some(&b"v"[..]));
+        let hit = cache.round_trips() - before;
+        assert_eq!(
+            (miss, hit),
+            (2, 1),
+            "{group:?}: round trips of a miss, a hit"
+        );
+
+        let before = cache.round_trips();
+        match group {
+            None => cache.invalidate(&["k".to_owned()]).await,
+            Some(group) => cache.invalidate_group(group).await,
+        }
+        assert_eq!(cache.round_trips() - before, 1, "{group:?}: invalidation");
+        let before = cache.round_trips();
+        read().await.expect("miss after invalidation");
+        assert_eq!(
+            cache.round_trips() - before,
+            2,
+            "{group:?}: a miss after an invalidation"
+        );
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.hits, stats.misses, stats.errors), (2, 4, 0));
+}
+
+/// A request that misses while another flight of its key stores and leaves the flight table
+/// reads the cache once more (its completion stamp moved) instead of loading a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_overtaken_by_a_finished_flight_does_not_load_again() {
+    let env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
+    let redis = Cache::new(&env.settings, "t").expect("redis cache");
+    for cache in [memory_cache(), redis] {
+        // The moment between a request's read and its flight, replayed by hand: the stamp and
+        // version as seen by a request that missed, then another flight stores.
+        let slot = Slot::Key(cache.key("k"));
+        let flight_key = slot.flight_key();
+        let stamp = cache.stamp_of(&flight_key);
+        let stamp_before = cache.inner.stamps[stamp].load(Ordering::Acquire);
+        let (value, version) = cache.inner.backend.get(&slot).await.expect("read");
+        assert!(value.is_none());
+        cache
+            .get_or_load("k", Ttl::Item, || async {
+                Ok(Some(Bytes::from_static(b"first")))
+            })
+            .await
+            .expect("the other flight loads");
+
+        let miss = Miss {
+            version: Some(version),
+            stamp,
+            stamp_before,
+        };
+        let second = cache.flight(slot, Ttl::Item, flight_key, miss, async {
+            Ok(Some(Bytes::from_static(b"second")))
+        });
+        assert_eq!(
+            second.await.expect("flight").as_deref(),
+            Some(&b"first"[..]),
+            "{}: the stored value, not a second load",
+            cache.backend()
+        );
+        let stats = cache.stats();
+        assert_eq!((stats.misses, stats.hits), (1, 1), "{}", cache.backend());
+    }
+}
+
+#[tokio::test]
+async fn not_found_is_not_cached() {
+    let cache = memory_cache();
+    let v = cache
+        .get_or_load("gone", Ttl::Item, || async { Ok(None) })
+        .await
+        .expect("ok");
+    assert!(v.is_none());
+    let v = cache
+        .get_or_load("gone", Ttl::Item, || async {
+            Ok(Some(Bytes::from_static(b"here")))
+        })
+        .await
+        .expect("ok");
+    assert_eq!(v.as_deref(), Some(&b"here"[..]));
+}
