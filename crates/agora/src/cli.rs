@@ -1,6 +1,5 @@
 //! The command line: `up`, `serve <service>`, `migrate`, `seed`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -11,6 +10,7 @@ use futures::stream::FuturesUnordered;
 use kit::Settings;
 use kit::bus::Bus;
 use kit::config::DatabaseBackend;
+use kit::service::Deps;
 use tokio_util::sync::CancellationToken;
 
 use crate::services;
@@ -41,7 +41,7 @@ enum Command {
     /// Run one service in this process (the distributed mode: one process per service, as
     /// many replicas as you like behind the gateway).
     Serve {
-        /// users, catalog or gateway
+        /// The service to run (see `agora serve --help`): users, catalog or gateway.
         service: String,
         /// Listen on this port instead of `services.<name>.port` (0 = any free port).
         #[arg(long)]
@@ -87,7 +87,7 @@ impl Cli {
 }
 
 fn describe_backends(settings: &Settings) -> String {
-    let database = match settings.database_backend(users::NAME) {
+    let database = match settings.database_backend("any") {
         DatabaseBackend::Sqlite { .. } => format!("SQLite under {}", settings.data_dir.display()),
         DatabaseBackend::Postgres { .. } => "PostgreSQL (one schema per service)".to_owned(),
     };
@@ -102,35 +102,36 @@ fn describe_backends(settings: &Settings) -> String {
     format!("{database}, {cache}, {bus}")
 }
 
-async fn up(settings: Settings) -> anyhow::Result<()> {
+async fn up(mut settings: Settings) -> anyhow::Result<()> {
     let started = Instant::now();
     let shutdown = kit::shutdown::on_signal();
-    let mut running = Vec::new();
-    let mut upstreams = BTreeMap::new();
+    // Every listener first, so the gateway can be pointed at the addresses actually bound.
+    let mut listeners = Vec::new();
+    for service in services::ALL {
+        let listener = kit::http::bind(settings.bind_addr(service.name)).await?;
+        let addr = listener.local_addr()?;
+        let configured = settings
+            .services
+            .entry(service.name.to_owned())
+            .or_default();
+        if configured.upstreams.is_empty() {
+            configured.upstreams = vec![url::Url::parse(&format!("http://{addr}"))?];
+        }
+        listeners.push((service, listener));
+    }
     // One bus for the whole process: every service's events reach every consumer.
     let bus = Bus::connect(&settings).await?;
-    for name in services::BACKENDS {
-        let listener = kit::http::bind(settings.bind_addr(name)).await?;
-        let app = services::build(name, &settings, Some(&bus))
+    let mut running = Vec::new();
+    for (service, listener) in listeners {
+        let name = service.name;
+        let deps = Deps::connect(service, &settings, Some(&bus))
             .await
             .with_context(|| format!("starting {name}"))?;
-        let service = app.spawn(listener, shutdown.clone(), &settings)?;
-        let configured = &settings.service(name).upstreams;
-        let urls = if configured.is_empty() {
-            vec![url::Url::parse(&format!("http://{}", service.addr))?]
-        } else {
-            configured.clone()
-        };
-        upstreams.insert((*name).to_owned(), urls);
-        running.push(service);
+        let app = (service.build)(deps)
+            .await
+            .with_context(|| format!("starting {name}"))?;
+        running.push(app.spawn(listener, shutdown.clone(), &settings)?);
     }
-    let listener = kit::http::bind(settings.bind_addr(gateway::NAME)).await?;
-    let gateway = gateway::app_with_upstreams(&settings, upstreams).spawn(
-        listener,
-        shutdown.clone(),
-        &settings,
-    )?;
-    running.push(gateway);
 
     println!(
         "agora is up in {:.0?} on {}",
@@ -141,7 +142,8 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         println!("  {:<8} http://{}", service.name, service.addr);
     }
     let gateway = running
-        .last()
+        .iter()
+        .find(|s| s.name == gateway::NAME)
         .map(|s| s.addr.to_string())
         .unwrap_or_default();
     println!(
@@ -152,12 +154,16 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn serve(mut settings: Settings, name: &str, port: Option<u16>) -> anyhow::Result<()> {
+    let service = services::find(name)?;
     if let Some(port) = port {
         settings.services.entry(name.to_owned()).or_default().port = port;
     }
     let shutdown = kit::shutdown::on_signal();
     let listener = kit::http::bind(settings.bind_addr(name)).await?;
-    let app = services::build(name, &settings, None)
+    let deps = Deps::connect(service, &settings, None)
+        .await
+        .with_context(|| format!("starting {name}"))?;
+    let app = (service.build)(deps)
         .await
         .with_context(|| format!("starting {name}"))?;
     let service = app.spawn(listener, shutdown.clone(), &settings)?;
@@ -206,6 +212,7 @@ fn print_config(mut settings: Settings) -> anyhow::Result<()> {
     };
     hide(&mut settings.database.url);
     hide(&mut settings.redis.url);
+    hide(&mut settings.bus.url);
     print!(
         "{}",
         toml::to_string_pretty(&settings).context("rendering the configuration")?
@@ -214,81 +221,43 @@ fn print_config(mut settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn migrate(settings: Settings) -> anyhow::Result<()> {
-    for (service, backend) in services::migrate(&settings).await? {
-        println!("migrated {service} ({backend})");
+    for service in services::ALL {
+        let Some(migrations) = service.migrations else {
+            continue;
+        };
+        let db = kit::Db::connect_only(&settings, service.name).await?;
+        db.migrate(migrations)
+            .await
+            .with_context(|| format!("migrating {}", service.name))?;
+        println!("migrated {} ({})", service.name, db.backend());
+        db.close().await;
     }
     Ok(())
 }
 
-/// Seed 001's sample data (its `database/init.sql`, as JSON).
-const SEED_001: &str = include_str!("../seed/seed-001-sample.json");
-
-#[derive(serde::Deserialize)]
-struct SeedFile {
-    users: Vec<SeedUser>,
-    products: Vec<SeedProduct>,
-}
-
-#[derive(serde::Deserialize)]
-struct SeedUser {
-    id: i64,
-    username: String,
-    email: String,
-}
-
-#[derive(serde::Deserialize)]
-struct SeedProduct {
-    id: i64,
-    name: String,
-    description: String,
-    price: catalog::money::Money,
-    stock: i64,
-    category: String,
-}
-
+/// Every service's sample data (seed 001's users and products).
 async fn seed(settings: Settings) -> anyhow::Result<()> {
-    let data: SeedFile =
-        serde_json::from_str(SEED_001).context("parsing the built-in seed data")?;
-
-    let db = kit::Db::connect(&settings, users::NAME, &users::MIGRATIONS).await?;
-    let mut added_users = 0;
-    for user in &data.users {
-        let fields = users::domain::UserFields {
-            username: Some(user.username.clone()),
-            email: Some(user.email.clone()),
-            name: None,
+    // Seeding writes rows, never events: a throwaway in-process bus keeps NATS out of it.
+    let bus = Bus::memory();
+    let mut reports = Vec::new();
+    for service in services::ALL {
+        let Some(seed) = service.seed else {
+            continue;
         };
-        if users::store::insert_with_id(&db, user.id, &fields).await? {
-            added_users += 1;
+        let deps = Deps::connect(service, &settings, Some(&bus)).await?;
+        let db = deps.db.clone();
+        reports.push(
+            seed(deps)
+                .await
+                .with_context(|| format!("seeding {}", service.name))?,
+        );
+        if let Some(db) = db {
+            db.close().await;
         }
     }
-    db.close().await;
-
-    let db = kit::Db::connect(&settings, catalog::NAME, &catalog::MIGRATIONS).await?;
-    let threshold = catalog::low_stock_threshold(&settings)?;
-    let mut added_products = 0;
-    for product in &data.products {
-        let new = catalog::domain::NewProduct {
-            name: product.name.clone(),
-            description: product.description.clone(),
-            sku: None,
-            category: Some(product.category.clone()),
-            price: product.price,
-            stock: product.stock,
-            low_stock_threshold: threshold,
-        };
-        let sku = format!("SEED-{:04}", product.id);
-        if catalog::store::insert_with_id(&db, product.id, &new, &sku).await? {
-            added_products += 1;
-        }
-    }
-    db.close().await;
-
     println!(
-        "seeded users: {added_users} added, {} already present; products: {added_products} added, \
-         {} already present ({})",
-        data.users.len() - added_users,
-        data.products.len() - added_products,
+        "seeded {} ({})",
+        reports.join("; "),
         describe_backends(&settings)
     );
     Ok(())

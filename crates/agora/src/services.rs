@@ -1,59 +1,23 @@
-//! The services this binary can run, and how to build each one.
+//! The services this binary can run: one list, which `up`, `serve`, `migrate` and `seed` iterate
+//! over. Adding a service means adding its crate's `SERVICE` here (and its routes and port to the
+//! configuration).
 
-use kit::Settings;
-use kit::bus::Bus;
-use kit::service::App;
+use kit::service::Service;
 
-/// Every service behind the gateway, in start order.
-pub const BACKENDS: &[&str] = &[users::NAME, catalog::NAME];
+/// Every service, in start order: the gateway last, since it forwards to the others.
+pub static ALL: [&Service; 3] = [&users::SERVICE, &catalog::SERVICE, &gateway::SERVICE];
 
-/// Backends and the gateway.
-pub fn all() -> Vec<&'static str> {
-    let mut all = BACKENDS.to_vec();
-    all.push(gateway::NAME);
-    all
+/// The service called `name`.
+pub fn find(name: &str) -> anyhow::Result<&'static Service> {
+    ALL.iter().copied().find(|s| s.name == name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown service `{name}`; choose one of: {}",
+            names().join(", ")
+        )
+    })
 }
 
-/// Builds one service (connecting and migrating its database as configured). Services that
-/// announce events publish them on `bus` when given (`agora up` shares one bus between all its
-/// services), or connect to the configured bus themselves; services without events never touch
-/// the bus.
-pub async fn build(name: &str, settings: &Settings, bus: Option<&Bus>) -> anyhow::Result<App> {
-    let bus = async || match bus {
-        Some(bus) => anyhow::Ok(bus.clone()),
-        None => Bus::connect(settings).await,
-    };
-    match name {
-        users::NAME => users::app(settings).await,
-        catalog::NAME => catalog::app(settings, bus().await?).await,
-        gateway::NAME => gateway::app(settings).await,
-        other => anyhow::bail!(
-            "unknown service `{other}`; choose one of: {}",
-            all().join(", ")
-        ),
-    }
-}
-
-/// The migrations of a service that has a database.
-fn migrations(name: &str) -> Option<&'static kit::db::Migrations> {
-    match name {
-        users::NAME => Some(&users::MIGRATIONS),
-        catalog::NAME => Some(&catalog::MIGRATIONS),
-        _ => None,
-    }
-}
-
-/// Runs the migrations of every service that has a database.
-pub async fn migrate(settings: &Settings) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
-    let mut done = Vec::new();
-    for name in BACKENDS {
-        let Some(migrations) = migrations(name) else {
-            continue;
-        };
-        let db = kit::Db::connect_only(settings, name).await?;
-        db.migrate(migrations).await?;
-        done.push((*name, db.backend()));
-        db.close().await;
-    }
-    Ok(done)
+/// The names of every service, in start order.
+pub fn names() -> Vec<&'static str> {
+    ALL.iter().map(|s| s.name).collect()
 }

@@ -29,6 +29,13 @@ pub struct Product {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A category, as listed by `GET /api/v1/categories`.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Category {
+    pub name: String,
+    pub products: i64,
+}
+
 /// The body of `POST /products` and of `PUT`/`PATCH /products/{id}`. Seed 001's body
 /// (`name, description, price, stock, category`) is accepted as it is; `sku` is generated when
 /// absent. Unknown fields are refused (422), so a typo is never silently dropped.

@@ -13,28 +13,23 @@
 //!   `POST /internal/v1/reservations/{order_id}/commit`, `.../release`
 //! - `/health`, `/ready`, `/metrics`
 
-use kit::bus::Bus;
-use kit::http::Dependency;
+use kit::config::ConfigError;
 use kit::relay::{Notifier, Relay};
-use kit::service::App;
+use kit::service::{App, Deps, Service};
 use kit::{Cache, Db, Settings};
+use serde::Deserialize;
 
-pub mod domain;
+mod domain;
 mod error;
-pub mod events;
-pub mod money;
+mod events;
+mod money;
 mod reservations;
 mod routes;
-pub mod store;
-
-pub use error::Error;
+mod seed;
+mod store;
 
 /// The service's name: its config section, PostgreSQL schema, SQLite file and cache namespace.
 pub const NAME: &str = "catalog";
-
-/// The stock.low threshold of new products when neither the request nor
-/// `services.catalog.low_stock_threshold` gives one.
-pub const DEFAULT_LOW_STOCK_THRESHOLD: i64 = 10;
 
 /// Migrations for both dialects, embedded in the binary.
 pub static MIGRATIONS: kit::db::Migrations = kit::db::Migrations {
@@ -42,94 +37,109 @@ pub static MIGRATIONS: kit::db::Migrations = kit::db::Migrations {
     sqlite: sqlx::migrate!("./migrations/sqlite"),
 };
 
+/// The catalog, as the `agora` binary sees it.
+pub static SERVICE: Service = Service {
+    name: NAME,
+    migrations: Some(&MIGRATIONS),
+    uses_bus: true,
+    consumes: &[],
+    build: |deps| Box::pin(app(deps)),
+    seed: Some(|deps| Box::pin(seed::seed(deps))),
+};
+
+/// The keys of `[services.catalog]` of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct CatalogSettings {
+    /// The stock.low threshold of new products that do not give their own (and of seeded ones).
+    low_stock_threshold: i64,
+}
+
+impl Default for CatalogSettings {
+    fn default() -> Self {
+        Self {
+            low_stock_threshold: 10,
+        }
+    }
+}
+
+impl CatalogSettings {
+    /// `[services.catalog]`, checked; the error names the offending key.
+    fn load(settings: &Settings) -> Result<Self, ConfigError> {
+        let section: Self = settings.section(NAME)?;
+        domain::parse_units(section.low_stock_threshold).map_err(|_| ConfigError::Invalid {
+            key: format!("services.{NAME}.low_stock_threshold"),
+            message: format!("must be a whole number from 0 to {}", domain::MAX_UNITS),
+        })?;
+        Ok(section)
+    }
+}
+
 /// What every handler shares.
 #[derive(Clone)]
-pub struct AppState {
-    pub db: Db,
-    pub cache: Cache,
+struct AppState {
+    db: Db,
+    cache: Cache,
     /// Wakes the outbox relay after a commit.
-    pub outbox: Notifier,
+    outbox: Notifier,
     /// Threshold of products created without one.
-    pub low_stock_threshold: i64,
+    low_stock_threshold: i64,
 }
 
-/// Connects (and migrates) the database, sets up the cache, and builds the service with its
-/// outbox relay publishing to `bus`.
-pub async fn app(settings: &Settings, bus: Bus) -> anyhow::Result<App> {
-    let db = Db::connect(settings, NAME, &MIGRATIONS).await?;
-    let cache = Cache::new(settings, NAME)?;
-    app_with(settings, db, cache, bus)
-}
-
-/// The service over existing handles (tests keep the database handle to inspect or sabotage it).
-pub fn app_with(settings: &Settings, db: Db, cache: Cache, bus: Bus) -> anyhow::Result<App> {
-    let relay = Relay::new(db.clone(), bus.clone(), &settings.bus);
+/// The service over its dependencies, with its outbox relay publishing to the bus.
+pub async fn app(deps: Deps) -> anyhow::Result<App> {
+    let settings = CatalogSettings::load(&deps.settings)?;
+    let db = deps.db()?;
+    let relay = Relay::new(db.clone(), deps.bus()?, &deps.settings.bus);
+    relay.register_metrics(&deps.metrics);
     let state = AppState {
-        db: db.clone(),
-        cache,
+        db,
+        cache: deps.cache.clone(),
         outbox: relay.notifier(),
-        low_stock_threshold: low_stock_threshold(settings)?,
+        low_stock_threshold: settings.low_stock_threshold,
     };
-    let dependencies = vec![
-        Dependency::database(&state.db),
-        Dependency::cache(&state.cache),
-        Dependency::bus(&bus),
-    ];
-    let metrics = kit::metrics::Metrics::new(NAME);
-    state.cache.register_metrics(&metrics);
-    relay.register_metrics(&metrics);
-    let router = routes::router(state).merge(kit::http::health_routes(NAME, dependencies));
-    Ok(App::new(
-        NAME,
-        kit::http::with_standard_layers(router, &settings.http, &metrics),
-        Some(db),
-    )
-    .with_task(move |shutdown| relay.spawn(shutdown)))
-}
-
-/// `services.catalog.low_stock_threshold`, checked.
-pub fn low_stock_threshold(settings: &Settings) -> anyhow::Result<i64> {
-    let Some(value) = settings.service(NAME).extra.remove("low_stock_threshold") else {
-        return Ok(DEFAULT_LOW_STOCK_THRESHOLD);
-    };
-    value
-        .to_i128()
-        .and_then(|v| i64::try_from(v).ok())
-        .and_then(|v| domain::parse_units(v).ok())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "configuration key `services.catalog.low_stock_threshold`: must be a whole \
-                 number from 0 to {}",
-                domain::MAX_UNITS
-            )
-        })
+    Ok(deps
+        .app(routes::router(state))
+        .with_task(move |shutdown| relay.spawn(shutdown)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn with_threshold(value: figment::value::Value) -> Settings {
+    fn with(key: &str, value: figment::value::Value) -> Settings {
         let mut settings = Settings::defaults();
         if let Some(catalog) = settings.services.get_mut(NAME) {
-            catalog.extra.insert("low_stock_threshold".into(), value);
+            catalog.extra.insert(key.into(), value);
         }
         settings
     }
 
+    fn threshold(settings: &Settings) -> Result<i64, ConfigError> {
+        CatalogSettings::load(settings).map(|s| s.low_stock_threshold)
+    }
+
     #[test]
     fn the_configured_low_stock_threshold_is_used_and_checked() {
+        assert_eq!(threshold(&Settings::defaults()).ok(), Some(10));
+        let mut unset = Settings::defaults();
+        if let Some(catalog) = unset.services.get_mut(NAME) {
+            catalog.extra.clear();
+        }
+        assert_eq!(threshold(&unset).ok(), Some(10), "the default");
         assert_eq!(
-            low_stock_threshold(&Settings::defaults()).ok(),
-            Some(DEFAULT_LOW_STOCK_THRESHOLD)
+            threshold(&with("low_stock_threshold", 3.into())).ok(),
+            Some(3)
         );
-        assert_eq!(low_stock_threshold(&with_threshold(3.into())).ok(), Some(3));
-        for bad in [(-1).into(), "many".into()] {
-            let err = low_stock_threshold(&with_threshold(bad)).expect_err("refused");
+        for bad in [(-1).into(), 1_000_000_001_i64.into(), "many".into()] {
+            let err = threshold(&with("low_stock_threshold", bad)).expect_err("refused");
             assert!(
                 err.to_string()
-                    .contains("services.catalog.low_stock_threshold")
+                    .contains("`services.catalog.low_stock_threshold`"),
+                "{err}"
             );
         }
+        let err = threshold(&with("low_stok_threshold", 3.into())).expect_err("misspelt");
+        assert!(err.to_string().contains("low_stok_threshold"), "{err}");
     }
 }

@@ -7,15 +7,15 @@
 //! from `reserved`; a release moves them back to `stock`.
 
 use chrono::{DateTime, Utc};
-use kit::db::BeginWrite as _;
-use kit::outbox::OutboxTx as _;
-use kit::{Db, FieldError, dispatch};
+use kit::db::{Tx, query};
+use kit::outbox::Event;
+use kit::{Db, FieldError};
 
 use crate::domain::{Product, Reservation, ReservationItem, ReservationStatus, ReserveRequest};
 use crate::error::{Error, Result};
 use crate::events::{self, Reason};
 use crate::money::Money;
-use crate::store::{COLUMNS, for_update, now};
+use crate::store::{COLUMNS, now};
 
 /// What a reserve call did.
 #[derive(Debug)]
@@ -29,82 +29,29 @@ pub enum Reserved {
 /// Reserves every line of `request` or none.
 #[tracing::instrument(skip_all, fields(order_id = %request.order_id))]
 pub async fn reserve(db: &Db, request: &ReserveRequest) -> Result<Reserved> {
-    let take = format!(
-        "update products set stock = stock - $1, reserved = reserved + $1, updated_at = $2 \
-         where id = $3 and stock >= $1 returning {COLUMNS}"
-    );
     let now = now();
     let order_id = request.order_id.as_str();
-    let created = dispatch!(db, pool => {
-        let mut tx = pool.begin_write().await?;
-        // Claim the order id first: a concurrent reserve of the same order waits here (PostgreSQL
-        // row lock on the key) and then finds it taken.
-        let claimed = sqlx::query(
-            "insert into reservations (order_id, status, created_at, updated_at) \
-             values ($1, 'reserved', $2, $2) on conflict do nothing",
-        )
-        .bind(order_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !claimed {
-            None
-        } else {
-            let mut events = Vec::new();
-            let mut short = Vec::new();
-            for (i, &(product_id, quantity)) in request.items.iter().enumerate() {
-                let product = sqlx::query_as::<_, Product>(&take)
-                    .bind(quantity)
-                    .bind(now)
-                    .bind(product_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                match product {
-                    Some(product) => {
-                        sqlx::query(
-                            "insert into reservation_items \
-                             (order_id, product_id, quantity, unit_price_cents) \
-                             values ($1, $2, $3, $4)",
-                        )
-                        .bind(order_id)
-                        .bind(product_id)
-                        .bind(quantity)
-                        .bind(product.price.cents())
-                        .execute(&mut *tx)
-                        .await?;
-                        let previous = product.stock + quantity;
-                        events.extend(events::stock_changed(
-                            &product,
-                            previous,
-                            Reason::Reserve,
-                            Some(order_id),
-                        )?);
-                    }
-                    None => {
-                        let available: Option<i64> =
-                            sqlx::query_scalar("select stock from products where id = $1")
-                                .bind(product_id)
-                                .fetch_optional(&mut *tx)
-                                .await?;
-                        short.push((i, product_id, quantity, available));
-                    }
-                }
-            }
-            if !short.is_empty() {
-                // Dropping the transaction rolls back every line already taken.
-                return Err(refusal(&short));
-            }
-            tx.enqueue(&events).await?;
-            tx.commit().await?;
-            Some(())
-        }
-    });
+    let mut tx = db.begin().await?;
+    // Claim the order id first: a concurrent reserve of the same order waits here (PostgreSQL
+    // row lock on the key) and then finds it taken.
+    let claimed = query(
+        "insert into reservations (order_id, status, created_at, updated_at) \
+         values ($1, 'reserved', $2, $2) on conflict do nothing",
+    )
+    .bind(order_id)
+    .bind(now)
+    .execute(&mut tx)
+    .await?
+        == 1;
+    if claimed {
+        let events = take(&mut tx, request, now).await?;
+        kit::outbox::enqueue(&mut tx, &events).await?;
+    }
+    tx.commit().await?;
     let reservation = find(db, order_id)
         .await?
         .ok_or_else(|| Error::ReservationNotFound(order_id.to_owned()))?;
-    if created.is_some() {
+    if claimed {
         return Ok(Reserved::Created(reservation));
     }
     // The order id was taken: the same request again is a no-op; anything else is a conflict.
@@ -119,6 +66,56 @@ pub async fn reserve(db: &Db, request: &ReserveRequest) -> Result<Reserved> {
             detail: format!("Order `{order_id}` already reserved different items"),
         }),
     }
+}
+
+/// Takes the units of every line of a claimed order and records the lines; returns the events
+/// to announce, or the refusal naming every line that could not be taken.
+async fn take(tx: &mut Tx, request: &ReserveRequest, now: DateTime<Utc>) -> Result<Vec<Event>> {
+    let take = format!(
+        "update products set stock = stock - $1, reserved = reserved + $1, updated_at = $2 \
+         where id = $3 and stock >= $1 returning {COLUMNS}"
+    );
+    let order_id = request.order_id.as_str();
+    let mut events = Vec::new();
+    let mut short = Vec::new();
+    for (i, &(product_id, quantity)) in request.items.iter().enumerate() {
+        let product: Option<Product> = query(&take)
+            .bind(quantity)
+            .bind(now)
+            .bind(product_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(product) = product else {
+            let available: Option<i64> = query("select stock from products where id = $1")
+                .bind(product_id)
+                .fetch_optional_scalar(&mut *tx)
+                .await?;
+            short.push((i, product_id, quantity, available));
+            continue;
+        };
+        query(
+            "insert into reservation_items (order_id, product_id, quantity, unit_price_cents) \
+             values ($1, $2, $3, $4)",
+        )
+        .bind(order_id)
+        .bind(product_id)
+        .bind(quantity)
+        .bind(product.price.cents())
+        .execute(&mut *tx)
+        .await?;
+        let previous = product.stock + quantity;
+        events.extend(events::stock_changed(
+            &product,
+            previous,
+            Reason::Reserve,
+            Some(order_id),
+        )?);
+    }
+    if !short.is_empty() {
+        // Dropping the transaction rolls back every line already taken.
+        return Err(refusal(&short));
+    }
+    Ok(events)
 }
 
 fn same_items(reservation: &Reservation, request: &ReserveRequest) -> bool {
@@ -180,8 +177,68 @@ pub async fn release(db: &Db, order_id: &str) -> Result<Reservation> {
 }
 
 async fn settle(db: &Db, order_id: &str, to: ReservationStatus) -> Result<Reservation> {
-    let lock = for_update(db);
-    let select = format!("select status from reservations where order_id = $1{lock}");
+    let now = now();
+    let mut tx = db.begin().await?;
+    let select = format!(
+        "select status from reservations where order_id = $1{}",
+        tx.dialect().for_update()
+    );
+    let status: Option<String> = query(&select)
+        .bind(order_id)
+        .fetch_optional_scalar(&mut tx)
+        .await?;
+    match status.as_deref().and_then(ReservationStatus::parse) {
+        Some(ReservationStatus::Reserved) => {
+            let events = settle_lines(&mut tx, order_id, to, now).await?;
+            query("update reservations set status = $1, updated_at = $2 where order_id = $3")
+                .bind(to.as_str())
+                .bind(now)
+                .bind(order_id)
+                .execute(&mut tx)
+                .await?;
+            kit::outbox::enqueue(&mut tx, &events).await?;
+        }
+        Some(current) if current == to => {} // repeated call: nothing to do
+        Some(current) => {
+            return Err(Error::ReservationConflict {
+                code: if current == ReservationStatus::Committed {
+                    "reservation_committed"
+                } else {
+                    "reservation_released"
+                },
+                detail: format!(
+                    "The reservation of order `{order_id}` is {}; it cannot be {}",
+                    current.as_str(),
+                    to.as_str()
+                ),
+            });
+        }
+        None if to == ReservationStatus::Released => {
+            query(
+                "insert into reservations (order_id, status, created_at, updated_at) \
+                 values ($1, 'released', $2, $2)",
+            )
+            .bind(order_id)
+            .bind(now)
+            .execute(&mut tx)
+            .await?;
+        }
+        None => return Err(Error::ReservationNotFound(order_id.to_owned())),
+    }
+    tx.commit().await?;
+    find(db, order_id)
+        .await?
+        .ok_or_else(|| Error::ReservationNotFound(order_id.to_owned()))
+}
+
+/// Takes the units of an open reservation out of `reserved`: for good (commit) or back into
+/// `stock` (release, whose stock changes are returned as events to announce).
+async fn settle_lines(
+    tx: &mut Tx,
+    order_id: &str,
+    to: ReservationStatus,
+    now: DateTime<Utc>,
+) -> Result<Vec<Event>> {
     let give_back = match to {
         ReservationStatus::Released => "stock = stock + $1, reserved = reserved - $1",
         _ => "reserved = reserved - $1",
@@ -189,107 +246,56 @@ async fn settle(db: &Db, order_id: &str, to: ReservationStatus) -> Result<Reserv
     let update_product = format!(
         "update products set {give_back}, updated_at = $2 where id = $3 returning {COLUMNS}"
     );
-    let now = now();
-    dispatch!(db, pool => {
-        let mut tx = pool.begin_write().await?;
-        let status: Option<String> = sqlx::query_scalar(&select)
-            .bind(order_id)
+    let items: Vec<(i64, i64)> = query(
+        "select product_id, quantity from reservation_items where order_id = $1 \
+         order by product_id",
+    )
+    .bind(order_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut events = Vec::new();
+    for (product_id, quantity) in items {
+        // The product may have been deleted since (only when nothing was reserved, so not while
+        // this hold is open); a missing row changes nothing.
+        let product: Option<Product> = query(&update_product)
+            .bind(quantity)
+            .bind(now)
+            .bind(product_id)
             .fetch_optional(&mut *tx)
             .await?;
-        match status.as_deref().and_then(ReservationStatus::parse) {
-            Some(ReservationStatus::Reserved) => {
-                let items: Vec<(i64, i64)> = sqlx::query_as(
-                    "select product_id, quantity from reservation_items where order_id = $1 \
-                     order by product_id",
-                )
-                .bind(order_id)
-                .fetch_all(&mut *tx)
-                .await?;
-                let mut events = Vec::new();
-                for (product_id, quantity) in items {
-                    // The product may have been deleted since (only when nothing was reserved,
-                    // so not while this hold is open); a missing row changes nothing.
-                    let product = sqlx::query_as::<_, Product>(&update_product)
-                        .bind(quantity)
-                        .bind(now)
-                        .bind(product_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    if let (Some(product), ReservationStatus::Released) = (product, to) {
-                        let previous = product.stock - quantity;
-                        events.extend(events::stock_changed(
-                            &product,
-                            previous,
-                            Reason::Release,
-                            Some(order_id),
-                        )?);
-                    }
-                }
-                sqlx::query("update reservations set status = $1, updated_at = $2 where order_id = $3")
-                    .bind(to.as_str())
-                    .bind(now)
-                    .bind(order_id)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.enqueue(&events).await?;
-                tx.commit().await?;
-            }
-            Some(current) if current == to => {} // repeated call: nothing to do
-            Some(current) => {
-                return Err(Error::ReservationConflict {
-                    code: if current == ReservationStatus::Committed {
-                        "reservation_committed"
-                    } else {
-                        "reservation_released"
-                    },
-                    detail: format!(
-                        "The reservation of order `{order_id}` is {}; it cannot be {}",
-                        current.as_str(),
-                        to.as_str()
-                    ),
-                });
-            }
-            None if to == ReservationStatus::Released => {
-                sqlx::query(
-                    "insert into reservations (order_id, status, created_at, updated_at) \
-                     values ($1, 'released', $2, $2)",
-                )
-                .bind(order_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-            }
-            None => return Err(Error::ReservationNotFound(order_id.to_owned())),
+        if let (Some(product), ReservationStatus::Released) = (product, to) {
+            let previous = product.stock - quantity;
+            events.extend(events::stock_changed(
+                &product,
+                previous,
+                Reason::Release,
+                Some(order_id),
+            )?);
         }
-    });
-    find(db, order_id)
-        .await?
-        .ok_or_else(|| Error::ReservationNotFound(order_id.to_owned()))
+    }
+    Ok(events)
 }
 
 /// The reservation of an order, with its lines.
 #[tracing::instrument(skip(db))]
 pub async fn find(db: &Db, order_id: &str) -> Result<Option<Reservation>> {
-    let head: Option<(String, DateTime<Utc>, DateTime<Utc>)> = dispatch!(db, pool =>
-        sqlx::query_as(
-            "select status, created_at, updated_at from reservations where order_id = $1",
-        )
-        .bind(order_id)
-        .fetch_optional(pool)
-        .await)?;
+    let head: Option<(String, DateTime<Utc>, DateTime<Utc>)> =
+        query("select status, created_at, updated_at from reservations where order_id = $1")
+            .bind(order_id)
+            .fetch_optional(db)
+            .await?;
     let Some((status, created_at, updated_at)) = head else {
         return Ok(None);
     };
     let status = ReservationStatus::parse(&status)
         .ok_or_else(|| anyhow::anyhow!("unknown reservation status `{status}` stored"))?;
-    let lines: Vec<(i64, i64, i64)> = dispatch!(db, pool => sqlx::query_as(
+    let lines: Vec<(i64, i64, i64)> = query(
         "select product_id, quantity, unit_price_cents from reservation_items \
          where order_id = $1 order by product_id",
     )
     .bind(order_id)
-    .fetch_all(pool)
-    .await)?;
+    .fetch_all(db)
+    .await?;
     let items: Vec<ReservationItem> = lines
         .into_iter()
         .map(|(product_id, quantity, unit_cents)| ReservationItem {

@@ -1,5 +1,6 @@
-//! HTTP handlers. Reads go through the cache (items 300 s, lists 60 s); every write invalidates
-//! the items it changed and every list page, after it commits, and wakes the outbox relay.
+//! HTTP handlers. Reads go through the cache (items 300 s, lists 60 s). A write commits its
+//! events to the outbox in its own transaction, then invalidates the items it changed and every
+//! list page, and wakes the outbox relay.
 
 use axum::Router;
 use axum::extract::State;
@@ -9,11 +10,14 @@ use axum::routing::{get, patch, post};
 use kit::Ttl;
 use kit::http::{Json, Path, Query, RawJson};
 use kit::page::Pagination;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::AppState;
-use crate::domain::{Product, ProductBody, Reservation, ReserveBody, StockBody, generated_sku};
+use crate::domain::{
+    Product, ProductBody, Reservation, ReserveBody, StockBody, StockChange, generated_sku,
+};
 use crate::error::{Error, Result};
+use crate::events::{self, Reason};
 use crate::reservations::{self, Reserved};
 use crate::store;
 
@@ -73,7 +77,10 @@ async fn create_product(
         .validate_new(state.low_stock_threshold)
         .map_err(Error::Invalid)?;
     let sku = new.sku.clone().unwrap_or_else(generated_sku);
-    let product = store::insert(&state.db, &new, &sku).await?;
+    let mut tx = state.db.begin().await?;
+    let product = store::insert(&mut tx, &new, &sku).await?;
+    kit::outbox::enqueue(&mut tx, &[events::product_created(&product)?]).await?;
+    tx.commit().await?;
     after_write(&state, &[]).await;
     let location = HeaderValue::from_str(&format!("/api/v1/products/{}", product.id))
         .map_err(anyhow::Error::from)?;
@@ -145,16 +152,22 @@ async fn update_product(
     Json(body): Json<ProductBody>,
 ) -> Result<Json<Product>> {
     let changes = body.validate_update().map_err(Error::Invalid)?;
-    let product = store::update(&state.db, id, &changes)
+    let mut tx = state.db.begin().await?;
+    let product = store::update(&mut tx, id, &changes)
         .await?
         .ok_or(Error::ProductNotFound(id))?;
+    kit::outbox::enqueue(&mut tx, &[events::product_updated(&product)?]).await?;
+    tx.commit().await?;
     after_write(&state, &[id]).await;
     Ok(Json(product))
 }
 
 #[tracing::instrument(skip(state))]
 async fn delete_product(State(state): State<AppState>, Path(id): Path<i64>) -> Result<StatusCode> {
-    store::delete(&state.db, id).await?;
+    let mut tx = state.db.begin().await?;
+    let sku = store::delete(&mut tx, id).await?;
+    kit::outbox::enqueue(&mut tx, &[events::product_deleted(id, &sku)?]).await?;
+    tx.commit().await?;
     after_write(&state, &[id]).await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -167,17 +180,20 @@ async fn change_stock(
     Json(body): Json<StockBody>,
 ) -> Result<Json<Product>> {
     let change = body.validate().map_err(Error::Invalid)?;
-    let result = store::change_stock(&state.db, id, change).await;
-    if result.is_ok() {
-        after_write(&state, &[id]).await;
+    let reason = match change {
+        StockChange::Set(_) => Reason::Set,
+        StockChange::Adjust(_) => Reason::Adjust,
+    };
+    let mut tx = state.db.begin().await?;
+    let (product, previous) = store::change_stock(&mut tx, id, change).await?;
+    // Setting the stock it already has (or a delta of 0) changes nothing worth announcing.
+    if product.stock != previous {
+        let events = events::stock_changed(&product, previous, reason, None)?;
+        kit::outbox::enqueue(&mut tx, &events).await?;
     }
-    Ok(Json(result?))
-}
-
-#[derive(Debug, Serialize)]
-struct Category {
-    name: String,
-    products: i64,
+    tx.commit().await?;
+    after_write(&state, &[id]).await;
+    Ok(Json(product))
 }
 
 #[tracing::instrument(skip(state))]
@@ -186,11 +202,7 @@ async fn list_categories(State(state): State<AppState>) -> Result<RawJson> {
     let categories = state
         .cache
         .list_json(CATEGORIES_GROUP, "all", move || async move {
-            let items: Vec<Category> = store::categories(&db)
-                .await?
-                .into_iter()
-                .map(|(name, products)| Category { name, products })
-                .collect();
+            let items = store::categories(&db).await?;
             Ok(serde_json::json!({ "items": items }))
         })
         .await?;

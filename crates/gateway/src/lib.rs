@@ -15,15 +15,25 @@ use axum::routing::get;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use kit::service::App;
+use kit::service::{App, Deps, Service};
 use kit::{ApiError, Settings};
 use url::Url;
 
 pub mod routes;
 
-use routes::RouteTable;
+use routes::{GatewaySettings, RouteTable};
 
 pub const NAME: &str = "gateway";
+
+/// The gateway, for the `agora` binary's registry: no database, no bus.
+pub static SERVICE: Service = Service {
+    name: NAME,
+    migrations: None,
+    uses_bus: false,
+    consumes: &[],
+    build: |deps| Box::pin(app(deps)),
+    seed: None,
+};
 
 /// The replicas of one service.
 struct Upstream {
@@ -49,19 +59,24 @@ struct Gateway {
 }
 
 /// The gateway with upstreams as configured (`services.<name>.upstreams`, or each service's
-/// own address).
-pub async fn app(settings: &Settings) -> anyhow::Result<App> {
+/// own address; `agora up` sets them to the addresses its services bound).
+pub async fn app(deps: Deps) -> anyhow::Result<App> {
+    let settings = &deps.settings;
     let upstreams = settings
         .services
         .keys()
         .filter(|name| name.as_str() != NAME)
         .map(|name| (name.clone(), settings.upstreams(name)))
         .collect();
-    Ok(app_with_upstreams(settings, upstreams))
+    app_with_upstreams(settings, upstreams)
 }
 
-/// The gateway with explicit upstream URLs per service (`agora up` passes the bound addresses).
-pub fn app_with_upstreams(settings: &Settings, upstreams: BTreeMap<String, Vec<Url>>) -> App {
+/// The gateway with explicit upstream URLs per service.
+pub fn app_with_upstreams(
+    settings: &Settings,
+    upstreams: BTreeMap<String, Vec<Url>>,
+) -> anyhow::Result<App> {
+    let routes = GatewaySettings::load(settings)?.routes;
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
     connector.set_nodelay(true);
@@ -69,7 +84,7 @@ pub fn app_with_upstreams(settings: &Settings, upstreams: BTreeMap<String, Vec<U
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector);
     let gateway = Arc::new(Gateway {
-        table: RouteTable::new(settings.gateway.routes.clone()),
+        table: RouteTable::new(routes),
         upstreams: upstreams
             .into_iter()
             .filter(|(_, urls)| !urls.is_empty())
@@ -95,11 +110,11 @@ pub fn app_with_upstreams(settings: &Settings, upstreams: BTreeMap<String, Vec<U
         .fallback(forward)
         .with_state(gateway);
     let metrics = kit::metrics::Metrics::new(NAME);
-    App::new(
+    Ok(App::new(
         NAME,
         kit::http::with_standard_layers(router, &settings.http, &metrics),
         None,
-    )
+    ))
 }
 
 /// Headers that describe one connection, not the request; never forwarded (RFC 9110 7.6.1).

@@ -1,6 +1,66 @@
 //! The route table: longest prefix wins, matched on whole path segments, with optional rewrite.
+//! It is data: `[[services.gateway.routes]]` in the configuration.
 
-use kit::config::Route;
+use kit::Settings;
+use kit::config::ConfigError;
+use serde::{Deserialize, Serialize};
+
+/// The gateway's own settings: `[services.gateway]` keys besides port, upstreams and schema.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// The route table (see `crates/kit/config/default.toml` for the shipped one).
+    pub routes: Vec<Route>,
+}
+
+/// One entry of the route table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Matched on whole path segments: `/users` matches `/users` and `/users/1`, not `/usersx`.
+    pub prefix: String,
+    pub service: String,
+    /// Replaces the matched prefix before forwarding (default: forward the path unchanged).
+    #[serde(default)]
+    pub rewrite: Option<String>,
+}
+
+impl GatewaySettings {
+    /// Reads `[services.gateway]` and checks every route; errors name the key.
+    pub fn load(settings: &Settings) -> Result<Self, ConfigError> {
+        let gateway: GatewaySettings = settings.section(crate::NAME)?;
+        let invalid = |i: usize, field: &str, message: String| ConfigError::Invalid {
+            key: format!("services.gateway.routes[{i}].{field}"),
+            message,
+        };
+        for (i, route) in gateway.routes.iter().enumerate() {
+            if !route.prefix.starts_with('/') {
+                return Err(invalid(
+                    i,
+                    "prefix",
+                    format!("`{}` must start with /", route.prefix),
+                ));
+            }
+            if route.service == crate::NAME || !settings.services.contains_key(&route.service) {
+                return Err(invalid(
+                    i,
+                    "service",
+                    format!("unknown service `{}`", route.service),
+                ));
+            }
+            if let Some(rewrite) = &route.rewrite
+                && !rewrite.starts_with('/')
+            {
+                return Err(invalid(
+                    i,
+                    "rewrite",
+                    format!("`{rewrite}` must start with /"),
+                ));
+            }
+        }
+        Ok(gateway)
+    }
+}
 
 /// The table, sorted for longest-prefix matching.
 #[derive(Debug, Clone)]
@@ -62,7 +122,11 @@ mod tests {
     use super::*;
 
     fn table() -> RouteTable {
-        RouteTable::new(kit::Settings::defaults().gateway.routes)
+        RouteTable::new(
+            GatewaySettings::load(&kit::Settings::defaults())
+                .expect("the shipped routes are valid")
+                .routes,
+        )
     }
 
     /// Each `(incoming, forwarded)` path goes to `service` as `forwarded`.
@@ -128,5 +192,50 @@ mod tests {
         let table = RouteTable::new(vec![route("/a", "short"), route("/a/b", "long")]);
         assert_eq!(table.resolve("/a/b/c").map(|t| t.service), Some("long"));
         assert_eq!(table.resolve("/a/c").map(|t| t.service), Some("short"));
+    }
+
+    #[test]
+    fn routes_must_target_known_services_and_name_the_key() {
+        let mut settings = kit::Settings::defaults();
+        let gateway = settings
+            .services
+            .get_mut("gateway")
+            .expect("gateway section");
+        let routes = gateway.extra.get_mut("routes").expect("routes");
+        let bad: figment::value::Value = figment::value::Value::serialize(
+            serde_json::json!({"prefix": "/x", "service": "nope"}),
+        )
+        .expect("value");
+        if let figment::value::Value::Array(_, list) = routes {
+            list.push(bad);
+        }
+        let err = GatewaySettings::load(&settings)
+            .expect_err("unknown service")
+            .to_string();
+        assert!(
+            err.contains("services.gateway.routes[")
+                && err.contains("].service")
+                && err.contains("nope"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_misspelt_gateway_key_is_refused_by_name() {
+        let mut settings = kit::Settings::defaults();
+        let gateway = settings
+            .services
+            .get_mut("gateway")
+            .expect("gateway section");
+        gateway
+            .extra
+            .insert("routez".into(), figment::value::Value::from(1));
+        let err = GatewaySettings::load(&settings)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("services.gateway") && err.contains("routez"),
+            "{err}"
+        );
     }
 }

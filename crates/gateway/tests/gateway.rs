@@ -24,13 +24,15 @@ async fn spawn_stack(replicas: usize, dead: &[&str]) -> Stack {
     let env = TestEnv::new(Backend::Sqlite).await;
     let mut users = Vec::new();
     for _ in 0..replicas {
-        let app = users::app(&env.settings).await.expect("users app");
+        let app = users::app(env.deps(&users::SERVICE).await)
+            .await
+            .expect("users app");
         users.push(TestServer::start(app, &env.settings).await);
     }
     let mut urls: Vec<Url> = users.iter().map(url_of).collect();
     urls.extend(dead.iter().map(|u| Url::parse(u).expect("url")));
     let upstreams = BTreeMap::from([("users".to_owned(), urls)]);
-    let gateway = gateway::app_with_upstreams(&env.settings, upstreams);
+    let gateway = gateway::app_with_upstreams(&env.settings, upstreams).expect("gateway");
     let gateway = TestServer::start(gateway, &env.settings).await;
     Stack {
         gateway,
@@ -313,7 +315,7 @@ async fn a_slow_upstream_is_a_504() {
         vec![Url::parse(&format!("http://{addr}")).expect("url")],
     )]);
     let gateway = TestServer::start(
-        gateway::app_with_upstreams(&env.settings, upstreams),
+        gateway::app_with_upstreams(&env.settings, upstreams).expect("gateway"),
         &env.settings,
     )
     .await;

@@ -29,7 +29,6 @@ pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
     pub services: BTreeMap<String, ServiceSettings>,
-    pub gateway: GatewaySettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +66,16 @@ pub struct BusSettings {
     pub publish_timeout_ms: u64,
     /// Published outbox rows are deleted after this many hours (0 keeps them forever).
     pub outbox_retention_hours: u64,
+    /// An outbox row refused this many times by a bus that is up is set aside (a poison row).
+    pub relay_max_attempts: u32,
+    /// A consumer's handler failing this many times on one message dead-letters it.
+    pub consumer_max_attempts: u32,
+    /// The first retry of a failed message waits this long; each next one twice as long...
+    pub consumer_backoff_ms: u64,
+    /// ... up to this.
+    pub consumer_backoff_max_ms: u64,
+    /// Ids of handled messages are kept this long to skip redeliveries (0 keeps them forever).
+    pub consumer_dedupe_hours: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,8 +109,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// Per-service settings. Service-specific keys (if a service has any) live in `extra` and are
-/// read by the service itself, so this crate never needs to know about them.
+/// Per-service settings. Service-specific keys (if a service has any) live in `extra`; the
+/// service reads them as its own typed struct with [`Settings::section`], so this crate never
+/// needs to know about them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ServiceSettings {
     pub port: u16,
@@ -112,24 +122,6 @@ pub struct ServiceSettings {
     pub schema: Option<String>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, figment::value::Value>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GatewaySettings {
-    pub routes: Vec<Route>,
-}
-
-/// One entry of the gateway's route table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Route {
-    /// Matched on whole path segments: `/users` matches `/users` and `/users/1`, not `/usersx`.
-    pub prefix: String,
-    pub service: String,
-    /// Replaces the matched prefix before forwarding (default: forward the path unchanged).
-    #[serde(default)]
-    pub rewrite: Option<String>,
 }
 
 /// A configuration error; the message names the offending key.
@@ -229,10 +221,27 @@ impl Settings {
                 "use letters, digits and _ only".into(),
             ));
         }
-        if self.bus.relay_batch == 0 || self.bus.relay_poll_ms == 0 {
+        for (key, value) in [
+            ("bus.relay_batch", u64::from(self.bus.relay_batch)),
+            ("bus.relay_poll_ms", self.bus.relay_poll_ms),
+            (
+                "bus.relay_max_attempts",
+                u64::from(self.bus.relay_max_attempts),
+            ),
+            (
+                "bus.consumer_max_attempts",
+                u64::from(self.bus.consumer_max_attempts),
+            ),
+            ("bus.consumer_backoff_ms", self.bus.consumer_backoff_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        if self.bus.consumer_backoff_max_ms < self.bus.consumer_backoff_ms {
             return Err(invalid(
-                "bus.relay_batch",
-                "relay_batch and relay_poll_ms must be at least 1".into(),
+                "bus.consumer_backoff_max_ms",
+                "must be at least bus.consumer_backoff_ms".into(),
             ));
         }
         if self.database.max_connections == 0 {
@@ -250,28 +259,6 @@ impl Settings {
         if self.cache.max_memory_mb == 0 {
             return Err(invalid("cache.max_memory_mb", "must be at least 1".into()));
         }
-        for (i, route) in self.gateway.routes.iter().enumerate() {
-            if !route.prefix.starts_with('/') {
-                return Err(invalid(
-                    &format!("gateway.routes[{i}].prefix"),
-                    format!("`{}` must start with /", route.prefix),
-                ));
-            }
-            if !self.services.contains_key(&route.service) {
-                return Err(invalid(
-                    &format!("gateway.routes[{i}].service"),
-                    format!("unknown service `{}`", route.service),
-                ));
-            }
-            if let Some(rewrite) = &route.rewrite
-                && !rewrite.starts_with('/')
-            {
-                return Err(invalid(
-                    &format!("gateway.routes[{i}].rewrite"),
-                    format!("`{rewrite}` must start with /"),
-                ));
-            }
-        }
         for (name, service) in &self.services {
             if let Some(schema) = &service.schema
                 && !is_identifier(schema)
@@ -283,6 +270,29 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The typed settings of service `name`: the keys of `[services.<name>]` other than `port`,
+    /// `upstreams` and `schema`, as `T` (give it `#[serde(default, deny_unknown_fields)]` so
+    /// absent keys take their defaults and misspelt ones are refused). The error names the key.
+    pub fn section<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, ConfigError> {
+        let extra = self
+            .services
+            .get(name)
+            .map(|s| s.extra.clone())
+            .unwrap_or_default();
+        figment::value::Value::from(extra)
+            .deserialize::<T>()
+            .map_err(|err| {
+                let key = std::iter::once(format!("services.{name}"))
+                    .chain(err.path.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(".");
+                ConfigError::Invalid {
+                    key,
+                    message: err.kind.to_string(),
+                }
+            })
     }
 
     /// The settings of one service (an empty default for a service the file does not list).
@@ -421,24 +431,6 @@ mod tests {
                 Ok(())
             });
         }
-    }
-
-    #[test]
-    fn routes_must_target_known_services() {
-        let mut settings = Settings::defaults();
-        settings.gateway.routes.push(Route {
-            prefix: "/x".into(),
-            service: "nope".into(),
-            rewrite: None,
-        });
-        let err = settings
-            .validate()
-            .expect_err("unknown service")
-            .to_string();
-        assert!(
-            err.contains("gateway.routes[") && err.contains("nope"),
-            "{err}"
-        );
     }
 
     #[test]

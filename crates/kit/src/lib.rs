@@ -4,8 +4,10 @@
 pub mod bus;
 pub mod cache;
 pub mod config;
+pub mod consumer;
 pub mod db;
 pub mod error;
+pub mod event;
 pub mod http;
 pub mod metrics;
 pub mod outbox;

@@ -76,6 +76,19 @@ impl Metrics {
             .register(name, help, counter);
     }
 
+    /// Registers any metric kept elsewhere (e.g. a labelled family of counters).
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .register(name, help, metric);
+    }
+
     /// Registers a gauge kept elsewhere (e.g. the outbox backlog).
     pub fn register_gauge(&self, name: &str, help: &str, gauge: Gauge) {
         self.registry

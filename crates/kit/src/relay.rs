@@ -5,10 +5,13 @@
 //!   (JetStream drops the duplicate within 2 minutes; consumers dedupe anyway). Nothing is lost
 //!   or skipped: a failed publish stops the batch, counts an attempt on the row, records the
 //!   error, and the same row is retried first after a back-off.
-//! - On PostgreSQL, replicas of a service take turns (a transaction-scoped advisory lock), so
-//!   events leave in `seq` order and are not published twice; the rows of a batch are also claimed
-//!   `for update skip locked`. On SQLite (one process) the batch is read, published, then marked,
-//!   so the write lock is not held while talking to the bus.
+//! - On PostgreSQL, replicas of a service take turns (a transaction-scoped named lock,
+//!   [`Tx::try_lock`]), so events leave in `seq` order and are not published twice; the rows of a
+//!   batch are also claimed `for update skip locked`. On SQLite (one process) the batch is read,
+//!   published, then marked, so the write lock is not held while talking to the bus.
+//! - A poison row (one the bus refuses `bus.relay_max_attempts` times while the bus itself answers
+//!   a ping) is set aside, so it does not block the rows behind it; see
+//!   [`crate::outbox::set_aside`]. While the bus is down, no attempt counts towards that.
 //! - A service calls [`Notifier::notify`] after committing events, so they leave at once;
 //!   `bus.relay_poll_ms` is only the fallback (events written by another process, retries).
 
@@ -17,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
@@ -26,25 +29,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, Message};
 use crate::config::BusSettings;
-use crate::db::{BeginWrite as _, Db};
+use crate::db::{Db, Dialect, Tx, query};
 
 /// Back-off after a failed round: doubles from the first value up to the second.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// `last_error` keeps this many characters of the error chain.
 const MAX_ERROR_CHARS: usize = 500;
 
-const SELECT: &str = "select seq, id, topic, payload from outbox \
-                      where published_at is null order by seq limit $1";
-/// PostgreSQL's claim of a batch; the rows stay locked until marked.
-const SELECT_FOR_UPDATE: &str = "select seq, id, topic, payload from outbox \
-                                 where published_at is null order by seq limit $1 \
-                                 for update skip locked";
-/// One relay of a schema at a time (the lock ends with the transaction).
-const TAKE_TURN: &str =
-    "select pg_try_advisory_xact_lock(hashtext(current_schema() || '.outbox.relay'))";
+/// The next rows to publish; `{lock}` is the dialect's `skip locked` claim.
+const SELECT: &str = "select seq, id, topic, payload, attempts from outbox \
+                      where published_at is null and set_aside_at is null order by seq limit $1";
+/// The lock replicas of one service take turns with (it ends with the transaction).
+const TURN: &str = "outbox.relay";
 const MARK_PUBLISHED: &str = "update outbox set published_at = $1 where seq = $2";
+/// A failure while the bus is down: keep the error, count no attempt.
+const MARK_ERROR: &str = "update outbox set last_error = $1 where seq = $2";
+/// A failure of this row while the bus is healthy.
 const MARK_FAILED: &str =
     "update outbox set attempts = attempts + 1, last_error = $1 where seq = $2";
+const MARK_SET_ASIDE: &str = "update outbox set attempts = attempts + 1, last_error = $1, \
+                              set_aside_at = $2 where seq = $3";
 const PRUNE: &str = "delete from outbox where published_at is not null and published_at < $1";
 /// How often a running relay deletes rows past their retention.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -58,8 +62,11 @@ pub struct Relay {
     wake: Arc<Notify>,
     /// Published rows older than this are deleted; `None` keeps them.
     retention: Option<Duration>,
+    /// A row refused this many times by a healthy bus is set aside.
+    max_attempts: u32,
     published: Counter,
     failures: Counter,
+    set_aside: Counter,
     /// Unpublished rows after the last round.
     backlog: Gauge,
 }
@@ -84,12 +91,23 @@ struct Row {
     id: String,
     topic: String,
     payload: String,
+    attempts: i32,
 }
 
-/// What a round did: rows published (in order), then possibly the row that failed.
+/// What a round did: rows published (in order), rows set aside, then possibly the row that
+/// stopped the batch.
+#[derive(Default)]
 struct Outcome {
     published: Vec<i64>,
-    failed: Option<(i64, anyhow::Error)>,
+    set_aside: Vec<(i64, String)>,
+    failed: Option<Failure>,
+}
+
+struct Failure {
+    seq: i64,
+    error: anyhow::Error,
+    /// The bus answered a ping after refusing the row: the row is at fault, not the bus.
+    bus_healthy: bool,
 }
 
 impl Relay {
@@ -104,8 +122,10 @@ impl Relay {
             wake: Arc::new(Notify::new()),
             retention: (settings.outbox_retention_hours > 0)
                 .then(|| Duration::from_secs(settings.outbox_retention_hours * 3600)),
+            max_attempts: settings.relay_max_attempts.max(1),
             published: Counter::default(),
             failures: Counter::default(),
+            set_aside: Counter::default(),
             backlog: Gauge::default(),
         }
     }
@@ -129,6 +149,11 @@ impl Relay {
             "Outbox publishes that failed (the event is retried)",
             self.failures.clone(),
         );
+        metrics.register_counter(
+            "outbox_set_aside",
+            "Outbox events set aside after bus.relay_max_attempts refusals by a healthy bus",
+            self.set_aside.clone(),
+        );
         metrics.register_gauge(
             "outbox_backlog",
             "Outbox events not yet published",
@@ -144,12 +169,11 @@ impl Relay {
         };
         let cutoff = Utc::now()
             - chrono::Duration::from_std(retention).context("outbox retention is too long")?;
-        let deleted = crate::dispatch!(&self.db, pool => sqlx::query(PRUNE)
+        let deleted = query(PRUNE)
             .bind(cutoff)
-            .execute(pool)
+            .execute(&self.db)
             .await
-            .map(|r| r.rows_affected()))
-        .context("deleting published outbox rows")?;
+            .context("deleting published outbox rows")?;
         if deleted > 0 {
             tracing::debug!(deleted, "pruned published outbox rows");
         }
@@ -221,122 +245,152 @@ impl Relay {
     #[tracing::instrument(name = "outbox_relay", level = "debug", skip_all, fields(published))]
     pub async fn run_once(&self) -> anyhow::Result<usize> {
         let batch = i64::from(self.batch);
-        let batch_len = self.batch as usize;
-        let fetched: usize;
-        let outcome = match &self.db {
-            Db::Postgres(pool) => {
-                let mut tx = pool
+        let dialect = self.db.dialect();
+        let select = format!("{SELECT}{}", dialect.skip_locked());
+        // PostgreSQL: claim the batch in a transaction held across the publish, so replicas
+        // neither wait for each other nor publish a row twice. SQLite: read, publish, then take
+        // the write lock only to mark.
+        let (rows, claim): (Vec<Row>, Option<Tx>) = match dialect {
+            Dialect::Postgres => {
+                let mut tx = self
+                    .db
                     .begin()
                     .await
                     .context("starting the relay transaction")?;
-                let turn: bool = sqlx::query_scalar(TAKE_TURN)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .context("taking the relay lock")?;
-                if !turn {
+                if !tx.try_lock(TURN).await.context("taking the relay lock")? {
                     return Ok(0);
                 }
-                let rows: Vec<Row> = sqlx::query_as(SELECT_FOR_UPDATE)
+                let rows = query(&select)
                     .bind(batch)
-                    .fetch_all(&mut *tx)
+                    .fetch_all(&mut tx)
                     .await
                     .context("claiming outbox rows")?;
-                fetched = rows.len();
-                let outcome = self.publish(rows).await;
-                record::<sqlx::Postgres>(&mut *tx, &outcome).await?;
-                tx.commit().await.context("committing the relay round")?;
-                outcome
+                (rows, Some(tx))
             }
-            Db::Sqlite(pool) => {
-                let rows: Vec<Row> = sqlx::query_as(SELECT)
+            Dialect::Sqlite => {
+                let rows = query(&select)
                     .bind(batch)
-                    .fetch_all(pool)
+                    .fetch_all(&self.db)
                     .await
                     .context("reading outbox rows")?;
-                if rows.is_empty() {
-                    self.backlog.set(0);
-                    return Ok(0);
-                }
-                fetched = rows.len();
-                let outcome = self.publish(rows).await;
-                let mut tx = pool
-                    .begin_write()
-                    .await
-                    .context("starting the relay mark")?;
-                record::<sqlx::Sqlite>(&mut *tx, &outcome).await?;
-                tx.commit().await.context("committing the relay round")?;
-                outcome
+                (rows, None)
             }
         };
+        if rows.is_empty() {
+            self.backlog.set(0);
+            return Ok(0);
+        }
+        let fetched = rows.len();
+        let outcome = self.publish(rows).await;
+        let mut tx = match claim {
+            Some(tx) => tx,
+            None => self.db.begin().await.context("starting the relay mark")?,
+        };
+        record(&mut tx, &outcome).await?;
+        tx.commit().await.context("committing the relay round")?;
+
         let published = outcome.published.len();
         tracing::Span::current().record("published", published);
         // A short batch published whole leaves nothing behind (until the next commit); otherwise
         // count what is left.
-        if outcome.failed.is_none() && fetched < batch_len {
+        if outcome.failed.is_none() && fetched < self.batch as usize {
             self.backlog.set(0);
         } else if let Ok(left) = crate::outbox::backlog(&self.db).await {
             self.backlog.set(left);
         }
         match outcome.failed {
             None => Ok(published),
-            Some((seq, err)) => Err(err.context(format!(
-                "outbox row {seq} not published ({published} published before it)"
+            Some(failure) => Err(failure.error.context(format!(
+                "outbox row {} not published ({published} published before it)",
+                failure.seq
             ))),
         }
     }
 
-    /// Publishes `rows` in order, stopping at the first failure so order is kept.
+    /// Publishes `rows` in order. A refused row stops the batch (order is kept), unless a healthy
+    /// bus has now refused it `bus.relay_max_attempts` times: then it is set aside and the batch
+    /// goes on.
     async fn publish(&self, rows: Vec<Row>) -> Outcome {
-        let mut published = Vec::with_capacity(rows.len());
+        let mut outcome = Outcome {
+            published: Vec::with_capacity(rows.len()),
+            ..Outcome::default()
+        };
         for row in rows {
             let message = Message {
                 id: row.id,
                 topic: row.topic,
                 payload: Bytes::from(row.payload),
             };
-            if let Err(err) = self.bus.publish(&message).await {
-                self.failures.inc();
-                return Outcome {
-                    published,
-                    failed: Some((row.seq, err)),
-                };
+            let Err(error) = self.bus.publish(&message).await else {
+                self.published.inc();
+                outcome.published.push(row.seq);
+                continue;
+            };
+            self.failures.inc();
+            // Whose fault: a bus that is down refuses everything; a bus that answers refused this
+            // row (too large, a topic it cannot take, ...).
+            let bus_healthy = self.bus.ping().await.is_ok();
+            if bus_healthy
+                && u32::try_from(row.attempts + 1).unwrap_or(u32::MAX) >= self.max_attempts
+            {
+                tracing::error!(
+                    outbox.seq = row.seq,
+                    event.id = %message.id,
+                    event.topic = %message.topic,
+                    attempts = row.attempts + 1,
+                    error.message = %format!("{error:#}"),
+                    "outbox row set aside: the bus keeps refusing it"
+                );
+                self.set_aside.inc();
+                outcome.set_aside.push((row.seq, error_text(&error)));
+                continue;
             }
-            self.published.inc();
-            published.push(row.seq);
+            outcome.failed = Some(Failure {
+                seq: row.seq,
+                error,
+                bus_healthy,
+            });
+            break;
         }
-        Outcome {
-            published,
-            failed: None,
-        }
+        outcome
     }
 }
 
-/// Marks the published rows and records the failure, on either backend's connection.
-async fn record<DB>(conn: &mut DB::Connection, outcome: &Outcome) -> anyhow::Result<()>
-where
-    DB: sqlx::Database,
-    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> DateTime<Utc>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-{
+fn error_text(err: &anyhow::Error) -> String {
+    format!("{err:#}").chars().take(MAX_ERROR_CHARS).collect()
+}
+
+/// Marks the published rows, the rows set aside and the failure.
+async fn record(tx: &mut Tx, outcome: &Outcome) -> anyhow::Result<()> {
     // Bound from Rust rather than `now()`, so the statement is the same in both dialects.
     let now = Utc::now();
     for seq in &outcome.published {
-        sqlx::query(MARK_PUBLISHED)
+        query(MARK_PUBLISHED)
             .bind(now)
             .bind(*seq)
-            .execute(&mut *conn)
+            .execute(&mut *tx)
             .await
             .context("marking an outbox row published")?;
     }
-    if let Some((seq, err)) = &outcome.failed {
-        let message: String = format!("{err:#}").chars().take(MAX_ERROR_CHARS).collect();
-        sqlx::query(MARK_FAILED)
-            .bind(message)
+    for (seq, error) in &outcome.set_aside {
+        query(MARK_SET_ASIDE)
+            .bind(error)
+            .bind(now)
             .bind(*seq)
-            .execute(&mut *conn)
+            .execute(&mut *tx)
+            .await
+            .context("setting an outbox row aside")?;
+    }
+    if let Some(failure) = &outcome.failed {
+        let sql = if failure.bus_healthy {
+            MARK_FAILED
+        } else {
+            MARK_ERROR
+        };
+        query(sql)
+            .bind(error_text(&failure.error))
+            .bind(failure.seq)
+            .execute(&mut *tx)
             .await
             .context("recording an outbox publish failure")?;
     }
@@ -347,8 +401,7 @@ where
 mod tests {
     use super::*;
     use crate::bus::{Delivery, Subscription};
-    use crate::config::ServiceSettings;
-    use crate::outbox::{Event, OutboxTx as _};
+    use crate::outbox::Event;
     use crate::testing::{Backend, TestEnv};
 
     const SOON: Duration = Duration::from_secs(3);
@@ -363,34 +416,14 @@ mod tests {
 
     async fn setup(backend: Backend) -> Setup {
         let mut env = TestEnv::new(backend).await;
-        // Its own schema, named like the harness's so stale ones are dropped by later runs.
-        let schema = format!("{}_relaytest", env.settings.bus.prefix);
-        env.settings.services.insert(
-            "relaytest".into(),
-            ServiceSettings {
-                schema: Some(schema),
-                ..Default::default()
-            },
-        );
-        let db = Db::connect_only(&env.settings, "relaytest")
-            .await
-            .expect("test database");
-        crate::outbox::install(&db).await.expect("outbox table");
+        let db = env.kit_db("relaytest").await;
         let bus = Bus::connect(&env.settings).await.expect("test bus");
         Setup { env, db, bus }
     }
 
     async fn teardown(setup: Setup) {
         setup.bus.delete_stream().await.expect("delete stream");
-        if let (Db::Postgres(pool), Some(schema)) =
-            (&setup.db, setup.env.settings.service("relaytest").schema)
-        {
-            sqlx::query(&format!("drop schema if exists {schema} cascade"))
-                .execute(pool)
-                .await
-                .expect("drop schema");
-        }
-        setup.db.close().await;
+        setup.env.drop_kit_db("relaytest", setup.db).await;
     }
 
     fn events(n: usize) -> Vec<Event> {
@@ -409,21 +442,26 @@ mod tests {
 
     /// Enqueues `events` in one transaction, committed or rolled back.
     async fn enqueue(db: &Db, events: &[Event], commit: bool) {
-        crate::dispatch!(db, pool => {
-            let mut tx = pool.begin_write().await.expect("begin");
-            tx.enqueue(events).await.expect("enqueue");
-            if commit { tx.commit().await } else { tx.rollback().await }.expect("end transaction");
-        });
+        let mut tx = db.begin().await.expect("begin");
+        crate::outbox::enqueue(&mut tx, events)
+            .await
+            .expect("enqueue");
+        if commit {
+            tx.commit().await
+        } else {
+            tx.rollback().await
+        }
+        .expect("end transaction");
     }
 
     /// `(published, attempts, last_error)` of every row, in `seq` order.
     async fn rows(db: &Db) -> Vec<(bool, i32, Option<String>)> {
-        let rows: Vec<(i32, i32, Option<String>)> = crate::dispatch!(db, pool => sqlx::query_as(
+        let rows: Vec<(i32, i32, Option<String>)> = query(
             "select case when published_at is null then 0 else 1 end, attempts, last_error \
-             from outbox order by seq"
+             from outbox order by seq",
         )
-        .fetch_all(pool)
-        .await)
+        .fetch_all(db)
+        .await
         .expect("outbox rows");
         rows.into_iter().map(|(p, a, e)| (p == 1, a, e)).collect()
     }
@@ -529,13 +567,14 @@ mod tests {
         for backend in [Backend::Sqlite, Backend::Postgres] {
             let s = setup(backend).await;
             let what = s.bus.backend();
-            let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+            let (bus, outage) = crate::bus::faulty(s.bus.clone());
+            let relay = Relay::new(s.db.clone(), bus, &s.env.settings.bus);
             let sent = events(2);
             enqueue(&s.db, &sent, true).await;
-            // NATS: a real failure, the stream is gone. In process: the test switch.
+            // NATS: a real failure, the stream is gone. In process: the fault switch.
             match backend {
                 Backend::Postgres => s.bus.delete_stream().await.expect("delete stream"),
-                Backend::Sqlite => s.bus.set_unavailable(true),
+                Backend::Sqlite => outage.set_unavailable(true),
             }
 
             for round in 1..=2 {
@@ -547,17 +586,20 @@ mod tests {
                 let rows = rows(&s.db).await;
                 assert!(rows.iter().all(|r| !r.0), "{what}: nothing marked");
                 assert_eq!(
-                    rows[0].1, round,
-                    "{what}: an attempt counted on the first row"
+                    rows[0].1, 0,
+                    "{what}: round {round}: an outage counts no attempt towards setting aside"
                 );
                 assert!(rows[0].2.is_some(), "{what}: the error is kept");
-                assert_eq!(rows[1].1, 0, "{what}: the batch stopped at the failure");
+                assert!(
+                    rows[1].2.is_none(),
+                    "{what}: the batch stopped at the failure"
+                );
             }
 
             match backend {
                 // Connecting again recreates the stream.
                 Backend::Postgres => drop(Bus::connect(&s.env.settings).await.expect("connect")),
-                Backend::Sqlite => s.bus.set_unavailable(false),
+                Backend::Sqlite => outage.set_unavailable(false),
             }
             let mut sub = s
                 .bus
@@ -687,14 +729,13 @@ mod tests {
             assert_eq!(relay.run_once().await.expect("round"), 3, "{what}");
             // Two rows were published two days ago; one more is not published at all.
             let old = Utc::now() - chrono::Duration::days(2);
-            crate::dispatch!(&s.db, pool => sqlx::query(
+            query(
                 "update outbox set published_at = $1 where seq in \
                  (select seq from outbox order by seq limit 2)",
             )
             .bind(old)
-            .execute(pool)
+            .execute(&s.db)
             .await
-            .map(|_| ()))
             .expect("age rows");
             enqueue(&s.db, &events(1), true).await;
 
@@ -707,6 +748,82 @@ mod tests {
             s.env.settings.bus.outbox_retention_hours = 0;
             let keep_all = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
             assert_eq!(keep_all.prune().await.expect("prune"), 0, "{what}");
+            teardown(s).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poison_row_is_set_aside_and_does_not_block_the_rows_behind_it() {
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let mut s = setup(backend).await;
+            let what = s.bus.backend();
+            s.env.settings.bus.relay_max_attempts = 2;
+            let mut sub = s
+                .bus
+                .subscribe("mailer", &["stock.low"])
+                .await
+                .expect("sub");
+            let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+            let metrics = crate::metrics::Metrics::new("relaytest");
+            relay.register_metrics(&metrics);
+            let sent = events(2);
+            enqueue(&s.db, &sent[..1], true).await;
+            // A row no bus can take (written by hand: Event::new refuses such topics).
+            query(
+                "insert into outbox (id, topic, key, payload, created_at) \
+                 values ('poison', 'not a topic', 'k', '{}', $1)",
+            )
+            .bind(Utc::now())
+            .execute(&s.db)
+            .await
+            .expect("poison row");
+            enqueue(&s.db, &sent[1..], true).await;
+
+            // First refusal: the batch stops there, in order, and the attempt counts.
+            relay
+                .run_once()
+                .await
+                .expect_err("the poison row is refused");
+            expect_in_order(&mut sub, &sent[..1], what).await;
+            assert_eq!(rows(&s.db).await[1].1, 1, "{what}: attempt counted");
+            // Second refusal by a healthy bus: set aside, and the row behind it goes out.
+            assert_eq!(relay.run_once().await.expect("round"), 1, "{what}");
+            expect_in_order(&mut sub, &sent[1..], what).await;
+            let aside = crate::outbox::set_aside(&s.db).await.expect("list");
+            assert_eq!(aside.len(), 1, "{what}");
+            assert_eq!(aside[0].id, "poison", "{what}");
+            assert_eq!(aside[0].attempts, 2, "{what}");
+            assert!(
+                aside[0]
+                    .last_error
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("topic"),
+                "{what}: {aside:?}"
+            );
+            assert_eq!(crate::outbox::backlog(&s.db).await.expect("backlog"), 0);
+            assert!(
+                metrics
+                    .encode()
+                    .contains("agora_outbox_set_aside_total{service=\"relaytest\"} 1"),
+                "{what}"
+            );
+
+            // Retried: back in line with its attempts reset.
+            assert!(
+                crate::outbox::retry(&s.db, aside[0].seq)
+                    .await
+                    .expect("retry")
+            );
+            assert!(
+                !crate::outbox::retry(&s.db, aside[0].seq)
+                    .await
+                    .expect("retry twice")
+            );
+            assert_eq!(crate::outbox::backlog(&s.db).await.expect("backlog"), 1);
+            relay.run_once().await.expect_err("still refused");
+            assert_eq!(rows(&s.db).await[1].1, 1, "{what}: attempts start again");
+            nothing_delivered(&mut sub, what).await;
             teardown(s).await;
         }
     }

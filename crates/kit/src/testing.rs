@@ -71,9 +71,10 @@ impl TestEnv {
             settings.database.url = Some(url);
             settings.redis.url = Some(test_redis_url());
             settings.bus.url = Some(test_nats_url());
+            delete_stale_test_streams_once().await;
         }
         settings.redis.prefix = format!("test:{unique}:");
-        // Own stream and subjects per test (the bus deletes test streams it finds stale).
+        // Own stream and subjects per test (stale test streams are deleted once per process).
         settings.bus.prefix = format!("t{}_{}", unix_now(), &unique[..10]);
         settings.validate().expect("test settings are valid");
         Self {
@@ -81,6 +82,46 @@ impl TestEnv {
             backend,
             _dir: dir,
         }
+    }
+
+    /// The dependencies of `service` in this environment: its own database (migrated), cache
+    /// namespace and bus stream.
+    pub async fn deps(&self, service: &crate::service::Service) -> crate::service::Deps {
+        crate::service::Deps::connect(service, &self.settings, None)
+            .await
+            .expect("the test database, Redis and NATS are reachable (TEST_*_URL)")
+    }
+
+    /// A database of its own for a test of kit's parts (the relay, the consumer): service
+    /// `name`'s schema (named like the harness's, so stale ones are dropped by later runs) or
+    /// SQLite file, with kit's tables migrated. Drop it with [`TestEnv::drop_kit_db`].
+    pub async fn kit_db(&mut self, name: &str) -> crate::Db {
+        let schema = format!("{}_{name}", self.settings.bus.prefix);
+        self.settings.services.insert(
+            name.to_owned(),
+            crate::config::ServiceSettings {
+                schema: Some(schema),
+                ..Default::default()
+            },
+        );
+        let db = crate::Db::connect_only(&self.settings, name)
+            .await
+            .expect("the test database is reachable (TEST_DATABASE_URL)");
+        db.migrate(&crate::db::Migrations::NONE)
+            .await
+            .expect("kit's tables migrate");
+        db
+    }
+
+    /// Drops what [`TestEnv::kit_db`] made (the PostgreSQL schema) and closes the pool.
+    pub async fn drop_kit_db(&self, name: &str, db: crate::Db) {
+        if let (crate::Db::Postgres(_), Some(schema)) = (&db, self.settings.service(name).schema) {
+            crate::db::query(&format!("drop schema if exists {schema} cascade"))
+                .execute(&db)
+                .await
+                .expect("drop the test schema");
+        }
+        db.close().await;
     }
 
     /// Points the cache at a port where nothing listens, to test degradation.
@@ -235,6 +276,15 @@ async fn drop_stale_schemas(url: &str) {
         }
     }
     conn.close().await.ok();
+}
+
+/// NATS streams of killed test runs, deleted by the first PostgreSQL `TestEnv` of each process.
+async fn delete_stale_test_streams_once() {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| async {
+        crate::bus::delete_stale_test_streams(&test_nats_url()).await;
+    })
+    .await;
 }
 
 fn unix_now() -> u64 {

@@ -22,6 +22,15 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl kit::db::AsDbError for Error {
+    fn as_db_error(&self) -> Option<&sqlx::Error> {
+        match self {
+            Error::Database(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         match err {

@@ -4,16 +4,16 @@
 //! - `POST /api/v1/users`, `GET /api/v1/users?page=&per_page=`
 //! - `GET|PUT|PATCH|DELETE /api/v1/users/{id}`, `GET /api/v1/users/id/{id}`
 //! - `GET /api/v1/users/username/{username}`, `GET /api/v1/users/name/{name}`
-//! - `GET /api/v1/users/stats`, `GET /api/v1/stats`, `/health`, `/ready`
+//! - `GET /api/v1/users/stats`, `GET /api/v1/stats`, `/health`, `/ready`, `/metrics`
 
-use kit::http::Dependency;
-use kit::service::App;
-use kit::{Cache, Db, Settings};
+use anyhow::Context as _;
+use kit::service::{App, Deps, Service};
+use kit::{Cache, Db};
 
-pub mod domain;
+mod domain;
 mod error;
 mod routes;
-pub mod store;
+mod store;
 
 pub use error::Error;
 
@@ -26,32 +26,74 @@ pub static MIGRATIONS: kit::db::Migrations = kit::db::Migrations {
     sqlite: sqlx::migrate!("./migrations/sqlite"),
 };
 
+/// The users service, for the `agora` binary's registry.
+pub static SERVICE: Service = Service {
+    name: NAME,
+    migrations: Some(&MIGRATIONS),
+    uses_bus: false,
+    consumes: &[],
+    build: |deps| Box::pin(app(deps)),
+    seed: Some(|deps| Box::pin(seed(deps))),
+};
+
+/// `[services.users]` keys of its own: none yet (a misspelt key is refused at start).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsersSettings {}
+
 /// What every handler shares.
 #[derive(Clone)]
-pub struct AppState {
-    pub db: Db,
-    pub cache: Cache,
+struct AppState {
+    db: Db,
+    cache: Cache,
 }
 
-/// Connects (and migrates) the database, sets up the cache, and builds the router.
-pub async fn app(settings: &Settings) -> anyhow::Result<App> {
-    let db = Db::connect(settings, NAME, &MIGRATIONS).await?;
-    let cache = Cache::new(settings, NAME)?;
-    Ok(app_with(settings, AppState { db, cache }))
+/// Builds the service from its dependencies.
+pub async fn app(deps: Deps) -> anyhow::Result<App> {
+    let _: UsersSettings = deps.settings.section(NAME)?;
+    let state = AppState {
+        db: deps.db()?,
+        cache: deps.cache.clone(),
+    };
+    Ok(deps.app(routes::router(state)))
 }
 
-/// The router over existing state (tests use it to sabotage a dependency).
-pub fn app_with(settings: &Settings, state: AppState) -> App {
-    let dependencies = vec![
-        Dependency::database(&state.db),
-        Dependency::cache(&state.cache),
-    ];
-    let metrics = kit::metrics::Metrics::new(NAME);
-    state.cache.register_metrics(&metrics);
-    let router = routes::router(state.clone()).merge(kit::http::health_routes(NAME, dependencies));
-    App::new(
-        NAME,
-        kit::http::with_standard_layers(router, &settings.http, &metrics),
-        Some(state.db),
-    )
+/// Seed 001's sample users (its `database/init.sql`), with their ids.
+const SEED_001: &str = include_str!("../seed/seed-001-users.json");
+
+#[derive(serde::Deserialize)]
+struct SeedFile {
+    users: Vec<SeedUser>,
+}
+
+#[derive(serde::Deserialize)]
+struct SeedUser {
+    id: i64,
+    username: String,
+    email: String,
+}
+
+/// Loads seed 001's users 1-4; rows that exist are kept.
+pub async fn seed(deps: Deps) -> anyhow::Result<String> {
+    let data: SeedFile =
+        serde_json::from_str(SEED_001).context("parsing the built-in seed data")?;
+    let db = deps.db()?;
+    let mut tx = db.begin().await?;
+    let mut added = 0;
+    for user in &data.users {
+        let fields = domain::UserFields {
+            username: Some(user.username.clone()),
+            email: Some(user.email.clone()),
+            name: None,
+        };
+        if store::insert_with_id(&mut tx, user.id, &fields).await? {
+            added += 1;
+        }
+    }
+    kit::db::sync_identity(&mut tx, "users").await?;
+    tx.commit().await?;
+    Ok(format!(
+        "users: {added} added, {} already present",
+        data.users.len() - added
+    ))
 }

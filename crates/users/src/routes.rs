@@ -7,6 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
+use kit::db::ResultExt as _;
 use kit::http::{Json, Path, Query, RawJson};
 use kit::page::Pagination;
 use kit::{Db, Ttl};
@@ -47,18 +48,14 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// A 409 naming the field when a write hits a unique constraint.
-fn map_unique(err: sqlx::Error, fields: &crate::domain::UserFields) -> Error {
-    match kit::db::violated_column(&err, &["username", "email"]) {
-        Some("username") => Error::Taken {
-            field: "username",
-            value: fields.username.clone().unwrap_or_default(),
-        },
-        Some(_) => Error::Taken {
-            field: "email",
-            value: fields.email.clone().unwrap_or_default(),
-        },
-        None => Error::Database(err),
-    }
+fn on_unique<T>(result: sqlx::Result<T>, fields: &crate::domain::UserFields) -> Result<T> {
+    let taken = |field: &'static str, value: &Option<String>| Error::Taken {
+        field,
+        value: value.clone().unwrap_or_default(),
+    };
+    result
+        .on_constraint("users_username_key", || taken("username", &fields.username))
+        .on_constraint("users_email_key", || taken("email", &fields.email))
 }
 
 async fn invalidate_after_write(state: &AppState, id: Option<i64>) {
@@ -74,9 +71,7 @@ async fn create_user(
     Json(body): Json<CreateUserBody>,
 ) -> Result<Response> {
     let fields = body.validate_new().map_err(Error::Invalid)?;
-    let user = store::insert(&state.db, &fields)
-        .await
-        .map_err(|e| map_unique(e, &fields))?;
+    let user = on_unique(store::insert(&state.db, &fields).await, &fields)?;
     invalidate_after_write(&state, None).await;
     let location = HeaderValue::from_str(&format!("/api/v1/users/{}", user.id))
         .map_err(anyhow::Error::from)?;
@@ -169,7 +164,8 @@ async fn list_users(
     let page = state
         .cache
         .list_json(LIST_GROUP, &pagination.cache_field(), move || async move {
-            let (items, total) = store::list(&db, pagination.limit(), pagination.offset()).await?;
+            let items = store::list(&db, pagination.limit(), pagination.offset()).await?;
+            let total = store::count(&db).await?;
             Ok(pagination.page(items, total))
         })
         .await?;
@@ -183,9 +179,7 @@ async fn update_user(
     Json(body): Json<UpdateUserBody>,
 ) -> Result<Json<User>> {
     let fields = body.validate_update().map_err(Error::Invalid)?;
-    let user = store::update(&state.db, id, &fields)
-        .await
-        .map_err(|e| map_unique(e, &fields))?;
+    let user = on_unique(store::update(&state.db, id, &fields).await, &fields)?;
     let user = user.ok_or_else(|| Error::NotFound(format!("with id {id}")))?;
     invalidate_after_write(&state, Some(id)).await;
     Ok(Json(user))

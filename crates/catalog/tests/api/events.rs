@@ -41,7 +41,9 @@ async fn a_failed_event_write_rolls_the_change_back(backend: Backend) {
     let app = spawn_app(backend).await;
     let id = app.product_with_stock(10).await;
     // Sabotage: with the outbox gone, every event write fails.
-    kit::dispatch!(&app.db, pool => sqlx::query("drop table outbox").execute(pool).await.map(|_| ()))
+    kit::db::query("drop table outbox")
+        .execute(&app.db)
+        .await
         .expect("drop outbox");
 
     let path = format!("/api/v1/products/{id}");

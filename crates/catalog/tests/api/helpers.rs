@@ -1,9 +1,10 @@
 //! `spawn_app`: a catalog service on a free port with its own database (SQLite dir or PostgreSQL
 //! schema), its own Redis prefix and its own bus stream, plus a typed client.
 
+use kit::Db;
 use kit::bus::Bus;
+use kit::service::Deps;
 use kit::testing::{Backend, TestEnv, TestServer};
-use kit::{Cache, Db};
 use reqwest::Response;
 use serde_json::{Value, json};
 
@@ -15,26 +16,24 @@ pub struct TestApp {
     pub db: Db,
     /// The bus its relay publishes to (subscribe to see the events).
     pub bus: Bus,
+    /// What the service was built from (to run its seed).
+    pub deps: Deps,
     /// Keeps the test's SQLite directory alive.
     _env: TestEnv,
 }
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
     let env = TestEnv::new(backend).await;
-    let settings = &env.settings;
-    let db = Db::connect(settings, catalog::NAME, &catalog::MIGRATIONS)
-        .await
-        .expect("test database is reachable and migrates");
-    let cache = Cache::new(settings, catalog::NAME).expect("cache");
-    let bus = Bus::connect(settings)
-        .await
-        .expect("the bus is reachable (NATS for the PostgreSQL suite)");
-    let app = catalog::app_with(settings, db.clone(), cache, bus.clone()).expect("app");
-    let server = TestServer::start(app, settings).await;
+    let deps = env.deps(&catalog::SERVICE).await;
+    let db = deps.db().expect("the catalog has a database");
+    let bus = deps.bus().expect("the catalog uses the bus");
+    let app = catalog::app(deps.clone()).await.expect("app");
+    let server = TestServer::start(app, &env.settings).await;
     TestApp {
         server,
         db,
         bus,
+        deps,
         _env: env,
     }
 }
@@ -66,11 +65,11 @@ impl TestApp {
 
     /// `stock` and `reserved` as stored, read past the cache and the API.
     pub async fn stored_stock(&self, id: i64) -> (i64, i64) {
-        let product = catalog::store::find(&self.db, id)
+        kit::db::query("select stock, reserved from products where id = $1")
+            .bind(id)
+            .fetch_one(&self.db)
             .await
-            .expect("query")
-            .expect("product exists");
-        (product.stock, product.reserved)
+            .expect("product exists")
     }
 
     pub async fn reserve(&self, order_id: &str, items: Value) -> Response {

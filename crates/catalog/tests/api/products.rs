@@ -407,31 +407,37 @@ async fn deleting_a_product_with_reserved_units_is_409(backend: Backend) {
 
 async fn seeded_ids_are_kept_and_new_ids_follow_them(backend: Backend) {
     let app = spawn_app(backend).await;
-    let seeded = catalog::domain::NewProduct {
-        name: "Laptop".into(),
-        description: "High-performance laptop for professionals".into(),
-        sku: None,
-        category: Some("Electronics".into()),
-        price: catalog::money::Money::from_cents(129_999),
-        stock: 50,
-        low_stock_threshold: 10,
-    };
-    for id in [1, 7] {
-        let added = catalog::store::insert_with_id(&app.db, id, &seeded, &format!("SEED-{id}"))
-            .await
-            .expect("seed");
-        assert!(added, "product {id} seeded");
-    }
-    let again = catalog::store::insert_with_id(&app.db, 1, &seeded, "SEED-1")
-        .await
-        .expect("seed again");
-    assert!(!again, "seeding twice keeps the existing row");
+    let seed = catalog::SERVICE.seed.expect("the catalog has a seed");
+    let report = seed(app.deps.clone()).await.expect("seed");
+    assert_eq!(report, "products: 10 added, 0 already present");
+    // A seeded product changed since, and one deleted: seeding again adds the missing one only.
+    let renamed = app
+        .patch("/api/v1/products/1", json!({"name": "Renamed"}))
+        .await;
+    assert_eq!(renamed.status(), 200);
+    let deleted = app
+        .request(Method::DELETE, "/api/v1/products/7", None)
+        .await;
+    assert_eq!(deleted.status(), 204);
+    let again = seed(app.deps.clone()).await.expect("seed again");
+    assert_eq!(
+        again, "products: 1 added, 9 already present",
+        "seeding twice keeps the existing rows"
+    );
 
     let (_, laptop) = app.get_json("/api/v1/products/1").await;
+    assert_eq!(laptop["name"], "Renamed", "the existing row is kept");
     assert_eq!(laptop["price"].as_f64(), Some(1299.99));
+    assert_eq!(laptop["sku"], "SEED-0001");
+    assert_eq!(
+        laptop["low_stock_threshold"], 10,
+        "the configured threshold"
+    );
+    let (status, _) = app.get_json("/api/v1/products/7").await;
+    assert_eq!(status, 200, "the seeded id is kept");
     let created = app.create_product(json!({"name": "New", "price": 1})).await;
     assert_eq!(
-        created["id"], 8,
+        created["id"], 11,
         "new ids continue after the largest seeded one"
     );
 }

@@ -2,20 +2,19 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Acker, Delivery, Message, topic_matches};
+use super::{Acker, BusBackend, Delivery, Message, SubscriptionBackend, topic_matches};
 
 #[derive(Default)]
 pub(super) struct MemoryBus {
     consumers: Mutex<HashMap<String, Arc<MemoryConsumer>>>,
-    pub(super) unavailable: AtomicBool,
 }
 
 /// One consumer name's queue, shared by its subscriptions and its outstanding deliveries.
@@ -43,13 +42,13 @@ struct Queued {
     payload: Bytes,
 }
 
-pub(super) struct MemorySubscription {
+struct MemorySubscription {
     consumer: Arc<MemoryConsumer>,
     ack_wait: Duration,
 }
 
 /// The un-acked message of a delivery; redelivered after the ack wait if dropped un-acked.
-pub(super) struct MemoryAck {
+struct MemoryAck {
     consumer: Arc<MemoryConsumer>,
     item: Option<Queued>,
     ack_wait: Duration,
@@ -60,12 +59,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl MemoryBus {
-    pub(super) fn publish(&self, message: &Message) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            !self.unavailable.load(Ordering::SeqCst),
-            "bus made unavailable by a test"
-        );
+#[async_trait]
+impl BusBackend for MemoryBus {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn publish(&self, message: &Message) -> anyhow::Result<()> {
         let consumers: Vec<Arc<MemoryConsumer>> = lock(&self.consumers).values().cloned().collect();
         for consumer in consumers {
             let mut state = lock(&consumer.state);
@@ -87,24 +87,29 @@ impl MemoryBus {
         Ok(())
     }
 
-    /// Subscribes as `name`; its topics become `topics`.
-    pub(super) fn subscribe(
+    /// Subscribes as `consumer`; its topics become `topics`.
+    async fn subscribe(
         &self,
-        name: &str,
+        consumer: &str,
         topics: Vec<String>,
         ack_wait: Duration,
-    ) -> MemorySubscription {
+    ) -> anyhow::Result<Box<dyn SubscriptionBackend>> {
         let consumer = lock(&self.consumers)
-            .entry(name.to_owned())
+            .entry(consumer.to_owned())
             .or_default()
             .clone();
         lock(&consumer.state).topics = topics;
-        MemorySubscription { consumer, ack_wait }
+        Ok(Box::new(MemorySubscription { consumer, ack_wait }))
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        Ok(())
     }
 
     /// Forgets every consumer and its queue.
-    pub(super) fn clear(&self) {
+    async fn delete_stream(&self) -> anyhow::Result<()> {
         lock(&self.consumers).clear();
+        Ok(())
     }
 }
 
@@ -127,8 +132,10 @@ impl MemoryConsumer {
     }
 }
 
-impl MemorySubscription {
-    pub(super) async fn next(&mut self) -> Delivery {
+#[async_trait]
+impl SubscriptionBackend for MemorySubscription {
+    /// Never ends, never fails.
+    async fn next(&mut self) -> Option<anyhow::Result<Delivery>> {
         loop {
             // Registered before looking at the queue, so a publish in between is not missed.
             let notified = self.consumer.ready.notified();
@@ -151,19 +158,19 @@ impl MemorySubscription {
                         // Pass the turn on, in case the wake-up for the rest went to us.
                         self.consumer.ready.notify_one();
                     }
-                    return Delivery {
+                    return Some(Ok(Delivery {
                         message: Message {
                             id: item.id.clone(),
                             topic: item.topic.clone(),
                             payload: item.payload.clone(),
                         },
                         attempt: item.attempt,
-                        acker: Acker::Memory(MemoryAck {
+                        acker: Box::new(MemoryAck {
                             consumer: self.consumer.clone(),
                             item: Some(item),
                             ack_wait: self.ack_wait,
                         }),
-                    };
+                    }));
                 }
                 state.delayed.peek().map(|Reverse((due, _, _))| *due)
             };
@@ -180,17 +187,20 @@ impl MemorySubscription {
     }
 }
 
-impl MemoryAck {
-    /// Acked: nothing to redeliver.
-    pub(super) fn settle(mut self) {
+#[async_trait]
+impl Acker for MemoryAck {
+    /// Nothing to redeliver.
+    async fn ack(mut self: Box<Self>) -> anyhow::Result<()> {
         self.item = None;
+        Ok(())
     }
 
-    /// Nacked: back in the queue after `delay`.
-    pub(super) fn redeliver_after(mut self, delay: Duration) {
+    /// Back in the queue after `delay`.
+    async fn nack(mut self: Box<Self>, delay: Duration) -> anyhow::Result<()> {
         if let Some(item) = self.item.take() {
             self.consumer.redeliver(item, delay);
         }
+        Ok(())
     }
 }
 

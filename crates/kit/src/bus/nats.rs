@@ -1,13 +1,13 @@
 //! The NATS JetStream backend: one stream per prefix, a durable pull consumer per consumer name.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, consumer::pull, stream};
-use futures::{StreamExt as _, TryStreamExt as _};
+use async_trait::async_trait;
+use futures::StreamExt as _;
 
-use super::{Acker, Delivery, Message, topic_matches};
+use super::{Acker, BusBackend, Delivery, Message, SubscriptionBackend, topic_matches};
 use crate::config::Settings;
 
 /// JetStream drops a re-publish of an id seen this recently (a relay that crashed after
@@ -22,8 +22,6 @@ const PULL_BATCH: usize = 1;
 /// was dropped; a message it hands to that subscription's last request returns after the ack
 /// wait, so requests are kept short-lived.
 const PULL_EXPIRY: Duration = Duration::from_secs(10);
-/// Test streams (`T<unix time>_..._EVENTS`) older than this are deleted by the next test run.
-const STALE_TEST_STREAM: u64 = 2 * 3600;
 
 pub(super) struct NatsBus {
     js: jetstream::Context,
@@ -32,10 +30,9 @@ pub(super) struct NatsBus {
     /// `<prefix>.events.`
     subjects: String,
     publish_timeout: Duration,
-    pub(super) unavailable: AtomicBool,
 }
 
-pub(super) struct NatsSubscription {
+struct NatsSubscription {
     messages: pull::Stream,
     /// Filtered here too: a consumer of several topics pulls the whole stream (one filter subject
     /// is all NATS servers before 2.10 support).
@@ -62,11 +59,7 @@ impl NatsBus {
             stream: format!("{}_EVENTS", prefix.to_uppercase()),
             subjects: format!("{prefix}.events."),
             publish_timeout,
-            unavailable: AtomicBool::new(false),
         };
-        if is_test_prefix(prefix) {
-            bus.delete_stale_test_streams().await;
-        }
         bus.js
             .create_or_update_stream(stream::Config {
                 name: bus.stream.clone(),
@@ -86,54 +79,6 @@ impl NatsBus {
                 )
             })?;
         Ok(bus)
-    }
-
-    pub(super) async fn publish(&self, message: &Message) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            !self.unavailable.load(Ordering::SeqCst),
-            "bus made unavailable by a test"
-        );
-        let subject = format!("{}{}", self.subjects, message.topic);
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(message.payload.clone())
-            .message_id(&message.id);
-        let stored = async {
-            let ack = self.js.send_publish(subject, publish).await?;
-            ack.await?;
-            Ok::<_, async_nats::Error>(())
-        };
-        tokio::time::timeout(self.publish_timeout, stored)
-            .await
-            .map_err(|_| anyhow::anyhow!("no ack within {:?}", self.publish_timeout))
-            .and_then(|r| r.map_err(|e| anyhow::anyhow!(e)))
-            .with_context(|| format!("publishing {} ({})", message.id, message.topic))
-    }
-
-    pub(super) async fn subscribe(
-        &self,
-        name: &str,
-        topics: Vec<String>,
-        ack_wait: Duration,
-    ) -> anyhow::Result<NatsSubscription> {
-        let filter = match topics.as_slice() {
-            [one] => format!("{}{one}", self.subjects),
-            _ => format!("{}>", self.subjects),
-        };
-        let consumer = self.durable(name, filter, ack_wait).await?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(PULL_BATCH)
-            .expires(PULL_EXPIRY)
-            .heartbeat(PULL_EXPIRY / 2)
-            .messages()
-            .await
-            .map_err(|e| anyhow::anyhow!(e))
-            .with_context(|| format!("pulling from consumer {name}"))?;
-        Ok(NatsSubscription {
-            messages,
-            topics,
-            subjects: self.subjects.clone(),
-        })
     }
 
     /// Creates the durable consumer `name`, or updates its ack wait. A change of topics recreates
@@ -188,8 +133,59 @@ impl NatsBus {
             .map_err(|e| anyhow::anyhow!(e))
             .with_context(|| format!("creating consumer {name} on {}", self.stream))
     }
+}
 
-    pub(super) async fn ping(&self) -> anyhow::Result<()> {
+#[async_trait]
+impl BusBackend for NatsBus {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn publish(&self, message: &Message) -> anyhow::Result<()> {
+        let subject = format!("{}{}", self.subjects, message.topic);
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(message.payload.clone())
+            .message_id(&message.id);
+        let stored = async {
+            let ack = self.js.send_publish(subject, publish).await?;
+            ack.await?;
+            Ok::<_, async_nats::Error>(())
+        };
+        tokio::time::timeout(self.publish_timeout, stored)
+            .await
+            .map_err(|_| anyhow::anyhow!("no ack within {:?}", self.publish_timeout))
+            .and_then(|r| r.map_err(|e| anyhow::anyhow!(e)))
+            .with_context(|| format!("publishing {} ({})", message.id, message.topic))
+    }
+
+    async fn subscribe(
+        &self,
+        name: &str,
+        topics: Vec<String>,
+        ack_wait: Duration,
+    ) -> anyhow::Result<Box<dyn SubscriptionBackend>> {
+        let filter = match topics.as_slice() {
+            [one] => format!("{}{one}", self.subjects),
+            _ => format!("{}>", self.subjects),
+        };
+        let consumer = self.durable(name, filter, ack_wait).await?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(PULL_BATCH)
+            .expires(PULL_EXPIRY)
+            .heartbeat(PULL_EXPIRY / 2)
+            .messages()
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| format!("pulling from consumer {name}"))?;
+        Ok(Box::new(NatsSubscription {
+            messages,
+            topics,
+            subjects: self.subjects.clone(),
+        }))
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
         self.js
             .get_stream(&self.stream)
             .await
@@ -198,7 +194,7 @@ impl NatsBus {
             .with_context(|| format!("looking up the JetStream stream {}", self.stream))
     }
 
-    pub(super) async fn delete_stream(&self) -> anyhow::Result<()> {
+    async fn delete_stream(&self) -> anyhow::Result<()> {
         match self.js.delete_stream(&self.stream).await {
             Ok(_) => Ok(()),
             Err(err)
@@ -211,32 +207,11 @@ impl NatsBus {
                 .with_context(|| format!("deleting the JetStream stream {}", self.stream)),
         }
     }
-
-    /// Test runs that were killed never delete their stream; their names carry their start time
-    /// (like the test schemas of PostgreSQL), so the next run removes those over two hours old.
-    async fn delete_stale_test_streams(&self) {
-        let Ok(names) = self.js.stream_names().try_collect::<Vec<String>>().await else {
-            return;
-        };
-        let cutoff = unix_now().saturating_sub(STALE_TEST_STREAM);
-        for name in names {
-            let Some(prefix) = name.strip_suffix("_EVENTS") else {
-                continue;
-            };
-            if !is_test_prefix(&prefix.to_lowercase()) || name == self.stream {
-                continue;
-            }
-            let stamp: u64 = prefix[1..11].parse().unwrap_or(u64::MAX);
-            if stamp < cutoff {
-                tracing::debug!(stream = %name, "deleting a stale test stream");
-                let _ = self.js.delete_stream(&name).await;
-            }
-        }
-    }
 }
 
-impl NatsSubscription {
-    pub(super) async fn next(&mut self) -> Option<anyhow::Result<Delivery>> {
+#[async_trait]
+impl SubscriptionBackend for NatsSubscription {
+    async fn next(&mut self) -> Option<anyhow::Result<Delivery>> {
         loop {
             let message = match self.messages.next().await? {
                 Ok(message) => message,
@@ -280,19 +255,23 @@ impl NatsSubscription {
                     payload: message.payload.clone(),
                 },
                 attempt,
-                acker: Acker::Nats(Box::new(message)),
+                acker: Box::new(message),
             }));
         }
     }
 }
 
-/// `t<10 digits>_...`: the prefix [`crate::testing::TestEnv`] gives each test.
-pub(super) fn is_test_prefix(prefix: &str) -> bool {
-    let bytes = prefix.as_bytes();
-    bytes.len() > 12
-        && bytes[0] == b't'
-        && bytes[1..11].iter().all(u8::is_ascii_digit)
-        && bytes[11] == b'_'
+#[async_trait]
+impl Acker for jetstream::Message {
+    async fn ack(self: Box<Self>) -> anyhow::Result<()> {
+        self.double_ack().await.map_err(|e| anyhow::anyhow!(e))
+    }
+
+    async fn nack(self: Box<Self>, delay: Duration) -> anyhow::Result<()> {
+        self.ack_with(jetstream::AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+    }
 }
 
 /// The URL without its password, for error messages.
@@ -306,7 +285,60 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Test streams (`T<unix time>_..._EVENTS`) older than this are deleted by the next test run.
+#[cfg(any(test, feature = "testing"))]
+const STALE_TEST_STREAM: u64 = 2 * 3600;
+
+/// Deletes the streams of test runs that were killed before deleting theirs: their names carry
+/// their start time (like the test schemas of PostgreSQL), so those over two hours old go. Quiet
+/// when NATS is unreachable: the test's own connection reports that. [`crate::testing`] calls it
+/// once per test process.
+#[cfg(any(test, feature = "testing"))]
+pub(crate) async fn delete_stale_test_streams(url: &str) {
+    use futures::TryStreamExt as _;
+
+    let Ok(client) = async_nats::ConnectOptions::new()
+        .name("agora-test-cleanup")
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+    else {
+        return;
+    };
+    let js = jetstream::new(client);
+    let Ok(names) = js.stream_names().try_collect::<Vec<String>>().await else {
+        return;
+    };
+    let cutoff = unix_now().saturating_sub(STALE_TEST_STREAM);
+    for name in names {
+        let Some(prefix) = name.strip_suffix("_EVENTS") else {
+            continue;
+        };
+        if !is_test_prefix(&prefix.to_lowercase()) {
+            continue;
+        }
+        let stamp: u64 = prefix[1..11].parse().unwrap_or(u64::MAX);
+        if stamp < cutoff {
+            tracing::debug!(stream = %name, "deleting a stale test stream");
+            let _ = js.delete_stream(&name).await;
+        }
+    }
+}
+
+/// `t<10 digits>_...`: the prefix [`crate::testing::TestEnv`] gives each test.
+#[cfg(any(test, feature = "testing"))]
+pub(super) fn is_test_prefix(prefix: &str) -> bool {
+    let bytes = prefix.as_bytes();
+    bytes.len() > 12
+        && bytes[0] == b't'
+        && bytes[1..11].iter().all(u8::is_ascii_digit)
+        && bytes[11] == b'_'
+}
+
+#[cfg(any(test, feature = "testing"))]
 pub(super) fn unix_now() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -320,21 +320,14 @@ async fn concurrent_creates_all_succeed_with_distinct_ids(backend: Backend) {
 
 async fn seeded_ids_are_kept_and_new_ids_follow_them(backend: Backend) {
     let app = spawn_app(backend).await;
-    for (id, username) in [(1, "alice"), (4, "diana")] {
-        let fields = users::domain::UserFields {
-            username: Some(username.into()),
-            email: Some(format!("{username}@example.com")),
-            name: None,
-        };
-        let added = users::store::insert_with_id(&app.db, id, &fields)
-            .await
-            .expect("seed");
-        assert!(added, "user {id} seeded");
-        let again = users::store::insert_with_id(&app.db, id, &fields)
-            .await
-            .expect("seed again");
-        assert!(!again, "seeding twice keeps the existing row");
-    }
+    let seed = users::SERVICE.seed.expect("users has seed data");
+    let report = seed(app.deps.clone()).await.expect("seed");
+    assert_eq!(report, "users: 4 added, 0 already present");
+    let again = seed(app.deps.clone()).await.expect("seed again");
+    assert_eq!(
+        again, "users: 0 added, 4 already present",
+        "seeding twice keeps the existing rows"
+    );
     let (_, alice) = app.get_json("/api/v1/users/1").await;
     assert_eq!(alice["username"], "alice");
     let created = app.create_user(json!({"name": "Erin"})).await;

@@ -139,7 +139,9 @@ async fn incoming_request_id_is_kept() {
 /// Sabotage: the table is gone. The client gets a generic 500, never the database's words.
 async fn database_failure_is_a_generic_500(backend: Backend) {
     let app = spawn_app(backend).await;
-    kit::dispatch!(&app.db, pool => sqlx::query("drop table users").execute(pool).await.map(|_| ()))
+    kit::db::query("drop table users")
+        .execute(&app.db)
+        .await
         .expect("drop table");
     for response in [
         app.post("/api/v1/users", json!({"name": "Alice"})).await,

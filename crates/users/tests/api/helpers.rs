@@ -1,16 +1,18 @@
 //! `spawn_app`: a users service on a free port with its own database (SQLite dir or PostgreSQL
 //! schema) and its own Redis prefix, plus a typed client.
 
+use kit::Db;
+use kit::service::Deps;
 pub use kit::testing::assert_problem;
 use kit::testing::{Backend, TestEnv, TestServer};
-use kit::{Cache, Db};
 use serde_json::Value;
-use users::AppState;
 
 pub struct TestApp {
     pub server: TestServer,
     /// The service's own database handle, to inspect or sabotage it.
     pub db: Db,
+    /// What the service was built from (to seed it, say).
+    pub deps: Deps,
     pub env: TestEnv,
 }
 
@@ -19,20 +21,16 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 }
 
 pub async fn spawn_app_in(env: TestEnv) -> TestApp {
-    let settings = &env.settings;
-    let db = Db::connect(settings, users::NAME, &users::MIGRATIONS)
-        .await
-        .expect("test database is reachable and migrates");
-    let cache = Cache::new(settings, users::NAME).expect("cache");
-    let app = users::app_with(
-        settings,
-        AppState {
-            db: db.clone(),
-            cache,
-        },
-    );
-    let server = TestServer::start(app, settings).await;
-    TestApp { server, db, env }
+    let deps = env.deps(&users::SERVICE).await;
+    let db = deps.db().expect("users has a database");
+    let app = users::app(deps.clone()).await.expect("users app");
+    let server = TestServer::start(app, &env.settings).await;
+    TestApp {
+        server,
+        db,
+        deps,
+        env,
+    }
 }
 
 /// `app.get(..)`, `app.post(..)`, ... are the server's request helpers.

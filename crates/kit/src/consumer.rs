@@ -1,0 +1,503 @@
+//! The one event consumer every consuming service uses: a durable bus subscription whose messages
+//! are handled exactly once in effect, retried with back-off, and dead-lettered when they keep
+//! failing. A service writes a [`Handler`] and never a retry loop of its own.
+//!
+//! For each delivery, in ONE database transaction of the consuming service:
+//! 1. the message id is recorded in `consumed_messages` (kit's migration); if it is already
+//!    there, the message was handled before (a redelivery) and is acked without running anything;
+//! 2. the handler applies the event's effects on the same transaction;
+//! 3. commit, then ack. A crash before the commit leaves nothing behind and the bus redelivers;
+//!    a crash between commit and ack redelivers a message that step 1 then skips.
+//!
+//! A handler error rolls everything back and nacks the delivery, which comes back after
+//! `bus.consumer_backoff_ms`, doubling up to `bus.consumer_backoff_max_ms`. At delivery number
+//! `bus.consumer_max_attempts` (or at once for a message that is not an event at all) the
+//! message goes to `dead_letters` in the service's database instead, counted in
+//! `agora_consumer_dead_lettered_total`; [`DeadLetters`] lists them and retries one through the
+//! same handler. The dead-letter store is a table in the consumer's own database on both buses:
+//! durable in the embedded mode too (the in-process bus keeps nothing), specific to the consumer
+//! that failed (a retry reaches no other consumer), and listable and retryable from any replica.
+//!
+//! The handler runs inside the transaction, which on SQLite holds the database's write lock: do
+//! slow remote calls before writing, and keep them idempotent (a failed attempt is retried).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, Delivery, Message};
+use crate::config::BusSettings;
+use crate::db::{Db, Tx, query};
+use crate::event::Event;
+
+/// What a consumer does with each event.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Applies `event`'s effects on `tx`; they commit together with the record that the message
+    /// was handled. An error rolls both back and the message is retried.
+    async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()>;
+}
+
+/// `last_error` keeps this many characters of the error chain.
+const MAX_ERROR_CHARS: usize = 500;
+/// How often a running consumer forgets handled ids older than `bus.consumer_dedupe_hours`.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Pause before subscribing again after the bus refused or ended a subscription.
+const RESUBSCRIBE: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(10));
+
+const RECORD: &str = "insert into consumed_messages (consumer, message_id, processed_at) \
+                      values ($1, $2, $3) on conflict do nothing";
+const DEAD_LETTER: &str = "insert into dead_letters \
+    (consumer, message_id, topic, payload, attempts, last_error, dead_at) \
+    values ($1, $2, $3, $4, $5, $6, $7) \
+    on conflict (consumer, message_id) do update set attempts = excluded.attempts, \
+    last_error = excluded.last_error, dead_at = excluded.dead_at, topic = excluded.topic, \
+    payload = excluded.payload";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumerLabel {
+    consumer: String,
+}
+
+/// A consumer's counters.
+#[derive(Clone, Default)]
+struct Counters {
+    handled: Family<ConsumerLabel, Counter>,
+    duplicates: Family<ConsumerLabel, Counter>,
+    retried: Family<ConsumerLabel, Counter>,
+    dead_lettered: Family<ConsumerLabel, Counter>,
+}
+
+/// A named consumer of some topics; see the module docs. Build it, then [`Consumer::spawn`] it as
+/// a background task of the service (`App::with_task`).
+pub struct Consumer {
+    inner: Arc<Inner>,
+    topics: Vec<String>,
+    bus: Bus,
+    concurrency: usize,
+}
+
+struct Inner {
+    name: String,
+    db: Db,
+    handler: Box<dyn Handler>,
+    max_attempts: u64,
+    backoff: Duration,
+    backoff_max: Duration,
+    dedupe: Option<Duration>,
+    label: ConsumerLabel,
+    counters: Counters,
+}
+
+/// What happened to one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler ran and its effects committed.
+    Handled,
+    /// Handled before: skipped.
+    Duplicate,
+    /// The handler failed; the message comes back after the back-off.
+    Retry,
+    /// Moved to the dead letters.
+    DeadLettered,
+}
+
+impl Consumer {
+    /// The consumer `name` (letters, digits, `_`, `-`; the durable name on the bus) of `topics`
+    /// (wildcards allowed), recording what it handled in `db`, with the limits of `settings`.
+    pub fn new(
+        name: &str,
+        topics: &[&str],
+        db: Db,
+        bus: Bus,
+        settings: &BusSettings,
+        handler: impl Handler,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                name: name.to_owned(),
+                db,
+                handler: Box::new(handler),
+                max_attempts: u64::from(settings.consumer_max_attempts.max(1)),
+                backoff: Duration::from_millis(settings.consumer_backoff_ms.max(1)),
+                backoff_max: Duration::from_millis(
+                    settings
+                        .consumer_backoff_max_ms
+                        .max(settings.consumer_backoff_ms),
+                ),
+                dedupe: (settings.consumer_dedupe_hours > 0)
+                    .then(|| Duration::from_secs(settings.consumer_dedupe_hours * 3600)),
+                label: ConsumerLabel {
+                    consumer: name.to_owned(),
+                },
+                counters: Counters::default(),
+            }),
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            bus,
+            concurrency: 1,
+        }
+    }
+
+    /// Handles up to `n` messages at once (n competing subscriptions of the same name).
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// The consumer's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The dead letters of this consumer, to list and retry (from an admin route, say).
+    pub fn dead_letters(&self) -> DeadLetters {
+        DeadLetters {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Exposes `agora_consumer_{handled,duplicates,retried,dead_lettered}_total{consumer}`.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        let c = &self.inner.counters;
+        metrics.register(
+            "consumer_handled",
+            "Messages whose handler committed",
+            c.handled.clone(),
+        );
+        metrics.register(
+            "consumer_duplicates",
+            "Redelivered messages skipped because they were handled before",
+            c.duplicates.clone(),
+        );
+        metrics.register(
+            "consumer_retried",
+            "Handler failures that will be retried after a back-off",
+            c.retried.clone(),
+        );
+        metrics.register(
+            "consumer_dead_lettered",
+            "Messages moved to the dead letters",
+            c.dead_lettered.clone(),
+        );
+    }
+
+    /// Consumes until `shutdown` fires; a message in progress is finished, never cut. A bus that
+    /// is down (or a subscription that ends) is retried with back-off.
+    pub fn spawn(self, shutdown: CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let workers: Vec<JoinHandle<()>> = (0..self.concurrency)
+                .map(|_| {
+                    let inner = self.inner.clone();
+                    let bus = self.bus.clone();
+                    let topics = self.topics.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move { inner.run(&bus, &topics, shutdown).await })
+                })
+                .collect();
+            let prune = {
+                let inner = self.inner.clone();
+                let shutdown = shutdown.clone();
+                async move {
+                    loop {
+                        if let Err(err) = inner.prune().await {
+                            tracing::warn!(consumer = %inner.name, error.message = %format!("{err:#}"), "pruning handled message ids failed");
+                        }
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(PRUNE_EVERY) => {}
+                        }
+                    }
+                }
+            };
+            let workers = futures::future::join_all(workers);
+            let ((), _) = tokio::join!(prune, workers);
+            tracing::debug!(consumer = %self.inner.name, "consumer stopped");
+        })
+    }
+
+    /// Handles one delivery as the running consumer does: handle (or skip), then ack, nack or
+    /// dead-letter. For tests and for callers with their own subscription.
+    pub async fn process(&self, delivery: Delivery) -> anyhow::Result<Outcome> {
+        self.inner.process(delivery).await
+    }
+}
+
+impl Inner {
+    async fn run(&self, bus: &Bus, topics: &[String], shutdown: CancellationToken) {
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let mut pause = Duration::ZERO;
+        'subscribe: loop {
+            if !pause.is_zero() {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+            let mut subscription = match bus.subscribe(&self.name, &topics).await {
+                Ok(subscription) => subscription,
+                Err(err) => {
+                    pause = (pause * 2).clamp(RESUBSCRIBE.0, RESUBSCRIBE.1);
+                    tracing::warn!(consumer = %self.name, error.message = %format!("{err:#}"), retry_in_ms = pause.as_millis() as u64, "subscribing failed");
+                    continue;
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    next = subscription.next() => next,
+                };
+                match next {
+                    Some(Ok(delivery)) => {
+                        if let Err(err) = self.process(delivery).await {
+                            // Acking or nacking failed: the bus redelivers after the ack wait.
+                            tracing::warn!(consumer = %self.name, error.message = %format!("{err:#}"), "settling a delivery failed");
+                        }
+                    }
+                    Some(Err(err)) => {
+                        tracing::warn!(consumer = %self.name, error.message = %format!("{err:#}"), "receiving from the bus failed");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(RESUBSCRIBE.0) => {}
+                        }
+                    }
+                    None => {
+                        pause = RESUBSCRIBE.0;
+                        continue 'subscribe;
+                    }
+                }
+            }
+        }
+    }
+
+    #[tracing::instrument(name = "consume", skip_all, fields(consumer = %self.name, message.id = %delivery.message.id, message.topic = %delivery.message.topic, attempt = delivery.attempt))]
+    async fn process(&self, delivery: Delivery) -> anyhow::Result<Outcome> {
+        let attempt = delivery.attempt;
+        let (outcome, error) = match self.handle(&delivery.message).await {
+            Ok(outcome) => (outcome, None),
+            Err(Failure::Poison(err)) => (Outcome::DeadLettered, Some(err)),
+            Err(Failure::Handler(err)) if attempt >= self.max_attempts => {
+                (Outcome::DeadLettered, Some(err))
+            }
+            Err(Failure::Handler(err)) => (Outcome::Retry, Some(err)),
+        };
+        match outcome {
+            Outcome::Handled | Outcome::Duplicate => {
+                let counter = if outcome == Outcome::Handled {
+                    &self.counters.handled
+                } else {
+                    &self.counters.duplicates
+                };
+                counter.get_or_create(&self.label).inc();
+                delivery.ack().await?;
+            }
+            Outcome::Retry => {
+                let delay = self.backoff_for(attempt);
+                self.counters.retried.get_or_create(&self.label).inc();
+                if let Some(err) = &error {
+                    tracing::warn!(error.message = %format!("{err:#}"), retry_in_ms = delay.as_millis() as u64, "handler failed; the message will be retried");
+                }
+                delivery.nack(delay).await?;
+            }
+            Outcome::DeadLettered => {
+                let err = error.unwrap_or_else(|| anyhow::anyhow!("dead-lettered"));
+                if let Err(store) = self.dead_letter(&delivery.message, attempt, &err).await {
+                    // Not stored: keep the message on the bus and try again later.
+                    delivery.nack(self.backoff_max).await?;
+                    return Err(store.context("storing a dead letter"));
+                }
+                self.counters.dead_lettered.get_or_create(&self.label).inc();
+                tracing::error!(error.message = %format!("{err:#}"), attempts = attempt, "message dead-lettered");
+                delivery.ack().await?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn backoff_for(&self, attempt: u64) -> Duration {
+        let exponent = u32::try_from(attempt.saturating_sub(1))
+            .unwrap_or(u32::MAX)
+            .min(20);
+        self.backoff
+            .saturating_mul(2u32.saturating_pow(exponent))
+            .min(self.backoff_max)
+    }
+
+    /// Records and handles `message` in one transaction.
+    async fn handle(&self, message: &Message) -> Result<Outcome, Failure> {
+        let event = message.event().map_err(Failure::Poison)?;
+        let mut tx = self
+            .db
+            .begin()
+            .await
+            .context("starting the consumer transaction")
+            .map_err(Failure::Handler)?;
+        let fresh = query(RECORD)
+            .bind(&self.name)
+            .bind(&message.id)
+            .bind(Utc::now())
+            .execute(&mut tx)
+            .await
+            .context("recording the message as handled")
+            .map_err(Failure::Handler)?
+            == 1;
+        if !fresh {
+            return Ok(Outcome::Duplicate);
+        }
+        self.handler
+            .handle(&mut tx, &event)
+            .await
+            .map_err(Failure::Handler)?;
+        tx.commit()
+            .await
+            .context("committing the handler's transaction")
+            .map_err(Failure::Handler)?;
+        Ok(Outcome::Handled)
+    }
+
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        attempts: u64,
+        err: &anyhow::Error,
+    ) -> anyhow::Result<()> {
+        query(DEAD_LETTER)
+            .bind(&self.name)
+            .bind(&message.id)
+            .bind(&message.topic)
+            .bind(String::from_utf8_lossy(&message.payload).into_owned())
+            .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
+            .bind(error_text(err))
+            .bind(Utc::now())
+            .execute(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    async fn prune(&self) -> anyhow::Result<u64> {
+        let Some(keep) = self.dedupe else {
+            return Ok(0);
+        };
+        let cutoff = Utc::now() - chrono::Duration::from_std(keep).context("dedupe window")?;
+        Ok(
+            query("delete from consumed_messages where consumer = $1 and processed_at < $2")
+                .bind(&self.name)
+                .bind(cutoff)
+                .execute(&self.db)
+                .await?,
+        )
+    }
+}
+
+enum Failure {
+    /// Not an event: no retry can fix it.
+    Poison(anyhow::Error),
+    /// The handler (or the database) failed: worth retrying.
+    Handler(anyhow::Error),
+}
+
+fn error_text(err: &anyhow::Error) -> String {
+    format!("{err:#}").chars().take(MAX_ERROR_CHARS).collect()
+}
+
+/// A message a consumer gave up on.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub consumer: String,
+    pub message_id: String,
+    pub topic: String,
+    /// The message body (the event's JSON).
+    pub payload: String,
+    pub attempts: i32,
+    pub last_error: String,
+    pub dead_at: DateTime<Utc>,
+}
+
+/// One consumer's dead letters: list them, retry one.
+#[derive(Clone)]
+pub struct DeadLetters {
+    inner: Arc<Inner>,
+}
+
+impl DeadLetters {
+    /// Oldest first, a page at a time.
+    pub async fn list(&self, limit: i64, offset: i64) -> sqlx::Result<Vec<DeadLetter>> {
+        query(
+            "select id, consumer, message_id, topic, payload, attempts, last_error, dead_at \
+             from dead_letters where consumer = $1 order by id limit $2 offset $3",
+        )
+        .bind(&self.inner.name)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.inner.db)
+        .await
+    }
+
+    /// How many there are.
+    pub async fn count(&self) -> sqlx::Result<i64> {
+        query("select count(*) from dead_letters where consumer = $1")
+            .bind(&self.inner.name)
+            .fetch_scalar(&self.inner.db)
+            .await
+    }
+
+    /// Runs the handler on dead letter `id` now. Handled (or found handled before): the dead
+    /// letter is deleted and `Ok(Some(outcome))` returned. The handler failed again: the dead
+    /// letter stays, with one more attempt and the new error, and the error is returned. `Ok(None)`
+    /// when there is no such dead letter.
+    pub async fn retry(&self, id: i64) -> anyhow::Result<Option<Outcome>> {
+        let inner = &self.inner;
+        let letter: Option<DeadLetter> = query(
+            "select id, consumer, message_id, topic, payload, attempts, last_error, dead_at \
+             from dead_letters where consumer = $1 and id = $2",
+        )
+        .bind(&inner.name)
+        .bind(id)
+        .fetch_optional(&inner.db)
+        .await?;
+        let Some(letter) = letter else {
+            return Ok(None);
+        };
+        let message = Message {
+            id: letter.message_id.clone(),
+            topic: letter.topic.clone(),
+            payload: bytes::Bytes::from(letter.payload.clone()),
+        };
+        match inner.handle(&message).await {
+            Ok(outcome) => {
+                query("delete from dead_letters where id = $1")
+                    .bind(id)
+                    .execute(&inner.db)
+                    .await?;
+                if outcome == Outcome::Handled {
+                    inner.counters.handled.get_or_create(&inner.label).inc();
+                }
+                Ok(Some(outcome))
+            }
+            Err(Failure::Poison(err) | Failure::Handler(err)) => {
+                query(
+                    "update dead_letters set attempts = attempts + 1, last_error = $1, \
+                     dead_at = $2 where id = $3",
+                )
+                .bind(error_text(&err))
+                .bind(Utc::now())
+                .bind(id)
+                .execute(&inner.db)
+                .await?;
+                Err(err.context(format!("retrying dead letter {id}")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,339 @@
+//! The consumer on both backends: SQLite + the in-process bus, PostgreSQL + NATS JetStream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use super::*;
+use crate::testing::{Backend, TestEnv};
+
+/// Long enough for what should happen to happen, on either backend.
+const SOON: Duration = Duration::from_secs(10);
+
+struct Setup {
+    env: TestEnv,
+    db: Db,
+    bus: Bus,
+}
+
+async fn setup(backend: Backend) -> Setup {
+    let mut env = TestEnv::new(backend).await;
+    env.settings.bus.consumer_backoff_ms = 50;
+    env.settings.bus.consumer_backoff_max_ms = 200;
+    env.settings.bus.consumer_max_attempts = 3;
+    let db = env.kit_db("consumertest").await;
+    query("create table effects (message_id text primary key, topic text not null)")
+        .execute(&db)
+        .await
+        .expect("effects table");
+    let bus = Bus::connect(&env.settings).await.expect("test bus");
+    Setup { env, db, bus }
+}
+
+async fn teardown(s: Setup) {
+    s.bus.delete_stream().await.expect("delete stream");
+    s.env.drop_kit_db("consumertest", s.db).await;
+}
+
+/// Records each event in `effects` (a second insert of one id would fail: the primary key); fails
+/// while `failures_left` is above zero or `broken` is set.
+#[derive(Clone, Default)]
+struct Recorder {
+    calls: Arc<AtomicU32>,
+    failures_left: Arc<AtomicU32>,
+    broken: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Handler for Recorder {
+    async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        query("insert into effects (message_id, topic) values ($1, $2)")
+            .bind(event.id.to_string())
+            .bind(&event.topic)
+            .execute(&mut *tx)
+            .await?;
+        anyhow::ensure!(!self.broken.load(Ordering::SeqCst), "the handler is broken");
+        let left = self.failures_left.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures_left.store(left - 1, Ordering::SeqCst);
+            anyhow::bail!("failing on purpose ({left} failures left)");
+        }
+        Ok(())
+    }
+}
+
+fn event(n: u32) -> Event {
+    Event::new(
+        "test",
+        "order.created",
+        format!("order:{n}"),
+        &serde_json::json!({"n": n}),
+    )
+    .expect("event")
+}
+
+async fn publish(bus: &Bus, event: &Event) {
+    bus.publish(&Message::from_event(event).expect("message"))
+        .await
+        .expect("publish");
+}
+
+async fn effects(db: &Db) -> i64 {
+    query("select count(*) from effects")
+        .fetch_scalar(db)
+        .await
+        .expect("count effects")
+}
+
+/// Waits until `check` holds, or fails the test with `what`.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + SOON;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn counter(metrics: &crate::metrics::Metrics, name: &str) -> u64 {
+    let prefix = format!("agora_consumer_{name}_total{{");
+    metrics
+        .encode()
+        .lines()
+        .find(|l| l.starts_with(&prefix) && l.contains("consumer=\"mailer\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_message_has_one_effect() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let s = setup(backend).await;
+        let what = s.bus.backend();
+        let bus = s.bus.clone().with_ack_wait(Duration::from_secs(1));
+        let recorder = Recorder::default();
+        let consumer = Consumer::new(
+            "mailer",
+            &["order.*"],
+            s.db.clone(),
+            bus.clone(),
+            &s.env.settings.bus,
+            recorder.clone(),
+        );
+        let metrics = crate::metrics::Metrics::new("consumertest");
+        consumer.register_metrics(&metrics);
+        // Handled and committed, but the ack is lost (a crash between commit and ack).
+        let mut sub = bus.subscribe("mailer", &["order.*"]).await.expect("sub");
+        publish(&bus, &event(1)).await;
+        let first = tokio::time::timeout(SOON, sub.next())
+            .await
+            .expect("delivered")
+            .expect("open")
+            .expect("delivery");
+        assert!(matches!(
+            consumer.inner.handle(&first.message).await,
+            Ok(Outcome::Handled)
+        ));
+        drop(first);
+
+        // The bus delivers it again after the ack wait: skipped, acked, no second effect.
+        let again = tokio::time::timeout(SOON, sub.next())
+            .await
+            .expect("redelivered")
+            .expect("open")
+            .expect("delivery");
+        assert_eq!(again.attempt, 2, "{what}");
+        assert_eq!(
+            consumer.process(again).await.expect("process"),
+            Outcome::Duplicate,
+            "{what}"
+        );
+        assert_eq!(effects(&s.db).await, 1, "{what}: one effect");
+        assert_eq!(
+            recorder.calls.load(Ordering::SeqCst),
+            1,
+            "{what}: handler ran once"
+        );
+        assert_eq!(counter(&metrics, "duplicates"), 1, "{what}");
+        drop(sub);
+        teardown(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_failing_twice_then_succeeding_is_retried_with_backoff() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let s = setup(backend).await;
+        let what = s.bus.backend();
+        let recorder = Recorder::default();
+        recorder.failures_left.store(2, Ordering::SeqCst);
+        let consumer = Consumer::new(
+            "mailer",
+            &["order.created"],
+            s.db.clone(),
+            s.bus.clone(),
+            &s.env.settings.bus,
+            recorder.clone(),
+        );
+        let metrics = crate::metrics::Metrics::new("consumertest");
+        consumer.register_metrics(&metrics);
+        let dead = consumer.dead_letters();
+        let shutdown = CancellationToken::new();
+        let task = consumer.spawn(shutdown.clone());
+        // Let it subscribe before publishing (the in-process bus keeps nothing for consumers it
+        // has not seen yet).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = tokio::time::Instant::now();
+        publish(&s.bus, &event(1)).await;
+
+        eventually(what, || async { effects(&s.db).await == 1 }).await;
+        // Back-off of 50 ms, then 100 ms.
+        assert!(
+            started.elapsed() >= Duration::from_millis(140),
+            "{what}: backed off"
+        );
+        assert_eq!(recorder.calls.load(Ordering::SeqCst), 3, "{what}");
+        eventually(what, || async { counter(&metrics, "handled") == 1 }).await;
+        assert_eq!(counter(&metrics, "retried"), 2, "{what}");
+        assert_eq!(dead.count().await.expect("count"), 0, "{what}");
+
+        shutdown.cancel();
+        tokio::time::timeout(SOON, task)
+            .await
+            .expect("stops on shutdown")
+            .expect("no panic");
+        teardown(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_always_fails_is_dead_lettered_then_retried() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let s = setup(backend).await;
+        let what = s.bus.backend();
+        let recorder = Recorder::default();
+        recorder.broken.store(true, Ordering::SeqCst);
+        let consumer = Consumer::new(
+            "mailer",
+            &["order.created"],
+            s.db.clone(),
+            s.bus.clone(),
+            &s.env.settings.bus,
+            recorder.clone(),
+        );
+        let metrics = crate::metrics::Metrics::new("consumertest");
+        consumer.register_metrics(&metrics);
+        let dead = consumer.dead_letters();
+        let shutdown = CancellationToken::new();
+        let task = consumer.spawn(shutdown.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = event(7);
+        publish(&s.bus, &sent).await;
+
+        eventually(what, || async { dead.count().await.unwrap_or(0) == 1 }).await;
+        assert_eq!(
+            recorder.calls.load(Ordering::SeqCst),
+            3,
+            "{what}: bus.consumer_max_attempts attempts"
+        );
+        assert_eq!(effects(&s.db).await, 0, "{what}: every attempt rolled back");
+        assert_eq!(counter(&metrics, "dead_lettered"), 1, "{what}");
+        let letters = dead.list(10, 0).await.expect("list");
+        assert_eq!(letters.len(), 1, "{what}");
+        let letter = &letters[0];
+        assert_eq!(letter.message_id, sent.id.to_string(), "{what}");
+        assert_eq!(letter.topic, "order.created", "{what}");
+        assert_eq!(letter.attempts, 3, "{what}");
+        assert!(letter.last_error.contains("broken"), "{what}: {letter:?}");
+        let payload: Event = serde_json::from_str(&letter.payload).expect("the event's JSON");
+        assert_eq!(payload, sent, "{what}");
+        // Nothing comes back from the bus: it was acked once dead-lettered.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(recorder.calls.load(Ordering::SeqCst), 3, "{what}");
+
+        // Retried while still broken: kept, one more attempt.
+        assert!(dead.retry(letter.id).await.is_err(), "{what}");
+        assert_eq!(
+            dead.list(10, 0).await.expect("list")[0].attempts,
+            4,
+            "{what}"
+        );
+        // Fixed, retried: handled once, gone from the dead letters.
+        recorder.broken.store(false, Ordering::SeqCst);
+        assert_eq!(
+            dead.retry(letter.id).await.expect("retry"),
+            Some(Outcome::Handled),
+            "{what}"
+        );
+        assert_eq!(effects(&s.db).await, 1, "{what}");
+        assert_eq!(dead.count().await.expect("count"), 0, "{what}");
+        assert_eq!(dead.retry(letter.id).await.expect("retry"), None, "{what}");
+
+        shutdown.cancel();
+        tokio::time::timeout(SOON, task)
+            .await
+            .expect("stops on shutdown")
+            .expect("no panic");
+        teardown(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_is_not_an_event_is_dead_lettered_at_once() {
+    let s = setup(Backend::Sqlite).await;
+    let recorder = Recorder::default();
+    let consumer = Consumer::new(
+        "mailer",
+        &["order.created"],
+        s.db.clone(),
+        s.bus.clone(),
+        &s.env.settings.bus,
+        recorder.clone(),
+    );
+    let mut sub = s
+        .bus
+        .subscribe("mailer", &["order.created"])
+        .await
+        .expect("sub");
+    s.bus
+        .publish(&Message {
+            id: "garbage".into(),
+            topic: "order.created".into(),
+            payload: bytes::Bytes::from_static(b"not json"),
+        })
+        .await
+        .expect("publish");
+    let delivery = sub.next().await.expect("open").expect("delivery");
+    assert_eq!(
+        consumer.process(delivery).await.expect("process"),
+        Outcome::DeadLettered
+    );
+    assert_eq!(recorder.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(consumer.dead_letters().count().await.expect("count"), 1);
+    teardown(s).await;
+}
+
+#[tokio::test]
+async fn backoff_doubles_up_to_the_maximum() {
+    let mut settings = crate::Settings::defaults().bus;
+    settings.consumer_backoff_ms = 100;
+    settings.consumer_backoff_max_ms = 1000;
+    let consumer = Consumer::new(
+        "c",
+        &["x"],
+        Db::Sqlite(sqlx::SqlitePool::connect_lazy("sqlite::memory:").expect("lazy pool")),
+        Bus::memory(),
+        &settings,
+        Recorder::default(),
+    );
+    let delays: Vec<u128> = (1..=6)
+        .map(|attempt| consumer.inner.backoff_for(attempt).as_millis())
+        .collect();
+    assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+}

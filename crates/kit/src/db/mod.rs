@@ -1,0 +1,423 @@
+//! One data layer for both run modes: PostgreSQL (one schema per service) and SQLite (one file per
+//! service).
+//!
+//! The seam every store uses:
+//! - [`query`] builds a statement in the SQL both dialects share (`$1` placeholders, `returning`,
+//!   `on conflict do nothing`, timestamps bound from Rust rather than `now()`) and runs it on any
+//!   [`Executor`]: the pool (`&Db`), a transaction (`&mut Tx`) or a connection (`&mut Conn`).
+//!   So a store helper is written once, and several helpers share one transaction: an order,
+//!   its items, its idempotency key and its outbox event commit together.
+//! - [`Dialect`] holds the few differences a statement must spell per backend (the row-lock
+//!   clause, `skip locked`); [`Db::begin`] opens a transaction that will write (`BEGIN
+//!   IMMEDIATE` on SQLite, see there); [`Tx::try_lock`] takes a transaction-scoped named lock.
+//! - [`ResultExt::on_constraint`] maps a constraint violation to the service's error by
+//!   constraint name, on both backends.
+//!
+//! There is no `sqlx::Any`: each backend keeps its native driver and types. Migrations are per
+//! service and per dialect, embedded with `sqlx::migrate!`; kit adds its own (the outbox, the
+//! consumer's tables) to every service's set.
+//!
+//! Quirks worth knowing when writing SQL for both: PostgreSQL needs a typed parameter for
+//! `$1 is null` (bind an `Option<String>`, not a bare `None`); `count(*)` is `bigint` (read it as
+//! `i64`); `sum()` of a `bigint` column is `numeric` on PostgreSQL (`cast(... as bigint)`);
+//! compare text case-insensitively with `lower()` on both sides.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::migrate::{Migration, Migrator};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::config::{DatabaseBackend, Settings, is_identifier};
+
+mod query;
+
+pub use query::{Arg, Bind, Executor, FromRow, Query, Scalar, Target, query};
+
+/// A service's database handle; cheap to clone. Only the entry point chooses the variant; stores
+/// use [`query`] and [`Db::begin`].
+#[derive(Debug, Clone)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// The differences between the two dialects that a statement has to spell out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+impl Dialect {
+    /// Appended to a `select` whose rows the transaction goes on to change: ` for update` on
+    /// PostgreSQL (lock the rows until commit). Nothing on SQLite, where a write transaction
+    /// ([`Db::begin`]) already holds the whole database.
+    pub fn for_update(self) -> &'static str {
+        match self {
+            Dialect::Postgres => " for update",
+            Dialect::Sqlite => "",
+        }
+    }
+
+    /// Appended to a `select` that claims work: ` for update skip locked` on PostgreSQL, so
+    /// replicas take different rows instead of waiting for each other. Nothing on SQLite (one
+    /// process, one writer).
+    pub fn skip_locked(self) -> &'static str {
+        match self {
+            Dialect::Postgres => " for update skip locked",
+            Dialect::Sqlite => "",
+        }
+    }
+
+    /// `postgres` or `sqlite`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "postgres",
+            Dialect::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// A transaction; commit it, or drop it to roll back.
+#[derive(Debug)]
+pub enum Tx {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+}
+
+impl Tx {
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Tx::Postgres(_) => Dialect::Postgres,
+            Tx::Sqlite(_) => Dialect::Sqlite,
+        }
+    }
+
+    pub async fn commit(self) -> sqlx::Result<()> {
+        match self {
+            Tx::Postgres(tx) => tx.commit().await,
+            Tx::Sqlite(tx) => tx.commit().await,
+        }
+    }
+
+    pub async fn rollback(self) -> sqlx::Result<()> {
+        match self {
+            Tx::Postgres(tx) => tx.rollback().await,
+            Tx::Sqlite(tx) => tx.rollback().await,
+        }
+    }
+
+    /// Takes the lock `name` (scoped to the service's schema) until this transaction ends, if
+    /// nobody holds it; false when another transaction does. PostgreSQL uses an advisory lock, so
+    /// replicas of a service can take turns; on SQLite the write transaction already excludes
+    /// every other writer, so it is always true.
+    pub async fn try_lock(&mut self, name: &str) -> sqlx::Result<bool> {
+        match self.dialect() {
+            Dialect::Postgres => {
+                query("select pg_try_advisory_xact_lock(hashtext(current_schema() || '.' || $1))")
+                    .bind(name)
+                    .fetch_scalar(self)
+                    .await
+            }
+            Dialect::Sqlite => Ok(true),
+        }
+    }
+}
+
+/// A connection taken from the pool, for several statements that need no transaction.
+#[derive(Debug)]
+pub enum Conn {
+    Postgres(PoolConnection<sqlx::Postgres>),
+    Sqlite(PoolConnection<sqlx::Sqlite>),
+}
+
+impl Conn {
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Conn::Postgres(_) => Dialect::Postgres,
+            Conn::Sqlite(_) => Dialect::Sqlite,
+        }
+    }
+}
+
+/// A service's migrations, one set per dialect (`migrations/postgres`, `migrations/sqlite`).
+/// Versions below [`KIT_VERSIONS`]; kit's own migrations (the outbox, the consumer's tables) are
+/// applied with them.
+pub struct Migrations {
+    pub postgres: Migrator,
+    pub sqlite: Migrator,
+}
+
+impl Migrations {
+    /// No tables of its own (a service that only needs kit's: the outbox, the consumer's).
+    pub const NONE: Migrations = Migrations {
+        postgres: Migrator::DEFAULT,
+        sqlite: Migrator::DEFAULT,
+    };
+}
+
+/// Kit's migrations are numbered from here; a service's stay below.
+pub const KIT_VERSIONS: i64 = 1_000_000_000;
+
+/// Kit's own tables, created in every service's schema (or file).
+static KIT_MIGRATIONS: Migrations = Migrations {
+    postgres: sqlx::migrate!("./migrations/postgres"),
+    sqlite: sqlx::migrate!("./migrations/sqlite"),
+};
+
+/// The service's migrations followed by kit's, as one set.
+fn with_kit(service: &Migrator, kit: &Migrator) -> anyhow::Result<Migrator> {
+    let mut all: Vec<Migration> = Vec::with_capacity(service.iter().len() + kit.iter().len());
+    for migration in service.iter() {
+        anyhow::ensure!(
+            migration.version < KIT_VERSIONS,
+            "migration {} `{}`: service migrations are numbered below {KIT_VERSIONS}",
+            migration.version,
+            migration.description
+        );
+        all.push(migration.clone());
+    }
+    all.extend(kit.iter().cloned());
+    Ok(Migrator {
+        migrations: Cow::Owned(all),
+        ..Migrator::DEFAULT
+    })
+}
+
+impl Db {
+    /// Connects `service` to its database as configured, creating the PostgreSQL schema or the
+    /// SQLite file when missing, and runs its migrations when `database.migrate_on_start` is set
+    /// (always on SQLite, where nobody else could have run them).
+    pub async fn connect(
+        settings: &Settings,
+        service: &str,
+        migrations: &Migrations,
+    ) -> anyhow::Result<Self> {
+        let db = Self::connect_only(settings, service).await?;
+        if settings.database.migrate_on_start || matches!(db, Db::Sqlite(_)) {
+            db.migrate(migrations)
+                .await
+                .with_context(|| format!("migrating the {service} database"))?;
+        }
+        Ok(db)
+    }
+
+    /// Connects without migrating (for `agora migrate`, which migrates explicitly).
+    pub async fn connect_only(settings: &Settings, service: &str) -> anyhow::Result<Self> {
+        let timeout = Duration::from_secs(settings.database.connect_timeout_secs);
+        let max = settings.database.max_connections;
+        match settings.database_backend(service) {
+            DatabaseBackend::Postgres { url, schema } => {
+                anyhow::ensure!(is_identifier(&schema), "invalid schema name `{schema}`");
+                let options = PgConnectOptions::from_str(&url)
+                    .context("parsing database.url")?
+                    .options([("search_path", schema.as_str())]);
+                let pool = PgPoolOptions::new()
+                    .max_connections(max)
+                    .acquire_timeout(timeout)
+                    .connect_with(options)
+                    .await
+                    .with_context(|| {
+                        format!("connecting to PostgreSQL for {service} (database.url)")
+                    })?;
+                // Several services (or replicas) may race to create their schema.
+                let create = format!("create schema if not exists {schema}");
+                if let Err(err) = sqlx::query(&create).execute(&pool).await
+                    && !is_unique_violation(&err)
+                {
+                    return Err(err).context("creating the service schema");
+                }
+                Ok(Db::Postgres(pool))
+            }
+            DatabaseBackend::Sqlite { path } => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating data directory {}", dir.display()))?;
+                }
+                let options = SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .foreign_keys(true)
+                    .busy_timeout(Duration::from_secs(5));
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(max)
+                    .acquire_timeout(timeout)
+                    .connect_with(options)
+                    .await
+                    .with_context(|| format!("opening SQLite database {}", path.display()))?;
+                Ok(Db::Sqlite(pool))
+            }
+        }
+    }
+
+    /// Applies the service's migrations and kit's (the outbox, the consumer's tables) that have
+    /// not run yet.
+    pub async fn migrate(&self, migrations: &Migrations) -> anyhow::Result<()> {
+        match self {
+            Db::Postgres(pool) => {
+                with_kit(&migrations.postgres, &KIT_MIGRATIONS.postgres)?
+                    .run(pool)
+                    .await?
+            }
+            Db::Sqlite(pool) => {
+                with_kit(&migrations.sqlite, &KIT_MIGRATIONS.sqlite)?
+                    .run(pool)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// A round trip to the database, for readiness.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        query("select 1").execute(self).await?;
+        Ok(())
+    }
+
+    /// `postgres` or `sqlite`.
+    pub fn backend(&self) -> &'static str {
+        self.dialect().name()
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Db::Postgres(_) => Dialect::Postgres,
+            Db::Sqlite(_) => Dialect::Sqlite,
+        }
+    }
+
+    /// Opens a transaction that will write.
+    ///
+    /// On SQLite this is `BEGIN IMMEDIATE`, which takes the write lock up front: a deferred
+    /// transaction that reads and then writes can fail with "database is locked" when another
+    /// connection wrote in between, whereas an immediate one waits its turn (`busy_timeout`). On
+    /// PostgreSQL it is a plain `BEGIN` (row locks and conditional updates do the rest).
+    pub async fn begin(&self) -> sqlx::Result<Tx> {
+        Ok(match self {
+            Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+        })
+    }
+
+    /// A connection of the pool, for several statements outside a transaction.
+    pub async fn acquire(&self) -> sqlx::Result<Conn> {
+        Ok(match self {
+            Db::Postgres(pool) => Conn::Postgres(pool.acquire().await?),
+            Db::Sqlite(pool) => Conn::Sqlite(pool.acquire().await?),
+        })
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        match self {
+            Db::Postgres(pool) => pool.close().await,
+            Db::Sqlite(pool) => pool.close().await,
+        }
+    }
+}
+
+/// After rows were inserted with explicit ids (seed data), moves PostgreSQL's identity sequence of
+/// `table.id` past the largest id, so the next generated id does not collide. SQLite's
+/// autoincrement needs nothing.
+pub async fn sync_identity<'e>(ex: impl Executor<'e>, table: &str) -> sqlx::Result<()> {
+    if ex.dialect() == Dialect::Postgres {
+        if !is_identifier(table) {
+            return Err(sqlx::Error::Protocol(format!(
+                "invalid table name `{table}`"
+            )));
+        }
+        let sql = format!(
+            "select setval(pg_get_serial_sequence('{table}', 'id'), \
+             greatest((select max(id) from {table}), 1))"
+        );
+        query(&sql).execute(ex).await?;
+    }
+    Ok(())
+}
+
+/// True when `err` is a unique-constraint violation on either backend.
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// The name of the constraint `err` violates, on either backend. PostgreSQL reports it; SQLite
+/// only names the columns (`UNIQUE constraint failed: users.email`) or an index on expressions
+/// (`... failed: index 'products_sku_key'`), so columns are turned into PostgreSQL's default
+/// name for a unique constraint on them (`users_email_key`, `t_a_b_key`). Name unique constraints
+/// that way (the default in PostgreSQL) and one name works on both.
+pub fn violated_constraint(err: &sqlx::Error) -> Option<Cow<'_, str>> {
+    let sqlx::Error::Database(db) = err else {
+        return None;
+    };
+    if let Some(name) = db.constraint() {
+        return Some(Cow::Borrowed(name));
+    }
+    let failed = db.message().split_once("constraint failed: ")?.1.trim();
+    if let Some(index) = failed.strip_prefix("index '") {
+        return Some(Cow::Owned(index.trim_end_matches('\'').to_owned()));
+    }
+    let mut parts = failed.split(", ").map(|c| c.split_once('.'));
+    let (table, first) = parts.next()??;
+    let mut name = format!("{table}_{first}");
+    for part in parts {
+        name.push('_');
+        name.push_str(part?.1);
+    }
+    name.push_str("_key");
+    Some(Cow::Owned(name))
+}
+
+/// An error that may carry a database error (the service's error enum, or `sqlx::Error` itself).
+pub trait AsDbError {
+    fn as_db_error(&self) -> Option<&sqlx::Error>;
+}
+
+impl AsDbError for sqlx::Error {
+    fn as_db_error(&self) -> Option<&sqlx::Error> {
+        Some(self)
+    }
+}
+
+/// Maps constraint violations to the service's errors, by constraint name (after
+/// realworld-axum-sqlx's `ResultExt`):
+///
+/// ```no_run
+/// # #[derive(Debug)] enum Error { Taken(&'static str), Database(sqlx::Error) }
+/// # impl From<sqlx::Error> for Error { fn from(e: sqlx::Error) -> Self { Error::Database(e) } }
+/// # impl kit::db::AsDbError for Error { fn as_db_error(&self) -> Option<&sqlx::Error> {
+/// #     match self { Error::Database(e) => Some(e), _ => None } } }
+/// use kit::db::ResultExt as _;
+/// # async fn example(db: kit::Db) -> Result<u64, Error> {
+/// kit::db::query("insert into users (username, email) values ($1, $2)")
+///     .bind("bob").bind("bob@example.com")
+///     .execute(&db)
+///     .await
+///     .on_constraint("users_username_key", || Error::Taken("username"))
+///     .on_constraint("users_email_key", || Error::Taken("email"))
+/// # }
+/// ```
+pub trait ResultExt<T, E> {
+    /// A violation of constraint `name` becomes `f()`; any other error converts unchanged.
+    fn on_constraint<F: From<E>>(self, name: &str, f: impl FnOnce() -> F) -> Result<T, F>;
+}
+
+impl<T, E: AsDbError> ResultExt<T, E> for Result<T, E> {
+    fn on_constraint<F: From<E>>(self, name: &str, f: impl FnOnce() -> F) -> Result<T, F> {
+        self.map_err(|err| {
+            let matches = err
+                .as_db_error()
+                .and_then(violated_constraint)
+                .is_some_and(|violated| violated == name);
+            if matches { f() } else { F::from(err) }
+        })
+    }
+}

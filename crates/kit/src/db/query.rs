@@ -1,0 +1,314 @@
+//! Queries written once for both backends: [`query`] builds a statement with its arguments, and
+//! runs it on anything that is an [`Executor`]: the pool (`&Db`), a transaction (`&mut Tx`) or a
+//! pooled connection (`&mut Conn`).
+//!
+//! Arguments are kept as a small enum of the types Agora stores ([`Arg`]) and turned into each
+//! driver's native arguments when the statement runs, so every backend keeps its own types
+//! (`timestamptz`, `bigint`, ...) and no generic bounds leak into service code: a store helper is
+//! an ordinary `async fn` over `impl Executor<'_>` (one statement) or `&mut Tx` (several).
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, Utc};
+use sqlx::Arguments as _;
+use sqlx::postgres::{PgArguments, PgConnection, PgPool, PgRow};
+use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqlitePool, SqliteRow};
+
+use super::{Conn, Db, Dialect, Tx};
+
+/// A row type both backends can decode (`#[derive(sqlx::FromRow)]` structs whose fields both
+/// drivers know, and tuples of them).
+pub trait FromRow:
+    for<'r> sqlx::FromRow<'r, PgRow> + for<'r> sqlx::FromRow<'r, SqliteRow> + Send + Unpin
+{
+}
+impl<T> FromRow for T where
+    T: for<'r> sqlx::FromRow<'r, PgRow> + for<'r> sqlx::FromRow<'r, SqliteRow> + Send + Unpin
+{
+}
+
+/// A single-column value both backends can decode (`i64`, `String`, `bool`, timestamps, ...).
+pub trait Scalar:
+    for<'r> sqlx::Decode<'r, sqlx::Postgres>
+    + sqlx::Type<sqlx::Postgres>
+    + for<'r> sqlx::Decode<'r, sqlx::Sqlite>
+    + sqlx::Type<sqlx::Sqlite>
+    + Send
+    + Unpin
+{
+}
+impl<T> Scalar for T where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres>
+        + sqlx::Type<sqlx::Postgres>
+        + for<'r> sqlx::Decode<'r, sqlx::Sqlite>
+        + sqlx::Type<sqlx::Sqlite>
+        + Send
+        + Unpin
+{
+}
+
+/// One bound argument. `None` binds a typed SQL `NULL` (PostgreSQL needs the type to resolve
+/// `$1 is null`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg<'q> {
+    I64(Option<i64>),
+    I32(Option<i32>),
+    Bool(Option<bool>),
+    F64(Option<f64>),
+    Text(Option<Cow<'q, str>>),
+    Time(Option<DateTime<Utc>>),
+}
+
+/// A value that can be bound to a statement.
+pub trait Bind<'q> {
+    fn into_arg(self) -> Arg<'q>;
+}
+
+macro_rules! bind_copy {
+    ($($t:ty => $variant:ident),* $(,)?) => {$(
+        impl<'q> Bind<'q> for $t {
+            fn into_arg(self) -> Arg<'q> { Arg::$variant(Some(self)) }
+        }
+        impl<'q> Bind<'q> for Option<$t> {
+            fn into_arg(self) -> Arg<'q> { Arg::$variant(self) }
+        }
+        impl<'q> Bind<'q> for &Option<$t> {
+            fn into_arg(self) -> Arg<'q> { Arg::$variant(*self) }
+        }
+    )*};
+}
+
+bind_copy!(i64 => I64, i32 => I32, bool => Bool, f64 => F64, DateTime<Utc> => Time);
+
+impl<'q> Bind<'q> for &'q str {
+    fn into_arg(self) -> Arg<'q> {
+        Arg::Text(Some(Cow::Borrowed(self)))
+    }
+}
+
+impl<'q> Bind<'q> for &'q String {
+    fn into_arg(self) -> Arg<'q> {
+        Arg::Text(Some(Cow::Borrowed(self.as_str())))
+    }
+}
+
+impl<'q> Bind<'q> for String {
+    fn into_arg(self) -> Arg<'q> {
+        Arg::Text(Some(Cow::Owned(self)))
+    }
+}
+
+impl<'q> Bind<'q> for Option<&'q str> {
+    fn into_arg(self) -> Arg<'q> {
+        Arg::Text(self.map(Cow::Borrowed))
+    }
+}
+
+impl<'q> Bind<'q> for &'q Option<String> {
+    fn into_arg(self) -> Arg<'q> {
+        Arg::Text(self.as_deref().map(Cow::Borrowed))
+    }
+}
+
+impl<'q> Bind<'q> for Option<String> {
+    fn into_arg(self) -> Arg<'q> {
+        Arg::Text(self.map(Cow::Owned))
+    }
+}
+
+/// Where a statement runs: the pool (any free connection) or one connection (a transaction's, or
+/// a connection taken from the pool).
+pub enum Target<'e> {
+    PgPool(&'e PgPool),
+    PgConn(&'e mut PgConnection),
+    SqlitePool(&'e SqlitePool),
+    SqliteConn(&'e mut SqliteConnection),
+}
+
+/// What statements run on: `&Db`, `&mut Tx` or `&mut Conn`. Pass `&mut *tx` to run several
+/// statements in one transaction.
+pub trait Executor<'e>: Send {
+    fn dialect(&self) -> Dialect;
+    fn target(self) -> Target<'e>;
+}
+
+impl<'e> Executor<'e> for &'e Db {
+    fn dialect(&self) -> Dialect {
+        Db::dialect(self)
+    }
+    fn target(self) -> Target<'e> {
+        match self {
+            Db::Postgres(pool) => Target::PgPool(pool),
+            Db::Sqlite(pool) => Target::SqlitePool(pool),
+        }
+    }
+}
+
+impl<'e> Executor<'e> for &'e mut Tx {
+    fn dialect(&self) -> Dialect {
+        Tx::dialect(self)
+    }
+    fn target(self) -> Target<'e> {
+        match self {
+            Tx::Postgres(tx) => Target::PgConn(tx),
+            Tx::Sqlite(tx) => Target::SqliteConn(tx),
+        }
+    }
+}
+
+impl<'e> Executor<'e> for &'e mut Conn {
+    fn dialect(&self) -> Dialect {
+        Conn::dialect(self)
+    }
+    fn target(self) -> Target<'e> {
+        match self {
+            Conn::Postgres(conn) => Target::PgConn(conn),
+            Conn::Sqlite(conn) => Target::SqliteConn(conn),
+        }
+    }
+}
+
+/// A statement with its arguments; see the module docs.
+///
+/// ```no_run
+/// # async fn example(db: kit::Db) -> sqlx::Result<()> {
+/// let mut tx = db.begin().await?;
+/// let id: i64 = kit::db::query("insert into t (name) values ($1) returning id")
+///     .bind("x")
+///     .fetch_scalar(&mut tx)
+///     .await?;
+/// kit::db::query("update t set name = $1 where id = $2").bind("y").bind(id).execute(&mut tx).await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "a query does nothing until it is run"]
+pub struct Query<'q> {
+    sql: &'q str,
+    args: Vec<Arg<'q>>,
+}
+
+/// A statement in the SQL both dialects share (`$1` placeholders, `returning`, `on conflict`).
+pub fn query(sql: &str) -> Query<'_> {
+    Query {
+        sql,
+        args: Vec::new(),
+    }
+}
+
+fn encode_error(err: sqlx::error::BoxDynError) -> sqlx::Error {
+    sqlx::Error::Encode(err)
+}
+
+fn pg_args(args: Vec<Arg<'_>>) -> sqlx::Result<PgArguments> {
+    let mut out = PgArguments::default();
+    for arg in args {
+        match arg {
+            Arg::I64(v) => out.add(v),
+            Arg::I32(v) => out.add(v),
+            Arg::Bool(v) => out.add(v),
+            Arg::F64(v) => out.add(v),
+            Arg::Text(v) => out.add(v),
+            Arg::Time(v) => out.add(v),
+        }
+        .map_err(encode_error)?;
+    }
+    Ok(out)
+}
+
+fn sqlite_args(args: Vec<Arg<'_>>) -> sqlx::Result<SqliteArguments<'_>> {
+    let mut out = SqliteArguments::default();
+    for arg in args {
+        match arg {
+            Arg::I64(v) => out.add(v),
+            Arg::I32(v) => out.add(v),
+            Arg::Bool(v) => out.add(v),
+            Arg::F64(v) => out.add(v),
+            Arg::Text(v) => out.add(v),
+            Arg::Time(v) => out.add(v),
+        }
+        .map_err(encode_error)?;
+    }
+    Ok(out)
+}
+
+/// Runs `$call` (a method of sqlx's query types) on the target with the native arguments.
+macro_rules! run {
+    ($self:ident, $ex:ident, $build:ident $(::<$t:ty>)?, $call:ident) => {
+        match $ex.target() {
+            Target::PgPool(pool) => {
+                sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args($self.args)?).$call(pool).await
+            }
+            Target::PgConn(conn) => {
+                sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args($self.args)?).$call(conn).await
+            }
+            Target::SqlitePool(pool) => {
+                sqlx::$build $(::<_, $t, _>)? ($self.sql, sqlite_args($self.args)?).$call(pool).await
+            }
+            Target::SqliteConn(conn) => {
+                sqlx::$build $(::<_, $t, _>)? ($self.sql, sqlite_args($self.args)?).$call(conn).await
+            }
+        }
+    };
+}
+
+impl<'q> Query<'q> {
+    /// Binds the next `$n`.
+    pub fn bind(mut self, value: impl Bind<'q>) -> Self {
+        self.args.push(value.into_arg());
+        self
+    }
+
+    /// Runs the statement; returns how many rows it changed.
+    pub async fn execute<'e>(self, ex: impl Executor<'e>) -> sqlx::Result<u64> {
+        let rows_affected = match ex.target() {
+            Target::PgPool(pool) => sqlx::query_with(self.sql, pg_args(self.args)?)
+                .execute(pool)
+                .await?
+                .rows_affected(),
+            Target::PgConn(conn) => sqlx::query_with(self.sql, pg_args(self.args)?)
+                .execute(conn)
+                .await?
+                .rows_affected(),
+            Target::SqlitePool(pool) => sqlx::query_with(self.sql, sqlite_args(self.args)?)
+                .execute(pool)
+                .await?
+                .rows_affected(),
+            Target::SqliteConn(conn) => sqlx::query_with(self.sql, sqlite_args(self.args)?)
+                .execute(conn)
+                .await?
+                .rows_affected(),
+        };
+        Ok(rows_affected)
+    }
+
+    /// Exactly one row (`RowNotFound` otherwise).
+    pub async fn fetch_one<'e, T: FromRow>(self, ex: impl Executor<'e>) -> sqlx::Result<T> {
+        run!(self, ex, query_as_with::<T>, fetch_one)
+    }
+
+    /// At most one row.
+    pub async fn fetch_optional<'e, T: FromRow>(
+        self,
+        ex: impl Executor<'e>,
+    ) -> sqlx::Result<Option<T>> {
+        run!(self, ex, query_as_with::<T>, fetch_optional)
+    }
+
+    /// Every row.
+    pub async fn fetch_all<'e, T: FromRow>(self, ex: impl Executor<'e>) -> sqlx::Result<Vec<T>> {
+        run!(self, ex, query_as_with::<T>, fetch_all)
+    }
+
+    /// The first column of exactly one row.
+    pub async fn fetch_scalar<'e, T: Scalar>(self, ex: impl Executor<'e>) -> sqlx::Result<T> {
+        run!(self, ex, query_scalar_with::<T>, fetch_one)
+    }
+
+    /// The first column of at most one row.
+    pub async fn fetch_optional_scalar<'e, T: Scalar>(
+        self,
+        ex: impl Executor<'e>,
+    ) -> sqlx::Result<Option<T>> {
+        run!(self, ex, query_scalar_with::<T>, fetch_optional)
+    }
+}
