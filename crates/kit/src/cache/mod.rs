@@ -346,6 +346,13 @@ impl Cache {
         let cache = self.clone();
         let ttl = self.ttl(ttl);
         let task = tokio::spawn(async move {
+            // Leaves the flight table however the task ends: a loader that panics must not leave
+            // its finished flight behind, or every later miss on the key would fail.
+            let mut guard = FlightGuard {
+                cache: cache.clone(),
+                flight_key,
+                stored: None,
+            };
             // The version was read before anything else: a write that commits and invalidates
             // while we load bumps it, and our (possibly older) value is then not stored.
             let mut version = miss.version;
@@ -355,7 +362,6 @@ impl Cache {
                 match cache.inner.backend.get(&slot).await {
                     Ok((Some(bytes), _)) => {
                         cache.inner.hits.inc();
-                        cache.end_flight(&flight_key, None);
                         return Ok(Some(bytes));
                     }
                     Ok((None, fresher)) => version = Some(fresher),
@@ -367,7 +373,6 @@ impl Cache {
             }
             cache.inner.misses.inc();
             let loaded = load.await;
-            let mut stored = None;
             if let (Ok(Some(bytes)), Some(version)) = (&loaded, version) {
                 if let Err(err) = cache
                     .inner
@@ -377,9 +382,8 @@ impl Cache {
                 {
                     cache.fault("set", &err);
                 }
-                stored = Some(miss.stamp);
+                guard.stored = Some(miss.stamp);
             }
-            cache.end_flight(&flight_key, stored);
             loaded.map_err(Arc::new)
         });
         async move {
@@ -403,6 +407,20 @@ impl Cache {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(flight_key);
+    }
+}
+
+/// Ends a flight when dropped: on return, and on a loader's panic.
+struct FlightGuard {
+    cache: Cache,
+    flight_key: String,
+    /// The stamp to bump when the flight stored a value.
+    stored: Option<usize>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.cache.end_flight(&self.flight_key, self.stored);
     }
 }
 

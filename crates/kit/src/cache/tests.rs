@@ -233,3 +233,26 @@ async fn not_found_is_not_cached() {
         .expect("ok");
     assert_eq!(v.as_deref(), Some(&b"here"[..]));
 }
+
+/// A loader that panics fails its own read, and the next miss on the key loads again instead of
+/// finding the dead flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_loader_does_not_poison_its_key() {
+    let cache = memory_cache();
+    let failed = cache
+        .get_or_load("k", Ttl::Item, || async {
+            if true {
+                panic!("loader bug");
+            }
+            Ok(None)
+        })
+        .await;
+    assert!(failed.is_err(), "the panicking read fails");
+    let next = cache
+        .get_or_load("k", Ttl::Item, || async {
+            Ok(Some(Bytes::from_static(b"v")))
+        })
+        .await
+        .expect("the next read loads again");
+    assert_eq!(next.as_deref(), Some(&b"v"[..]));
+}
