@@ -153,6 +153,14 @@ fn retryable(method: &Method) -> bool {
 
 async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
     let path = request.uri().path();
+    if routes::is_ambiguous(path) {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            "The path has a `.` or `..` segment or an encoded separator",
+        )
+        .into_response();
+    }
     let Some(target) = gateway.table.resolve(path) else {
         return ApiError::new(
             StatusCode::NOT_FOUND,
@@ -162,6 +170,16 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
         .into_response();
     };
     let service = target.service.to_owned();
+    let route = kit::metrics::RouteLabel(target.route.to_owned());
+    let mut response = proxy(&gateway, service, target.path, request).await;
+    // Metrics label the request by the route table entry (axum matched no template).
+    response.extensions_mut().insert(route);
+    response
+}
+
+/// Sends `request` to a replica of `service` as `path` (and its query), trying the next replica
+/// for idempotent requests.
+async fn proxy(gateway: &Gateway, service: String, path: String, request: Request) -> Response {
     let Some(upstream) = gateway.upstreams.get(&service) else {
         return ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -171,8 +189,8 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
         .into_response();
     };
     let path_and_query = match request.uri().query() {
-        Some(query) => format!("{}?{query}", target.path),
-        None => target.path,
+        Some(query) => format!("{path}?{query}"),
+        None => path,
     };
 
     let (mut parts, body) = request.into_parts();

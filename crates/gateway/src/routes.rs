@@ -71,9 +71,25 @@ pub struct RouteTable {
 /// Where a request goes.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Target<'a> {
+    /// The route table entry that matched (its prefix): the metrics label of the request.
+    pub route: &'a str,
     pub service: &'a str,
     /// The path to forward (prefix rewritten), without the query.
     pub path: String,
+}
+
+/// True when `path` (as received, still percent-encoded) could reach something other than what
+/// it names once a hop behind the gateway decodes or normalises it: a `.` or `..` segment, an
+/// encoded `/`, `.` or `\\`, or a backslash. Such paths are refused before routing.
+pub fn is_ambiguous(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    lower.contains("%2f")
+        || lower.contains("%2e")
+        || lower.contains("%5c")
+        || path.contains('\\')
+        || path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
 }
 
 impl RouteTable {
@@ -110,6 +126,7 @@ impl RouteTable {
                 None => path.to_owned(),
             };
             Some(Target {
+                route: &route.prefix,
                 service: &route.service,
                 path,
             })
@@ -172,6 +189,29 @@ mod tests {
         assert_routes(&table(), "catalog", &cases);
         // Reservations are internal: the orders service calls catalog directly.
         assert!(table().resolve("/internal/v1/reservations").is_none());
+    }
+
+    #[test]
+    fn traversal_and_encoded_separators_are_ambiguous() {
+        for path in [
+            "/api/v1/products/..%2F..%2Finternal/v1/reservations",
+            "/api/v1/products/%2e%2e/internal",
+            "/api/v1/products/../internal",
+            "/api/v1/users/./1",
+            "/api/v1/users/1%5c..",
+            "/api/v1/users\\1",
+            "/api/v1/users/a%2fb",
+        ] {
+            assert!(is_ambiguous(path), "{path}");
+        }
+        for path in [
+            "/api/v1/users/1",
+            "/users/name/Jo%20Ann",
+            "/api/v1/products/..x",
+            "/",
+        ] {
+            assert!(!is_ambiguous(path), "{path}");
+        }
     }
 
     #[test]

@@ -326,3 +326,74 @@ async fn a_slow_upstream_is_a_504() {
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["code"], "upstream_timeout");
 }
+
+/// Sends `GET {path}` exactly as written (a client library would normalise `..` and `%2e`), and
+/// returns the status code and the body.
+async fn raw_get(server: &TestServer, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read the response");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traversal_and_encoded_separators_are_refused_before_routing() {
+    let stack = spawn_stack(1, &[]).await;
+    for path in [
+        "/api/v1/products/..%2F..%2Finternal/v1/reservations",
+        "/api/v1/users/..%2f..%2finternal/v1/reservations",
+        "/api/v1/users/%2e%2e/%2e%2e/internal/v1/reservations",
+        "/api/v1/users/../../internal/v1/reservations",
+        "/users/1%5C..%5C..",
+        "/api/v1/users/./1",
+    ] {
+        let (status, body) = raw_get(&stack.gateway, path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains("\"code\":\"invalid_path\""), "{path}: {body}");
+    }
+    let (status, _) = raw_get(&stack.gateway, "/api/v1/users").await;
+    assert_eq!(status, 200, "ordinary paths still pass");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_metrics_label_requests_by_route_table_entry() {
+    let stack = spawn_stack(1, &[]).await;
+    for i in 0..50 {
+        let (status, _, _) = stack
+            .send(reqwest::Method::GET, &format!("/users/id/{i}"), None)
+            .await;
+        assert!(status == 200 || status == 404, "{status}");
+    }
+    let (_, _, _) = stack
+        .send(reqwest::Method::GET, "/nowhere/at/all", None)
+        .await;
+    let text = reqwest::get(stack.gateway.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains("route=\"/users\""),
+        "labelled by the matched prefix: {text}"
+    );
+    assert!(!text.contains("/users/id/"), "never the raw path: {text}");
+    assert!(text.contains("route=\"unmatched\""), "{text}");
+}

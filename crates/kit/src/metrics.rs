@@ -127,15 +127,47 @@ async fn get_metrics(State(metrics): State<Metrics>) -> Response {
         .into_response()
 }
 
-/// Middleware recording every request (installed by `with_standard_layers`).
+/// The route a handler that does its own routing served (the gateway's route table entry), put
+/// in the response's extensions for [`track`] when axum matched no route template.
+#[derive(Debug, Clone)]
+pub struct RouteLabel(pub String);
+
+/// The method as a label: the standard ones by name, anything else `OTHER` (any token is a valid
+/// method, and each new label value would be a new series forever).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// Middleware recording every request (installed by `with_standard_layers`). Labels are bounded:
+/// known methods, matched route templates (or a handler's [`RouteLabel`]), status codes.
 pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_owned();
-    let route = req
+    let method = method_label(req.method()).to_owned();
+    let matched = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+        .map(|p| p.as_str().to_owned());
     let response = next.run(req).await;
+    let route = matched
+        .or_else(|| {
+            response
+                .extensions()
+                .get::<RouteLabel>()
+                .map(|l| l.0.clone())
+        })
+        .unwrap_or_else(|| "unmatched".to_owned());
     metrics
         .latency
         .get_or_create(&LatencyLabels {
@@ -152,4 +184,45 @@ pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> 
         })
         .inc();
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt as _;
+
+    /// Any token is a method: 10,000 made-up ones must not make 10,000 series.
+    #[tokio::test]
+    async fn hostile_methods_and_paths_leave_the_metrics_bounded() {
+        let metrics = Metrics::new("t");
+        let router = Router::new()
+            .route("/items/{id}", get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn_with_state(metrics.clone(), track));
+        for i in 0..10_000 {
+            let request = axum::http::Request::builder()
+                .method(format!("M{i}").as_str())
+                .uri(format!("/items/{i}?x={i}"))
+                .body(axum::body::Body::empty())
+                .expect("request");
+            let _ = router.clone().oneshot(request).await;
+            let unknown = axum::http::Request::builder()
+                .uri(format!("/nothing/{i}"))
+                .body(axum::body::Body::empty())
+                .expect("request");
+            let _ = router.clone().oneshot(unknown).await;
+        }
+        let text = metrics.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("agora_http_requests_total{"))
+            .count();
+        assert!(series <= 3, "{series} series:\n{text}");
+        assert!(text.contains("method=\"OTHER\""), "{text}");
+        assert!(text.contains("route=\"/items/{id}\""), "{text}");
+        assert!(text.contains("route=\"unmatched\""), "{text}");
+        assert!(
+            !text.contains("M9999") && !text.contains("/nothing/"),
+            "{text}"
+        );
+    }
 }
