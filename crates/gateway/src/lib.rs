@@ -56,6 +56,8 @@ struct Gateway {
     client: Client<HttpConnector, Body>,
     /// Longest wait for an upstream's response headers (504 after it).
     upstream_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed (load balancers in front of the gateway).
+    trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// The gateway with upstreams as configured (`services.<name>.upstreams`, or each service's
@@ -76,7 +78,10 @@ pub fn app_with_upstreams(
     settings: &Settings,
     upstreams: BTreeMap<String, Vec<Url>>,
 ) -> anyhow::Result<App> {
-    let routes = GatewaySettings::load(settings)?.routes;
+    let GatewaySettings {
+        routes,
+        trusted_proxies,
+    } = GatewaySettings::load(settings)?;
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
     connector.set_nodelay(true);
@@ -101,6 +106,7 @@ pub fn app_with_upstreams(
         upstream_timeout: Duration::from_secs(
             settings.http.request_timeout_secs.saturating_sub(1).max(1),
         ),
+        trusted_proxies,
     });
     let router = Router::new()
         .route("/health", get(get_health))
@@ -118,9 +124,11 @@ pub fn app_with_upstreams(
 }
 
 /// Headers that describe one connection, not the request; never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
+    // Not standard, but some clients send it and some proxies honour it.
+    "proxy-connection",
     "proxy-authenticate",
     "proxy-authorization",
     "te",
@@ -199,11 +207,15 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0.ip());
     strip_hop_by_hop(&mut parts.headers);
+    // X-Forwarded-For is built from the real peer. What a client claims is kept only when the
+    // peer is a trusted proxy (which appended the address it saw); otherwise it is dropped, so a
+    // client cannot pose as another address to the services behind.
+    let claimed = parts.headers.remove("x-forwarded-for");
     if let Some(ip) = client_ip {
-        let forwarded_for = match parts
-            .headers
-            .get("x-forwarded-for")
+        let forwarded_for = match claimed
+            .as_ref()
             .and_then(|v| v.to_str().ok())
+            .filter(|_| gateway.trusted_proxies.contains(&ip))
         {
             Some(earlier) => format!("{earlier}, {ip}"),
             None => ip.to_string(),
@@ -289,16 +301,22 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
 async fn get_health(State(gateway): State<Arc<Gateway>>) -> Response {
     let client = &gateway.client;
     let probes = gateway.upstreams.iter().flat_map(|(name, upstream)| {
-        upstream.urls.iter().map(move |url| async move {
-            let started = Instant::now();
-            let up = probe(client, url).await;
-            (name.clone(), url.clone(), up, started.elapsed())
-        })
+        upstream
+            .urls
+            .iter()
+            .enumerate()
+            .map(move |(i, url)| async move {
+                let started = Instant::now();
+                let up = probe(client, url).await;
+                let url = i + 1;
+                (name.clone(), url, up, started.elapsed())
+            })
     });
     let results = futures::future::join_all(probes).await;
     let mut services = serde_json::Map::new();
     let mut all_up = true;
-    for (name, url, up, elapsed) in results {
+    // Replicas are numbered, not named by URL: the health page is public, the topology is not.
+    for (name, replica, up, elapsed) in results {
         all_up &= up;
         let entry = services
             .entry(name)
@@ -308,7 +326,7 @@ async fn get_health(State(gateway): State<Arc<Gateway>>) -> Response {
         }
         if let Some(replicas) = entry["replicas"].as_array_mut() {
             replicas.push(serde_json::json!({
-                "url": url.as_str(),
+                "replica": replica,
                 "status": if up { "up" } else { "down" },
                 "latency_ms": elapsed.as_secs_f64() * 1000.0,
             }));

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub struct GatewaySettings {
     /// The route table (see `crates/kit/config/default.toml` for the shipped one).
     pub routes: Vec<Route>,
+    /// Peers (load balancers) whose `X-Forwarded-For` is kept and appended to; from anyone else
+    /// it is replaced by the peer's address.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// One entry of the route table.

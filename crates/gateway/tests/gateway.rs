@@ -227,6 +227,10 @@ async fn health_aggregates_every_replica() {
         1,
         "{body}"
     );
+    assert!(
+        replicas.iter().all(|r| r.get("url").is_none()) && !body.to_string().contains("127.0.0.1"),
+        "the public health page names no upstream address: {body}"
+    );
 }
 
 #[tokio::test]
@@ -396,4 +400,56 @@ async fn gateway_metrics_label_requests_by_route_table_entry() {
     );
     assert!(!text.contains("/users/id/"), "never the raw path: {text}");
     assert!(text.contains("route=\"unmatched\""), "{text}");
+}
+
+/// An upstream that answers with the headers it received.
+async fn echo_upstream(env: &TestEnv) -> TestServer {
+    use axum::routing::get;
+    let router = axum::Router::new().route(
+        "/api/v1/users",
+        get(|headers: axum::http::HeaderMap| async move {
+            let seen: serde_json::Map<String, Value> = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or_default())))
+                .collect();
+            axum::Json(Value::Object(seen))
+        }),
+    );
+    TestServer::start(kit::service::App::new("users", router, None), &env.settings).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_is_the_real_peer_unless_a_trusted_proxy_sent_it() {
+    for (trusted, expected) in [(false, "127.0.0.1"), (true, "203.0.113.9, 127.0.0.1")] {
+        let mut env = TestEnv::new(Backend::Sqlite).await;
+        if trusted {
+            let gateway = env.settings.services.get_mut("gateway").expect("gateway");
+            gateway.extra.insert(
+                "trusted_proxies".into(),
+                figment::value::Value::serialize(["127.0.0.1"]).expect("value"),
+            );
+        }
+        let upstream = echo_upstream(&env).await;
+        let upstreams = BTreeMap::from([("users".to_owned(), vec![url_of(&upstream)])]);
+        let gateway = TestServer::start(
+            gateway::app_with_upstreams(&env.settings, upstreams).expect("gateway"),
+            &env.settings,
+        )
+        .await;
+        let seen: Value = reqwest::Client::new()
+            .get(gateway.url("/api/v1/users"))
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("proxy-connection", "keep-alive")
+            .send()
+            .await
+            .expect("sent")
+            .json()
+            .await
+            .expect("echo");
+        assert_eq!(
+            seen["x-forwarded-for"], expected,
+            "trusted={trusted}: {seen}"
+        );
+        assert!(seen.get("proxy-connection").is_none(), "stripped: {seen}");
+    }
 }
