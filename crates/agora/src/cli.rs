@@ -9,7 +9,6 @@ use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use kit::Settings;
 use kit::bus::Bus;
-use kit::config::DatabaseBackend;
 use kit::service::Deps;
 use tokio_util::sync::CancellationToken;
 
@@ -87,9 +86,9 @@ impl Cli {
 }
 
 fn describe_backends(settings: &Settings) -> String {
-    let database = match settings.database_backend("any") {
-        DatabaseBackend::Sqlite { .. } => format!("SQLite under {}", settings.data_dir.display()),
-        DatabaseBackend::Postgres { .. } => "PostgreSQL (one schema per service)".to_owned(),
+    let database = match &settings.database.url {
+        None => format!("SQLite under {}", settings.data_dir.display()),
+        Some(_) => "PostgreSQL (one schema per service)".to_owned(),
     };
     let cache = match &settings.redis.url {
         Some(_) => "Redis",

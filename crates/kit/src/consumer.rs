@@ -47,8 +47,6 @@ pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()>;
 }
 
-/// `last_error` keeps this many characters of the error chain.
-const MAX_ERROR_CHARS: usize = 500;
 /// How often a running consumer forgets handled ids older than `bus.consumer_dedupe_hours`.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Pause before subscribing again after the bus refused or ended a subscription.
@@ -375,7 +373,7 @@ impl Inner {
             .bind(&message.topic)
             .bind(String::from_utf8_lossy(&message.payload).into_owned())
             .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
-            .bind(error_text(err))
+            .bind(crate::error::stored_text(err))
             .bind(Utc::now())
             .execute(&self.db)
             .await?;
@@ -402,10 +400,6 @@ enum Failure {
     Poison(anyhow::Error),
     /// The handler (or the database) failed: worth retrying.
     Handler(anyhow::Error),
-}
-
-fn error_text(err: &anyhow::Error) -> String {
-    format!("{err:#}").chars().take(MAX_ERROR_CHARS).collect()
 }
 
 /// A message a consumer gave up on.
@@ -488,7 +482,7 @@ impl DeadLetters {
                     "update dead_letters set attempts = attempts + 1, last_error = $1, \
                      dead_at = $2 where id = $3",
                 )
-                .bind(error_text(&err))
+                .bind(crate::error::stored_text(&err))
                 .bind(Utc::now())
                 .bind(id)
                 .execute(&inner.db)

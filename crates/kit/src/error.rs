@@ -255,6 +255,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An error chain as kept in a `last_error` column (outbox rows, dead letters): bounded, so a
+/// huge error cannot bloat the table.
+pub(crate) fn stored_text(err: &anyhow::Error) -> String {
+    const MAX_CHARS: usize = 500;
+    format!("{err:#}").chars().take(MAX_CHARS).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,8 +33,6 @@ use crate::db::{Db, Dialect, Tx, query};
 
 /// Back-off after a failed round: doubles from the first value up to the second.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
-/// `last_error` keeps this many characters of the error chain.
-const MAX_ERROR_CHARS: usize = 500;
 
 /// The next rows to publish; `{lock}` is the dialect's `skip locked` claim.
 const SELECT: &str = "select seq, id, topic, payload, attempts from outbox \
@@ -342,7 +340,9 @@ impl Relay {
                     "outbox row set aside: the bus keeps refusing it"
                 );
                 self.set_aside.inc();
-                outcome.set_aside.push((row.seq, error_text(&error)));
+                outcome
+                    .set_aside
+                    .push((row.seq, crate::error::stored_text(&error)));
                 continue;
             }
             outcome.failed = Some(Failure {
@@ -354,10 +354,6 @@ impl Relay {
         }
         outcome
     }
-}
-
-fn error_text(err: &anyhow::Error) -> String {
-    format!("{err:#}").chars().take(MAX_ERROR_CHARS).collect()
 }
 
 /// Marks the published rows, the rows set aside and the failure.
@@ -388,7 +384,7 @@ async fn record(tx: &mut Tx, outcome: &Outcome) -> anyhow::Result<()> {
             MARK_ERROR
         };
         query(sql)
-            .bind(error_text(&failure.error))
+            .bind(crate::error::stored_text(&failure.error))
             .bind(failure.seq)
             .execute(&mut *tx)
             .await

@@ -62,6 +62,18 @@ impl Handler for Recorder {
     }
 }
 
+/// The consumer `mailer` of `topics` on the test's database and bus, handling with `recorder`.
+fn consumer(s: &Setup, topics: &[&str], recorder: &Recorder) -> Consumer {
+    Consumer::new(
+        "mailer",
+        topics,
+        s.db.clone(),
+        s.bus.clone(),
+        &s.env.settings.bus,
+        recorder.clone(),
+    )
+}
+
 fn event(n: u32) -> Event {
     Event::new(
         "test",
@@ -173,14 +185,7 @@ async fn a_handler_failing_twice_then_succeeding_is_retried_with_backoff() {
         let what = s.bus.backend();
         let recorder = Recorder::default();
         recorder.failures_left.store(2, Ordering::SeqCst);
-        let consumer = Consumer::new(
-            "mailer",
-            &["order.created"],
-            s.db.clone(),
-            s.bus.clone(),
-            &s.env.settings.bus,
-            recorder.clone(),
-        );
+        let consumer = consumer(&s, &["order.created"], &recorder);
         let metrics = crate::metrics::Metrics::new("consumertest");
         consumer.register_metrics(&metrics);
         let dead = consumer.dead_letters();
@@ -219,14 +224,7 @@ async fn a_handler_that_always_fails_is_dead_lettered_then_retried() {
         let what = s.bus.backend();
         let recorder = Recorder::default();
         recorder.broken.store(true, Ordering::SeqCst);
-        let consumer = Consumer::new(
-            "mailer",
-            &["order.created"],
-            s.db.clone(),
-            s.bus.clone(),
-            &s.env.settings.bus,
-            recorder.clone(),
-        );
+        let consumer = consumer(&s, &["order.created"], &recorder);
         let metrics = crate::metrics::Metrics::new("consumertest");
         consumer.register_metrics(&metrics);
         let dead = consumer.dead_letters();
@@ -288,14 +286,7 @@ async fn a_handler_that_always_fails_is_dead_lettered_then_retried() {
 async fn a_message_that_is_not_an_event_is_dead_lettered_at_once() {
     let s = setup(Backend::Sqlite).await;
     let recorder = Recorder::default();
-    let consumer = Consumer::new(
-        "mailer",
-        &["order.created"],
-        s.db.clone(),
-        s.bus.clone(),
-        &s.env.settings.bus,
-        recorder.clone(),
-    );
+    let consumer = consumer(&s, &["order.created"], &recorder);
     let mut sub = s
         .bus
         .subscribe("mailer", &["order.created"])
