@@ -1,7 +1,7 @@
 //! The command line: `up`, `serve <service>`, `migrate`, `seed`.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -9,7 +9,9 @@ use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use kit::Settings;
 use kit::bus::Bus;
+use kit::http::ServeOptions;
 use kit::service::Deps;
+use kit::shutdown::Shutdown;
 use tokio_util::sync::CancellationToken;
 
 use crate::services;
@@ -103,7 +105,9 @@ fn describe_backends(settings: &Settings) -> String {
 
 async fn up(mut settings: Settings) -> anyhow::Result<()> {
     let started = Instant::now();
-    let shutdown = kit::shutdown::on_signal();
+    let shutdown = Shutdown::on_signal();
+    // The services behind the gateway stop after it, so that what it forwards still finds them.
+    let behind_gateway = Shutdown::new();
     // Every listener first, so the gateway can be pointed at the addresses actually bound.
     let mut listeners = Vec::new();
     for service in services::ALL {
@@ -129,8 +133,29 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
         let app = (service.build)(deps)
             .await
             .with_context(|| format!("starting {name}"))?;
-        running.push(app.spawn(listener, shutdown.clone(), &settings)?);
+        let options = ServeOptions::from(&settings.http);
+        running.push(if name == gateway::NAME {
+            app.spawn(listener, &shutdown, options)?
+        } else {
+            // Their drain already happened in front of them, at the gateway.
+            let options = ServeOptions {
+                drain: Duration::ZERO,
+                ..options
+            };
+            app.spawn(listener, &behind_gateway, options)?
+        });
     }
+    let gateway_stopped = running
+        .iter()
+        .find(|s| s.name == gateway::NAME)
+        .map(|s| s.stopped.clone())
+        .unwrap_or_default();
+    tokio::spawn(stop_behind_gateway(
+        shutdown.clone(),
+        gateway_stopped,
+        behind_gateway,
+        ServeOptions::from(&settings.http),
+    ));
 
     println!(
         "agora is up in {:.0?} on {}",
@@ -157,7 +182,7 @@ async fn serve(mut settings: Settings, name: &str, port: Option<u16>) -> anyhow:
     if let Some(port) = port {
         settings.services.entry(name.to_owned()).or_default().port = port;
     }
-    let shutdown = kit::shutdown::on_signal();
+    let shutdown = Shutdown::on_signal();
     let listener = kit::http::bind(settings.bind_addr(name)).await?;
     let deps = Deps::connect(service, &settings, None)
         .await
@@ -165,17 +190,35 @@ async fn serve(mut settings: Settings, name: &str, port: Option<u16>) -> anyhow:
     let app = (service.build)(deps)
         .await
         .with_context(|| format!("starting {name}"))?;
-    let service = app.spawn(listener, shutdown.clone(), &settings)?;
+    let service = app.spawn(listener, &shutdown, ServeOptions::from(&settings.http))?;
     tracing::info!(service = service.name, addr = %service.addr, backends = %describe_backends(&settings), "listening");
     println!("{} listening on http://{}", service.name, service.addr);
     wait_all(vec![service], shutdown).await
 }
 
+/// Once `shutdown` begins and the gateway has closed (or its drain and grace are over), stops the
+/// services behind it; forces them at the deadline of the whole process (drain + grace + 1 s
+/// after the signal), so `agora up` stops as fast as one service.
+async fn stop_behind_gateway(
+    shutdown: Shutdown,
+    gateway_stopped: CancellationToken,
+    behind_gateway: Shutdown,
+    options: ServeOptions,
+) {
+    shutdown.begun().await;
+    let deadline =
+        tokio::time::Instant::now() + options.drain + options.grace + Duration::from_secs(1);
+    tokio::select! {
+        () = gateway_stopped.cancelled() => {}
+        () = tokio::time::sleep_until(deadline) => {}
+    }
+    behind_gateway.begin();
+    tokio::time::sleep_until(deadline).await;
+    behind_gateway.force();
+}
+
 /// Waits for every server; if one stops on its own (an error), stops the others too.
-async fn wait_all(
-    running: Vec<kit::service::Running>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+async fn wait_all(running: Vec<kit::service::Running>, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut pending: FuturesUnordered<_> = running
         .into_iter()
         .map(|r| async move { (r.name, r.handle.await) })
@@ -187,7 +230,7 @@ async fn wait_all(
             Ok(Err(err)) => anyhow::Error::from(err),
             Err(join) => anyhow::Error::from(join),
         };
-        shutdown.cancel();
+        shutdown.begin();
         failure.get_or_insert(err.context(format!("{name} stopped")));
     }
     match failure {

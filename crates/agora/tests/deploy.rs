@@ -89,6 +89,12 @@ fn compose_runs_every_service_on_its_port_with_valid_settings() {
             "compose runs {backing}"
         );
     }
+    // Redis is a cache here: bounded, evicting (never refusing writes), nothing on disk.
+    let redis = string_list(&compose_services["redis"]["command"]).join(" ");
+    assert!(
+        redis.contains("--maxmemory ") && redis.contains("--maxmemory-policy allkeys-lru"),
+        "{redis}"
+    );
     for (name, port) in services() {
         let service = compose_services
             .get(name.as_str())
@@ -188,9 +194,35 @@ fn kubernetes_has_a_deployment_and_service_per_service() {
             Some(u64::from(port)),
             "{name}"
         );
+        assert_eq!(
+            container["readinessProbe"]["httpGet"]["path"].as_str(),
+            Some("/ready"),
+            "{name}"
+        );
+        // Liveness must not follow the dependencies (or shutdown): a database outage would
+        // restart every pod.
+        assert_eq!(
+            container["livenessProbe"]["httpGet"]["path"].as_str(),
+            Some("/health"),
+            "{name}"
+        );
         let mut env = env_map(&container["env"]);
         env.extend(secret.clone());
         let config = effective_config(&env);
         assert_eq!(config["host"].as_str(), Some("0.0.0.0"), "{name}");
+        // Drain + grace + closing fit in the pod's termination period.
+        let http = &config["http"];
+        let stop_secs = http["shutdown_drain_secs"].as_integer().expect("drain")
+            + http["shutdown_grace_secs"].as_integer().expect("grace")
+            + 7;
+        let period =
+            find("Deployment", &name)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+                .as_i64()
+                .unwrap_or(30);
+        assert!(
+            http["shutdown_drain_secs"].as_integer() > Some(0) && stop_secs <= period,
+            "{name}: drain {:?}, stop within {stop_secs} s of a {period} s period",
+            http["shutdown_drain_secs"]
+        );
     }
 }

@@ -373,3 +373,127 @@ async fn serve_runs_one_service_per_process_on_postgres_redis_and_nats() {
     }
     bus.delete_stream().await.expect("delete test stream");
 }
+
+/// SIGTERM to `agora up`: the gateway's `/ready` answers 503 at once while the services behind it
+/// stay ready, the gateway keeps forwarding for the drain, stops accepting before the services
+/// do, and the process exits within drain + grace + a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let drain = Duration::from_secs(2);
+    let mut child = agora(dir.path())
+        .arg("up")
+        .env("RUST_LOG", "info")
+        .env("AGORA_LOG__FORMAT", "json")
+        .env(
+            "AGORA_HTTP__SHUTDOWN_DRAIN_SECS",
+            drain.as_secs().to_string(),
+        )
+        .env("AGORA_HTTP__SHUTDOWN_GRACE_SECS", "5")
+        .env("AGORA_SERVICES__GATEWAY__PORT", "0")
+        .env("AGORA_SERVICES__USERS__PORT", "0")
+        .env("AGORA_SERVICES__CATALOG__PORT", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("up starts");
+    // "  users    http://127.0.0.1:PORT" for each service.
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut addrs = std::collections::HashMap::new();
+    for line in lines.by_ref() {
+        let line = line.expect("utf-8");
+        if let Some((name, addr)) = line.trim().split_once(" http://") {
+            addrs.insert(name.trim().to_owned(), addr.trim().to_owned());
+        }
+        if addrs.len() == 3 {
+            break;
+        }
+    }
+    // Keep draining, so the child never writes to a closed pipe.
+    std::thread::spawn(move || for _ in lines {});
+    assert_eq!(addrs.len(), 3, "up printed every service: {addrs:?}");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let logs = std::thread::spawn(move || {
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let gateway = &addrs["gateway"];
+    let users = &addrs["users"];
+    let client = reqwest::Client::new();
+    let status = |url: String| {
+        let client = client.clone();
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .ok()
+        }
+    };
+    assert_eq!(status(format!("http://{gateway}/ready")).await, Some(200));
+
+    let signalled = Instant::now();
+    let killed = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        status(format!("http://{gateway}/ready")).await,
+        Some(503),
+        "the gateway reports stopping at once"
+    );
+    assert_eq!(
+        status(format!("http://{users}/ready")).await,
+        Some(200),
+        "the services behind the gateway are still ready"
+    );
+    assert_eq!(
+        status(format!("http://{gateway}/api/v1/users")).await,
+        Some(200),
+        "the gateway still forwards during the drain"
+    );
+
+    let exit = loop {
+        if let Some(exit) = child.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(
+            signalled.elapsed() < drain + Duration::from_secs(8),
+            "agora up was still running {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "clean exit: {exit}");
+    assert!(
+        signalled.elapsed() >= drain,
+        "the gateway kept accepting for the drain"
+    );
+
+    // Who stopped accepting when, from the JSON logs.
+    let logs = logs.join().expect("log reader");
+    let stopped: Vec<String> = logs
+        .iter()
+        .filter(|line| line.contains("stopped accepting connections"))
+        .map(|line| {
+            let entry: Value = serde_json::from_str(line).expect("a JSON log line");
+            entry["span"]["service"]
+                .as_str()
+                .expect("the server span names its service")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(stopped.len(), 3, "{logs:#?}");
+    assert_eq!(
+        stopped[0], "gateway",
+        "the gateway stops first: {stopped:?}"
+    );
+}

@@ -8,6 +8,8 @@ use crate::money::Money;
 
 /// Stock and thresholds are whole units, at most a billion.
 pub const MAX_UNITS: i64 = 1_000_000_000;
+/// The longest category name, in characters (also the longest `?category=` filter).
+pub const MAX_CATEGORY_CHARS: usize = 100;
 
 /// A product as stored and as returned by the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -147,7 +149,7 @@ impl ProductBody {
             sku: self.sku.and_then(|v| check(parse_sku(&v), "sku", errors)),
             category: self
                 .category
-                .and_then(|v| check(parse_text(&v, 1, 100), "category", errors)),
+                .and_then(|v| check(parse_text(&v, 1, MAX_CATEGORY_CHARS), "category", errors)),
             price: self
                 .price
                 .and_then(|v| check(parse_price(v), "price", errors)),
@@ -180,7 +182,10 @@ impl StockBody {
             (Some(stock), None) => parse_units(stock)
                 .map(StockChange::Set)
                 .map_err(|(code, message)| vec![FieldError::new("stock", code, message)]),
-            (None, Some(delta)) if delta.abs() <= MAX_UNITS => Ok(StockChange::Adjust(delta)),
+            // A range test, not `abs()`: `i64::MIN.abs()` overflows.
+            (None, Some(delta)) if (-MAX_UNITS..=MAX_UNITS).contains(&delta) => {
+                Ok(StockChange::Adjust(delta))
+            }
             (None, Some(_)) => Err(vec![FieldError::new(
                 "delta",
                 "out_of_range",
@@ -250,8 +255,18 @@ impl ReserveBody {
                 ));
             }
             match items.iter_mut().find(|(id, _)| *id == item.product_id) {
-                Some((_, quantity)) => *quantity += item.quantity,
+                // Lines of one product are merged, and the sum is held to the same bound.
+                Some((_, quantity)) => *quantity = quantity.saturating_add(item.quantity),
                 None => items.push((item.product_id, item.quantity)),
+            }
+        }
+        for &(product_id, quantity) in &items {
+            if quantity > MAX_UNITS {
+                errors.push(FieldError::new(
+                    "items",
+                    "out_of_range",
+                    format!("the lines of product {product_id} add up to more than {MAX_UNITS}"),
+                ));
             }
         }
         items.sort_unstable();
@@ -501,5 +516,116 @@ mod tests {
         assert_eq!(parse_sku(" ab-1 ").as_deref().ok(), Some("AB-1"));
         assert_ne!(generated_sku(), generated_sku());
         assert!(parse_sku(&generated_sku()).is_ok());
+    }
+}
+
+/// Properties of the stock and reservation arithmetic over every integer, not just the handy
+/// ones: nothing panics or wraps, and what is accepted is within the bounds.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn any_units() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(i64::MIN),
+            Just(i64::MAX),
+            Just(-MAX_UNITS - 1),
+            Just(MAX_UNITS + 1),
+            -MAX_UNITS..=MAX_UNITS,
+            any::<i64>(),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn stock_changes_are_bounded(stock in proptest::option::of(any_units()),
+                                     delta in proptest::option::of(any_units())) {
+            match (StockBody { stock, delta }.validate(), stock, delta) {
+                (Ok(StockChange::Set(s)), Some(_), None) => prop_assert!((0..=MAX_UNITS).contains(&s)),
+                (Ok(StockChange::Adjust(d)), None, Some(_)) => {
+                    prop_assert!((-MAX_UNITS..=MAX_UNITS).contains(&d));
+                }
+                (Ok(change), _, _) => prop_assert!(false, "accepted {change:?}"),
+                (Err(errors), _, _) => prop_assert!(!errors.is_empty()),
+            }
+        }
+
+        #[test]
+        fn reservation_lines_stay_bounded_after_merging(
+            lines in proptest::collection::vec((prop_oneof![1..5i64, any::<i64>()], any_units()), 0..120),
+        ) {
+            let body = ReserveBody {
+                order_id: "o-1".into(),
+                items: lines
+                    .iter()
+                    .map(|&(product_id, quantity)| ReserveItem { product_id, quantity })
+                    .collect(),
+            };
+            match body.validate() {
+                Ok(request) => {
+                    prop_assert!(!request.items.is_empty() && request.items.len() <= 100);
+                    prop_assert!(request.items.windows(2).all(|w| w[0].0 < w[1].0), "sorted, one line per product");
+                    for &(product_id, quantity) in &request.items {
+                        prop_assert!(product_id >= 1);
+                        prop_assert!((1..=MAX_UNITS).contains(&quantity));
+                        let sum: i128 = lines
+                            .iter()
+                            .filter(|(id, _)| *id == product_id)
+                            .map(|&(_, q)| i128::from(q))
+                            .sum();
+                        prop_assert_eq!(i128::from(quantity), sum);
+                    }
+                }
+                Err(errors) => prop_assert!(!errors.is_empty()),
+            }
+        }
+    }
+
+    #[test]
+    fn the_extreme_deltas_are_refused_not_wrapped() {
+        for delta in [
+            i64::MIN,
+            i64::MIN + 1,
+            -MAX_UNITS - 1,
+            MAX_UNITS + 1,
+            i64::MAX,
+        ] {
+            let errors = StockBody {
+                stock: None,
+                delta: Some(delta),
+            }
+            .validate()
+            .expect_err("out of range");
+            assert_eq!(
+                (errors[0].field.as_str(), errors[0].code.as_str()),
+                ("delta", "out_of_range")
+            );
+        }
+    }
+
+    #[test]
+    fn merged_lines_over_the_bound_are_refused() {
+        let body = ReserveBody {
+            order_id: "o-1".into(),
+            items: vec![
+                ReserveItem {
+                    product_id: 7,
+                    quantity: MAX_UNITS,
+                },
+                ReserveItem {
+                    product_id: 7,
+                    quantity: 1,
+                },
+            ],
+        };
+        let errors = body.validate().expect_err("over the bound once merged");
+        assert_eq!(errors[0].field, "items");
+        assert!(
+            errors[0].message.contains("product 7"),
+            "{}",
+            errors[0].message
+        );
     }
 }

@@ -28,6 +28,22 @@ impl Money {
         self.0
     }
 
+    /// `self × quantity`, or `None` beyond [`MAX_CENTS`].
+    pub fn times(self, quantity: i64) -> Option<Self> {
+        self.0
+            .checked_mul(quantity)
+            .filter(|c| c.abs() <= MAX_CENTS)
+            .map(Self)
+    }
+
+    /// `self + other`, or `None` beyond [`MAX_CENTS`].
+    pub fn plus(self, other: Self) -> Option<Self> {
+        self.0
+            .checked_add(other.0)
+            .filter(|c| c.abs() <= MAX_CENTS)
+            .map(Self)
+    }
+
     /// Parses decimal text (`"12"`, `"12.5"`, `"-0.99"`) exactly.
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
@@ -54,15 +70,19 @@ impl Money {
     }
 
     /// Parses a JSON number that arrived as a float. `19.99 * 100` is `1998.9999999999998` in
-    /// binary, so it is rounded to the nearest cent; anything further than a billionth of a cent
-    /// from a whole cent had more than two decimals and is refused.
+    /// binary, so it is rounded to the nearest cent; anything further from a whole cent than the
+    /// float's own error had more than two decimals and is refused.
     fn from_f64(value: f64) -> Result<Self, String> {
         if !value.is_finite() {
             return Err("is not a number".into());
         }
         let scaled = value * 100.0;
         let cents = scaled.round();
-        if (scaled - cents).abs() > 1e-6 {
+        // A float carries ~16 significant digits: near the bound (10^13 cents) its error is
+        // about a thousandth of a cent, so the tolerance grows with the amount (still far below
+        // the half cent a third decimal would add).
+        let tolerance = (scaled.abs() * f64::EPSILON * 8.0).max(1e-6);
+        if (scaled - cents).abs() > tolerance {
             return Err("has more than two decimals".into());
         }
         if cents.abs() > MAX_CENTS as f64 {
@@ -208,6 +228,54 @@ mod tests {
                 Some(cents),
                 "{as_float}"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Any text or number: parsed exactly within the bound, or refused; never a panic.
+        #[test]
+        fn parsing_never_panics_and_stays_bounded(text in ".{0,40}", number in any::<f64>()) {
+            if let Ok(money) = Money::parse(&text) {
+                prop_assert!(money.cents().abs() <= MAX_CENTS);
+            }
+            if let Ok(money) = Money::from_f64(number) {
+                prop_assert!(money.cents().abs() <= MAX_CENTS);
+            }
+            let json = serde_json::json!(text).to_string();
+            if let Ok(money) = serde_json::from_str::<Money>(&json) {
+                prop_assert!(money.cents().abs() <= MAX_CENTS);
+            }
+        }
+
+        /// What is written out reads back as the same amount.
+        #[test]
+        fn display_round_trips(cents in -MAX_CENTS..=MAX_CENTS) {
+            let money = Money::from_cents(cents);
+            prop_assert_eq!(Money::parse(&money.to_string()), Ok(money));
+            let json = serde_json::to_string(&money).expect("serializes");
+            prop_assert_eq!(serde_json::from_str::<Money>(&json).expect("parses"), money);
+        }
+
+        /// Line totals and sums are checked: within the bound they are exact, beyond it `None`.
+        #[test]
+        fn arithmetic_is_checked(a in any::<i64>(), b in any::<i64>(), quantity in any::<i64>()) {
+            let exact = i128::from(a) * i128::from(quantity);
+            match Money::from_cents(a).times(quantity) {
+                Some(m) => prop_assert_eq!(i128::from(m.cents()), exact),
+                None => prop_assert!(exact.abs() > i128::from(MAX_CENTS)),
+            }
+            let exact = i128::from(a) + i128::from(b);
+            match Money::from_cents(a).plus(Money::from_cents(b)) {
+                Some(m) => prop_assert_eq!(i128::from(m.cents()), exact),
+                None => prop_assert!(exact.abs() > i128::from(MAX_CENTS)),
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use kit::{Db, FieldError};
 use crate::domain::{Product, Reservation, ReservationItem, ReservationStatus, ReserveRequest};
 use crate::error::{Error, Result};
 use crate::events::{self, Reason};
-use crate::money::Money;
+use crate::money::{MAX_CENTS, Money};
 use crate::store::{COLUMNS, now};
 
 /// What a reserve call did.
@@ -78,6 +78,7 @@ async fn take(tx: &mut Tx, request: &ReserveRequest, now: DateTime<Utc>) -> Resu
     let order_id = request.order_id.as_str();
     let mut events = Vec::new();
     let mut short = Vec::new();
+    let mut total = Some(Money::default());
     for (i, &(product_id, quantity)) in request.items.iter().enumerate() {
         let product: Option<Product> = query(&take)
             .bind(quantity)
@@ -103,6 +104,7 @@ async fn take(tx: &mut Tx, request: &ReserveRequest, now: DateTime<Utc>) -> Resu
         .bind(product.price.cents())
         .execute(&mut *tx)
         .await?;
+        total = total.and_then(|t| t.plus(product.price.times(quantity)?));
         let previous = product.stock + quantity;
         events.extend(events::stock_changed(
             &product,
@@ -114,6 +116,16 @@ async fn take(tx: &mut Tx, request: &ReserveRequest, now: DateTime<Utc>) -> Resu
     if !short.is_empty() {
         // Dropping the transaction rolls back every line already taken.
         return Err(refusal(&short));
+    }
+    if total.is_none() {
+        return Err(Error::Invalid(vec![FieldError::new(
+            "items",
+            "total_too_large",
+            format!(
+                "the reservation would be worth more than {}",
+                Money::from_cents(MAX_CENTS)
+            ),
+        )]));
     }
     Ok(events)
 }
@@ -296,16 +308,21 @@ pub async fn find(db: &Db, order_id: &str) -> Result<Option<Reservation>> {
     .bind(order_id)
     .fetch_all(db)
     .await?;
-    let items: Vec<ReservationItem> = lines
-        .into_iter()
-        .map(|(product_id, quantity, unit_cents)| ReservationItem {
+    // Totals were bounded when the lines were written; checked anyway, never wrapped.
+    let out_of_range = || anyhow::anyhow!("reservation `{order_id}` totals beyond the money bound");
+    let mut items = Vec::with_capacity(lines.len());
+    let mut total = Money::default();
+    for (product_id, quantity, unit_cents) in lines {
+        let unit_price = Money::from_cents(unit_cents);
+        let line_total = unit_price.times(quantity).ok_or_else(out_of_range)?;
+        total = total.plus(line_total).ok_or_else(out_of_range)?;
+        items.push(ReservationItem {
             product_id,
             quantity,
-            unit_price: Money::from_cents(unit_cents),
-            line_total: Money::from_cents(unit_cents.saturating_mul(quantity)),
-        })
-        .collect();
-    let total = Money::from_cents(items.iter().map(|i| i.line_total.cents()).sum());
+            unit_price,
+            line_total,
+        });
+    }
     Ok(Some(Reservation {
         order_id: order_id.to_owned(),
         status,

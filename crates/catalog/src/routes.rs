@@ -10,11 +10,13 @@ use axum::routing::{get, patch, post};
 use kit::Ttl;
 use kit::http::{Json, Path, Query, RawJson};
 use kit::page::Pagination;
+use kit::{ApiError, FieldError};
 use serde::Deserialize;
 
 use crate::AppState;
 use crate::domain::{
-    Product, ProductBody, Reservation, ReserveBody, StockBody, StockChange, generated_sku,
+    MAX_CATEGORY_CHARS, Product, ProductBody, Reservation, ReserveBody, StockBody, StockChange,
+    generated_sku,
 };
 use crate::error::{Error, Result};
 use crate::events::{self, Reason};
@@ -122,7 +124,20 @@ async fn list_products(
     Query(query): Query<ListQuery>,
 ) -> Result<RawJson> {
     let pagination = Pagination::new(query.page, query.per_page)?;
-    let category = query.category.filter(|c| !c.trim().is_empty());
+    let category = match query.category.as_deref().map(str::trim) {
+        None | Some("") => None,
+        // No category is longer, so a longer filter matches nothing; refusing it keeps
+        // made-up values out of the cache.
+        Some(c) if c.chars().count() > MAX_CATEGORY_CHARS => {
+            return Err(ApiError::validation(vec![FieldError::new(
+                "category",
+                "length",
+                format!("must be at most {MAX_CATEGORY_CHARS} characters"),
+            )])
+            .into());
+        }
+        Some(c) => Some(c.to_owned()),
+    };
     let field = format!(
         "{}&category={}",
         pagination.cache_field(),

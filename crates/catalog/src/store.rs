@@ -5,7 +5,7 @@
 use chrono::{DateTime, SubsecRound as _, Utc};
 use kit::db::{Db, Executor, ResultExt as _, Tx, query};
 
-use crate::domain::{Category, NewProduct, Product, ProductChanges, StockChange};
+use crate::domain::{Category, MAX_UNITS, NewProduct, Product, ProductChanges, StockChange};
 use crate::error::{Error, Result};
 
 pub const COLUMNS: &str = "id, sku, name, description, category, price_cents, stock, reserved, \
@@ -164,8 +164,8 @@ pub async fn delete(tx: &mut Tx, id: i64) -> Result<String> {
 }
 
 /// Sets or adjusts the sellable stock; returns the product and its previous stock. Never goes
-/// below zero, under any concurrency: an adjustment is one conditional update
-/// (`stock + delta >= 0`); a set is absolute and so cannot go negative, and reads the previous
+/// below zero nor above [`MAX_UNITS`] (with the reserved units), under any concurrency: an
+/// adjustment is one conditional update (`stock + delta >= 0`); a set is absolute and so cannot go negative, and reads the previous
 /// value under the row lock for its event.
 #[tracing::instrument(skip(tx))]
 pub async fn change_stock(tx: &mut Tx, id: i64, change: StockChange) -> Result<(Product, i64)> {
@@ -175,25 +175,31 @@ pub async fn change_stock(tx: &mut Tx, id: i64, change: StockChange) -> Result<(
                 .await?
                 .ok_or(Error::ProductNotFound(id))?;
             let sql = format!(
-                "update products set stock = $1, updated_at = $2 where id = $3 returning {COLUMNS}"
+                "update products set stock = $1, updated_at = $2 \
+                 where id = $3 and $1 + reserved <= $4 returning {COLUMNS}"
             );
-            let product: Product = query(&sql)
+            let product: Option<Product> = query(&sql)
                 .bind(stock)
                 .bind(now())
                 .bind(id)
-                .fetch_one(tx)
+                .bind(MAX_UNITS)
+                .fetch_optional(tx)
                 .await?;
+            // The row is locked and exists: only the bound can have refused it.
+            let product = product.ok_or_else(|| over_the_bound(id, "stock"))?;
             Ok((product, previous))
         }
         StockChange::Adjust(delta) => {
             let sql = format!(
                 "update products set stock = stock + $1, updated_at = $2 \
-                 where id = $3 and stock + $1 >= 0 returning {COLUMNS}"
+                 where id = $3 and stock + $1 >= 0 and stock + $1 + reserved <= $4 \
+                 returning {COLUMNS}"
             );
             let product: Option<Product> = query(&sql)
                 .bind(delta)
                 .bind(now())
                 .bind(id)
+                .bind(MAX_UNITS)
                 .fetch_optional(&mut *tx)
                 .await?;
             match product {
@@ -203,7 +209,8 @@ pub async fn change_stock(tx: &mut Tx, id: i64, change: StockChange) -> Result<(
                 }
                 None => Err(match locked_stock(tx, id).await? {
                     None => Error::ProductNotFound(id),
-                    Some(available) => insufficient(id, -delta, available),
+                    Some(available) if delta < 0 => insufficient(id, -delta, available),
+                    Some(_) => over_the_bound(id, "delta"),
                 }),
             }
         }
@@ -217,6 +224,16 @@ async fn locked_stock(tx: &mut Tx, id: i64) -> sqlx::Result<Option<i64>> {
         tx.dialect().for_update()
     );
     query(&sql).bind(id).fetch_optional_scalar(tx).await
+}
+
+/// The 422 for a change that would make a product hold more than [`MAX_UNITS`] units (sellable
+/// and reserved together, so releasing a reservation can never exceed it either).
+fn over_the_bound(product_id: i64, field: &str) -> Error {
+    Error::Invalid(vec![kit::FieldError::new(
+        field,
+        "out_of_range",
+        format!("product {product_id} would hold more than {MAX_UNITS} units (stock + reserved)"),
+    )])
 }
 
 /// The 409 for an adjustment that would take more units than are sellable.

@@ -85,8 +85,11 @@ pub fn app_with_upstreams(
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
     connector.set_nodelay(true);
+    // Idle upstream connections are dropped before the upstream's own idle cut-off (its
+    // header-read timeout, same setting), so a request never races a closing connection.
+    let pool_idle = Duration::from_millis(settings.http.header_read_timeout_secs.max(1) * 500);
     let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_idle_timeout(pool_idle)
         .build(connector);
     let gateway = Arc::new(Gateway {
         table: RouteTable::new(routes),

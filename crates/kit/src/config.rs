@@ -84,6 +84,9 @@ pub struct CacheSettings {
     pub item_ttl_secs: u64,
     pub list_ttl_secs: u64,
     pub max_memory_mb: u64,
+    /// Members (pages × filters) a list group holds at once; more are served uncached until
+    /// the group expires or is invalidated.
+    pub max_group_members: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +94,14 @@ pub struct CacheSettings {
 pub struct HttpSettings {
     pub body_limit_bytes: usize,
     pub request_timeout_secs: u64,
+    /// A request head must be complete this long after its connection opened or its previous
+    /// response was sent (so it is also how long an idle keep-alive connection is kept).
+    pub header_read_timeout_secs: u64,
+    /// Connections served at once per listener; further ones wait in the accept backlog.
+    pub max_connections: usize,
+    /// After a shutdown signal, `/ready` answers 503 and the listener keeps accepting this long,
+    /// so that a balancer sees the 503 and stops sending before connections are refused.
+    pub shutdown_drain_secs: u64,
     pub shutdown_grace_secs: u64,
 }
 

@@ -15,13 +15,15 @@ use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::bus::Bus;
 use crate::cache::Cache;
 use crate::config::Settings;
 use crate::db::{Db, Migrations};
-use crate::http::Dependency;
+use crate::http::{Dependency, ServeOptions};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 /// Builds a service from its dependencies.
 pub type Build = fn(Deps) -> BoxFuture<'static, anyhow::Result<App>>;
@@ -141,7 +143,14 @@ pub struct Running {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub handle: JoinHandle<std::io::Result<()>>,
+    /// Cancelled once the server has closed its listener and connections.
+    pub stopped: CancellationToken,
 }
+
+/// How long a stopping service waits for its background tasks (they stop at their next step).
+const TASKS_GRACE: Duration = Duration::from_secs(5);
+/// How long closing the database pool may take.
+const DB_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 impl App {
     pub fn new(name: &'static str, router: Router, db: Option<Db>) -> Self {
@@ -162,37 +171,63 @@ impl App {
         self
     }
 
-    /// Serves on `listener` until `shutdown` fires; the returned handle ends once the requests in
-    /// flight and the background tasks have finished.
+    /// Serves on `listener` until `shutdown` begins (see [`crate::http::serve`]); then stops the
+    /// background tasks and closes the database. `Running::stopped` fires once the listener and
+    /// its connections are closed; the handle ends when everything has.
     pub fn spawn(
         self,
         listener: TcpListener,
-        shutdown: CancellationToken,
-        settings: &Settings,
+        shutdown: &Shutdown,
+        options: ServeOptions,
     ) -> std::io::Result<Running> {
         let addr = listener.local_addr()?;
-        let grace = Duration::from_secs(settings.http.shutdown_grace_secs);
         let App {
             name,
             router,
             db,
             tasks,
         } = self;
+        // Tasks (relay, consumers) run until the server has finished its requests, so what
+        // those requests wrote to the outbox is still published.
+        let tasks_stop = CancellationToken::new();
         let tasks: Vec<JoinHandle<()>> = tasks
             .into_iter()
-            .map(|task| task(shutdown.child_token()))
+            .map(|task| task(tasks_stop.clone()))
             .collect();
-        let handle = tokio::spawn(async move {
-            let result = crate::http::serve(listener, router, shutdown, grace).await;
-            for task in tasks {
-                // Tasks stop on the same signal; a panicked one has nothing left to wait for.
-                let _ = tokio::time::timeout(grace, task).await;
+        let stopped = CancellationToken::new();
+        let shutdown = shutdown.clone();
+        let span = tracing::info_span!("server", service = name);
+        let handle = tokio::spawn(
+            {
+            let stopped = stopped.clone();
+            async move {
+                let server_stopped = stopped.drop_guard();
+                let result = crate::http::serve(listener, router, shutdown.clone(), options).await;
+                drop(server_stopped);
+                tasks_stop.cancel();
+                let tasks = futures::future::join_all(tasks);
+                tokio::select! {
+                    _ = tasks => {}
+                    () = tokio::time::sleep(TASKS_GRACE) => {
+                        tracing::warn!(service = name, "background tasks still running; leaving them");
+                    }
+                    () = shutdown.forced() => {}
+                }
+                if let Some(db) = db
+                    && tokio::time::timeout(DB_CLOSE_GRACE, db.close()).await.is_err()
+                {
+                    tracing::warn!(service = name, "database pool did not close in time");
+                }
+                result
             }
-            if let Some(db) = db {
-                db.close().await;
-            }
-            result
-        });
-        Ok(Running { name, addr, handle })
+        }
+            .instrument(span),
+        );
+        Ok(Running {
+            name,
+            addr,
+            handle,
+            stopped,
+        })
     }
 }

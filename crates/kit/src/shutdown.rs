@@ -1,17 +1,56 @@
-//! Process shutdown: one [`CancellationToken`] cancelled on SIGINT or SIGTERM.
+//! Process shutdown in two steps: `begin` (stop taking work: `/ready` answers 503, listeners
+//! close after the drain delay, connections finish what they are doing) and `force` (close
+//! whatever is still open). A server forces itself after its grace period; `agora up` forces the
+//! services behind the gateway on one deadline for the whole process.
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-/// A token that is cancelled when the process receives Ctrl-C or SIGTERM.
-pub fn on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let trigger = token.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutdown signal received; finishing requests in flight");
-        trigger.cancel();
-    });
-    token
+/// The two tokens of a shutdown. Clones share them.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    begin: CancellationToken,
+    force: CancellationToken,
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A shutdown that begins when the process receives Ctrl-C or SIGTERM.
+    pub fn on_signal() -> Self {
+        let shutdown = Self::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received; finishing requests in flight");
+            trigger.begin();
+        });
+        shutdown
+    }
+
+    /// Stop taking new work and finish what is in flight.
+    pub fn begin(&self) {
+        self.begin.cancel();
+    }
+
+    /// Close everything still open now (implies `begin`).
+    pub fn force(&self) {
+        self.begin.cancel();
+        self.force.cancel();
+    }
+
+    pub fn is_begun(&self) -> bool {
+        self.begin.is_cancelled()
+    }
+
+    pub fn begun(&self) -> WaitForCancellationFuture<'_> {
+        self.begin.cancelled()
+    }
+
+    pub fn forced(&self) -> WaitForCancellationFuture<'_> {
+        self.force.cancelled()
+    }
 }
 
 async fn wait_for_signal() {

@@ -10,10 +10,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use sqlx::Connection as _;
 use tempfile::TempDir;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::http::ServeOptions;
 use crate::service::{App, Running};
+use crate::shutdown::Shutdown;
+
+pub mod fuzz;
 
 /// Which backends a suite runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +137,7 @@ impl TestEnv {
 /// A service serving on `127.0.0.1:<random port>` for one test; stops when dropped.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
-    pub shutdown: CancellationToken,
+    pub shutdown: Shutdown,
     pub client: reqwest::Client,
     running: Option<Running>,
 }
@@ -145,9 +148,9 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::new();
         let running = app
-            .spawn(listener, shutdown.clone(), settings)
+            .spawn(listener, &shutdown, ServeOptions::from(&settings.http))
             .expect("serve");
         Self {
             addr: running.addr,
@@ -210,7 +213,7 @@ impl TestServer {
 
     /// Stops accepting, drains, and waits for the server to end.
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
+        self.shutdown.begin();
         if let Some(running) = self.running.take() {
             let _ = running.handle.await;
         }
@@ -219,7 +222,7 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.shutdown.force();
     }
 }
 

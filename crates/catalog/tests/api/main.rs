@@ -3,6 +3,7 @@
 
 mod events;
 mod helpers;
+mod parsers;
 mod products;
 mod reservations;
 mod stock;

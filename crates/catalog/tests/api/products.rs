@@ -171,7 +171,23 @@ async fn list_filters_by_category_in_pages_of_stable_order(backend: Backend) {
         (Some(0), Some(0))
     );
 
-    for bad in ["?page=0", "?per_page=0", "?per_page=101", "?page=x"] {
+    for bad in ["?page=0", "?page=10001", "?per_page=0", "?per_page=101"] {
+        assert_problem(
+            app.get(&format!("/api/v1/products{bad}")).await,
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+    // No category is longer than 100 characters: a longer filter is refused, not cached.
+    let long = "c".repeat(101);
+    let response = app.get(&format!("/api/v1/products?category={long}")).await;
+    assert_problem(response, 422, "validation_failed").await;
+    let (status, _) = app
+        .get_json(&format!("/api/v1/products?category={}", "c".repeat(100)))
+        .await;
+    assert_eq!(status, 200);
+    for bad in ["?page=x", "?page=99999999999"] {
         assert_problem(
             app.get(&format!("/api/v1/products{bad}")).await,
             400,

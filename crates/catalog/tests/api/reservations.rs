@@ -12,6 +12,7 @@ kit::on_both_backends!(
     repeated_calls_change_nothing,
     concurrent_repeats_of_one_order_reserve_once,
     state_conflicts_are_409,
+    totals_and_merged_lines_are_bounded,
 );
 
 async fn a_reservation_holds_commits_and_releases_stock(backend: Backend) {
@@ -295,4 +296,35 @@ async fn state_conflicts_are_409(backend: Backend) {
         (8, 1),
         "committed 1, held 1, the rest on sale"
     );
+}
+
+/// A reservation whose total would pass the money bound (10^13 cents), or whose duplicate lines
+/// add up past the unit bound, is refused with 422 and holds nothing.
+async fn totals_and_merged_lines_are_bounded(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let yacht = app
+        .create_product(json!({"name": "Yacht", "price": "99999999999.99", "stock": 1000}))
+        .await;
+    let id = yacht["id"].as_i64().expect("id");
+    let response = app
+        .reserve("rich-1", json!([{"product_id": id, "quantity": 2}]))
+        .await;
+    let problem = assert_problem(response, 422, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["code"], "total_too_large");
+    assert_eq!(app.stored_stock(id).await, (1000, 0), "nothing was held");
+    // The order id was not used up by the refusal.
+    let response = app
+        .reserve("rich-1", json!([{"product_id": id, "quantity": 1}]))
+        .await;
+    assert_eq!(response.status(), 201);
+
+    let response = app
+        .reserve(
+            "merged-1",
+            json!([{"product_id": id, "quantity": 1_000_000_000},
+                   {"product_id": id, "quantity": 1_000_000_000}]),
+        )
+        .await;
+    let problem = assert_problem(response, 422, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["field"], "items");
 }

@@ -9,6 +9,8 @@ kit::on_both_backends!(
     stock_is_set_and_adjusted,
     stock_never_goes_negative,
     concurrent_deltas_never_oversell,
+    stock_has_an_upper_bound_that_counts_reserved_units,
+    extreme_deltas_are_422_not_wrapped,
 );
 
 async fn stock_is_set_and_adjusted(backend: Backend) {
@@ -97,4 +99,72 @@ async fn concurrent_deltas_never_oversell(backend: Backend) {
     assert_eq!(app.stored_stock(id).await, (0, 0));
     let (_, product) = app.get_json(&format!("/api/v1/products/{id}")).await;
     assert_eq!(product["stock"], 0, "the API agrees with the database");
+}
+
+/// The most units a product may hold (sellable + reserved): catalog's `MAX_UNITS`.
+const MAX_UNITS: i64 = 1_000_000_000;
+
+async fn stock_has_an_upper_bound_that_counts_reserved_units(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let id = app.product_with_stock(MAX_UNITS).await;
+    let path = format!("/api/v1/products/{id}/stock");
+    let problem = assert_problem(
+        app.patch(&path, json!({"delta": 1})).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(problem["errors"][0]["field"], "delta");
+    assert_eq!(
+        app.stored_stock(id).await,
+        (MAX_UNITS, 0),
+        "nothing changed"
+    );
+
+    // With 10 units reserved, the sellable stock can be set to at most MAX_UNITS - 10, so a
+    // release can never push the product past the bound.
+    let reserved = app
+        .reserve("bound-1", json!([{"product_id": id, "quantity": 10}]))
+        .await;
+    assert_eq!(reserved.status(), 201);
+    let response = app.patch(&path, json!({"stock": MAX_UNITS})).await;
+    let problem = assert_problem(response, 422, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["field"], "stock");
+    let response = app.patch(&path, json!({"stock": MAX_UNITS - 10})).await;
+    assert_eq!(response.status(), 200);
+    let released = app
+        .post("/internal/v1/reservations/bound-1/release", json!({}))
+        .await;
+    assert_eq!(released.status(), 200);
+    assert_eq!(app.stored_stock(id).await, (MAX_UNITS, 0));
+}
+
+async fn extreme_deltas_are_422_not_wrapped(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let id = app.product_with_stock(5).await;
+    let path = format!("/api/v1/products/{id}/stock");
+    for delta in [
+        i64::MIN,
+        i64::MIN + 1,
+        -MAX_UNITS - 1,
+        MAX_UNITS + 1,
+        i64::MAX,
+    ] {
+        let response = app.patch(&path, json!({ "delta": delta })).await;
+        let problem = assert_problem(response, 422, "validation_failed").await;
+        assert_eq!(problem["errors"][0]["code"], "out_of_range", "{delta}");
+    }
+    // Beyond i64 entirely: still a client error, not a 500.
+    for body in [r#"{"delta": 9223372036854775808}"#, r#"{"delta": -1e30}"#] {
+        let response = app
+            .client
+            .patch(app.url(&path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("sent");
+        assert_problem(response, 422, "validation_failed").await;
+    }
+    assert_eq!(app.stored_stock(id).await, (5, 0));
 }

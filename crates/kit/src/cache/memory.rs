@@ -4,6 +4,9 @@
 //! bumping a version orphans every entry stored under the old one at once, and a load that
 //! captured an old version can only store where nobody looks any more (it ages out or is evicted
 //! by the budget). Versions are a local map, so reading one with the value costs nothing.
+//!
+//! A group behaves as in Redis: its members expire together, TTL after the first one was stored
+//! (later stores do not extend that), and it holds at most `cache.max_group_members` of them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -18,6 +21,16 @@ pub(super) struct MemoryBackend {
     entries: moka::future::Cache<String, (Bytes, Duration)>,
     /// Versions of the keys and groups invalidated so far.
     versions: Mutex<HashMap<String, u64>>,
+    /// The current lifetime of each group (one entry per group name, which code chooses).
+    groups: Mutex<HashMap<String, GroupWindow>>,
+    max_group_members: u64,
+}
+
+/// One lifetime of a group: from its first stored member until `expires`.
+struct GroupWindow {
+    version: u64,
+    expires: Instant,
+    members: u64,
 }
 
 struct PerEntryTtl;
@@ -34,7 +47,7 @@ impl moka::Expiry<String, (Bytes, Duration)> for PerEntryTtl {
 }
 
 impl MemoryBackend {
-    pub(super) fn new(budget_bytes: u64) -> Self {
+    pub(super) fn new(budget_bytes: u64, max_group_members: u64) -> Self {
         let entries = moka::future::Cache::builder()
             .max_capacity(budget_bytes)
             .weigher(|key: &String, value: &(Bytes, Duration)| {
@@ -45,7 +58,40 @@ impl MemoryBackend {
         Self {
             entries,
             versions: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            max_group_members,
         }
+    }
+
+    /// How long a new member of `group` may live, or `None` when the group is full.
+    fn member_ttl(
+        &self,
+        group: &str,
+        entry_key: &str,
+        version: u64,
+        ttl: Duration,
+    ) -> Option<Duration> {
+        let now = Instant::now();
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        let window = groups.entry(group.to_owned()).or_insert(GroupWindow {
+            version,
+            expires: now + ttl,
+            members: 0,
+        });
+        if window.version != version || now >= window.expires {
+            *window = GroupWindow {
+                version,
+                expires: now + ttl,
+                members: 0,
+            };
+        }
+        if !self.entries.contains_key(entry_key) {
+            if window.members >= self.max_group_members {
+                return None;
+            }
+            window.members += 1;
+        }
+        Some(window.expires - now)
     }
 
     fn current(&self, base: &str) -> u64 {
@@ -86,11 +132,18 @@ impl Backend for MemoryBackend {
         version: Version,
     ) -> anyhow::Result<()> {
         let version = version.unwrap_or(0);
-        if version == self.current(slot.base()) {
-            self.entries
-                .insert(Self::entry_key(slot, version), (value, ttl))
-                .await;
+        if version != self.current(slot.base()) {
+            return Ok(());
         }
+        let key = Self::entry_key(slot, version);
+        let ttl = match slot {
+            Slot::Key(_) => ttl,
+            Slot::Field(group, _) => match self.member_ttl(group, &key, version, ttl) {
+                Some(ttl) => ttl,
+                None => return Ok(()),
+            },
+        };
+        self.entries.insert(key, (value, ttl)).await;
         Ok(())
     }
 

@@ -118,9 +118,11 @@ impl Cache {
                 Duration::from_millis(settings.redis.timeout_ms),
                 Duration::from_millis(settings.redis.retry_after_ms),
                 format!("{}{service}:", settings.redis.prefix),
+                settings.cache.max_group_members,
             )?),
             None => Box::new(MemoryBackend::new(
                 settings.cache.max_memory_mb * 1024 * 1024,
+                settings.cache.max_group_members,
             )),
         };
         Ok(Self {

@@ -29,6 +29,7 @@ pub(super) struct RedisBackend {
     /// An invalidation was lost: flush the namespace before trusting Redis again.
     dirty: AtomicBool,
     store_script: redis::Script,
+    max_group_members: u64,
     /// Commands (or pipelines, or scripts) sent, for tests that count round trips.
     #[cfg(test)]
     round_trips: AtomicU64,
@@ -40,6 +41,7 @@ impl RedisBackend {
         timeout: Duration,
         retry_after: Duration,
         namespace: String,
+        max_group_members: u64,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             client: redis::Client::open(url).context("parsing redis.url")?,
@@ -50,6 +52,7 @@ impl RedisBackend {
             down_until: Mutex::new(None),
             dirty: AtomicBool::new(false),
             store_script: redis::Script::new(STORE_SCRIPT),
+            max_group_members,
             #[cfg(test)]
             round_trips: AtomicU64::new(0),
         })
@@ -150,17 +153,21 @@ const VERSION_TTL_MS: u64 = 24 * 3600 * 1000;
 
 /// Stores a value only if the version is still the one the load started with, atomically.
 /// KEYS: the key (or group), its version key. ARGV: expected version ("" = none), value, TTL in
-/// ms, field ("" = a plain key). A group expires TTL after its first member was stored, so no
-/// member is ever older than the list TTL.
+/// ms, field ("" = a plain key), the most members a group may have. A group expires TTL after
+/// its first member was stored (later stores do not extend it), so no member is ever older than
+/// the list TTL; a new member beyond the limit is not stored.
 const STORE_SCRIPT: &str = r"
 local current = redis.call('GET', KEYS[2]) or ''
 if current ~= ARGV[1] then return 0 end
 if ARGV[4] == '' then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-else
-  redis.call('HSET', KEYS[1], ARGV[4], ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX')
+  return 1
 end
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[5]) and redis.call('HEXISTS', KEYS[1], ARGV[4]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[4], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3], 'NX')
 return 1
 ";
 
@@ -216,6 +223,7 @@ impl Backend for RedisBackend {
                 .arg(value.as_ref())
                 .arg(ms)
                 .arg(field)
+                .arg(self.max_group_members)
                 .invoke_async::<()>(c)
                 .await
         })
@@ -232,7 +240,8 @@ impl Backend for RedisBackend {
                 .arg(&version)
                 .arg(VERSION_TTL_MS)
                 .ignore();
-            pipe.cmd("DEL").arg(key).ignore();
+            // UNLINK frees a large group in the background instead of blocking Redis.
+            pipe.cmd("UNLINK").arg(key).ignore();
         }
         let result = self.run(async |c| pipe.query_async::<()>(c).await).await;
         if result.is_err() {

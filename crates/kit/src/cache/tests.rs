@@ -256,3 +256,112 @@ async fn a_panicking_loader_does_not_poison_its_key() {
         .expect("the next read loads again");
     assert_eq!(next.as_deref(), Some(&b"v"[..]));
 }
+
+/// 10,000 made-up list members (a filter value per request, as a hostile client sends them):
+/// the first `max_group_members` are cached, the rest are served from the loader and take no
+/// room; and a group's lifetime starts at its first member, not extended by later ones.
+async fn a_group_stays_bounded_in_members_and_lifetime(mut settings: Settings) -> Cache {
+    settings.cache.max_group_members = 50;
+    settings.cache.list_ttl_secs = 120;
+    let cache = Cache::new(&settings, "t").expect("cache");
+    let loads = Arc::new(AtomicU64::new(0));
+    let read = async |cache: &Cache, field: String| {
+        let (counter, value) = (loads.clone(), Bytes::from(field.clone()));
+        cache
+            .get_or_load_in("list", &field, Ttl::List, move || async move {
+                counter.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(value))
+            })
+            .await
+            .expect("served")
+            .expect("found")
+    };
+    for i in 0..10_000 {
+        assert_eq!(
+            read(&cache, format!("category={i}")).await,
+            format!("category={i}")
+        );
+    }
+    assert_eq!(loads.load(Ordering::Relaxed), 10_000);
+    let before = loads.load(Ordering::Relaxed);
+    for i in 0..50 {
+        read(&cache, format!("category={i}")).await;
+    }
+    assert_eq!(
+        loads.load(Ordering::Relaxed),
+        before,
+        "the first 50 were cached"
+    );
+    for i in 50..100 {
+        read(&cache, format!("category={i}")).await;
+    }
+    assert_eq!(
+        loads.load(Ordering::Relaxed),
+        before + 50,
+        "members beyond the limit were not"
+    );
+
+    // Storing members does not extend the group's life: list_ttl after its first member.
+    settings.cache.list_ttl_secs = 1;
+    let short = Cache::new(&settings, "short").expect("cache");
+    read(&short, "first".into()).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    read(&short, "second".into()).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = loads.load(Ordering::Relaxed);
+    read(&short, "second".into()).await;
+    assert_eq!(
+        loads.load(Ordering::Relaxed),
+        before + 1,
+        "the later member expired with its group, 1 s after the first"
+    );
+    cache
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_groups_stay_bounded() {
+    a_group_stays_bounded_in_members_and_lifetime(Settings::defaults()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_groups_stay_bounded_in_keys_members_and_lifetime() {
+    let env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
+    let cache = a_group_stays_bounded_in_members_and_lifetime(env.settings.clone()).await;
+    assert_eq!(cache.stats().errors, 0, "Redis answered every call");
+
+    // Fill the group again and count what is in Redis under this service's prefix.
+    cache.invalidate_group("list").await;
+    for i in 0..10_000 {
+        cache
+            .get_or_load_in("list", &format!("category={i}"), Ttl::List, || async {
+                Ok(Some(Bytes::from_static(b"page")))
+            })
+            .await
+            .expect("served");
+    }
+    let client = ::redis::Client::open(crate::testing::test_redis_url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{}*", env.settings.redis.prefix))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    // `t:list` and its version; `short:list`'s version (its group has expired).
+    assert!(keys.len() <= 3, "the groups and their versions: {keys:?}");
+    let group = format!("{}t:list", env.settings.redis.prefix);
+    let members: u64 = ::redis::cmd("HLEN")
+        .arg(&group)
+        .query_async(&mut conn)
+        .await
+        .expect("hlen");
+    assert_eq!(members, 50);
+    let ttl: i64 = ::redis::cmd("PTTL")
+        .arg(&group)
+        .query_async(&mut conn)
+        .await
+        .expect("pttl");
+    assert!((1..=120_000).contains(&ttl), "the group expires: {ttl} ms");
+}

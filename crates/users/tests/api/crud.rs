@@ -132,13 +132,15 @@ async fn list_is_paginated_in_id_order(backend: Backend) {
         (json!(1), json!(20))
     );
 
-    for bad in [
-        "page=0",
-        "per_page=0",
-        "per_page=101",
-        "page=abc",
-        "per_page=-1",
-    ] {
+    for bad in ["page=0", "page=10001", "per_page=0", "per_page=101"] {
+        assert_problem(
+            app.get(&format!("/api/v1/users?{bad}")).await,
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+    for bad in ["page=abc", "per_page=-1"] {
         assert_problem(
             app.get(&format!("/api/v1/users?{bad}")).await,
             400,

@@ -5,3 +5,4 @@ mod cache;
 mod crud;
 mod errors;
 mod helpers;
+mod parsers;

@@ -1,7 +1,10 @@
 //! The HTTP side every service shares: the middleware stack, JSON/path/query extractors whose
-//! rejections are problem bodies, `/health` and `/ready`, and serving with graceful shutdown.
+//! rejections are problem bodies, `/health` and `/ready`, and serving ([`serve`]).
 
-use std::net::SocketAddr;
+mod serve;
+
+pub use serve::{ServeOptions, Stopping, bind, serve};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,8 +20,6 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -32,9 +33,9 @@ use crate::metrics::Metrics;
 /// The request id header, generated when absent and forwarded on every hop.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Adds `/metrics` and wraps `router` in the standard stack, outermost first: request id → trace
-/// span → request id on the response → problem bodies → metrics → panic → timeout (408) → body
-/// limit (413).
+/// Adds `/metrics` and wraps `router` in the standard stack, outermost first: `/ready` while
+/// stopping → request id → trace span → request id on the response → problem bodies → `%00`
+/// refused → metrics → panic → timeout (408) → body limit (413).
 pub fn with_standard_layers(router: Router, http: &HttpSettings, metrics: &Metrics) -> Router {
     // `Router::layer` wraps what came before, so the last call is the outermost layer.
     router
@@ -50,6 +51,7 @@ pub fn with_standard_layers(router: Router, http: &HttpSettings, metrics: &Metri
             metrics.clone(),
             crate::metrics::track,
         ))
+        .layer(middleware::from_fn(refuse_encoded_nul))
         .layer(middleware::from_fn(problem_layer))
         .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -70,6 +72,42 @@ pub fn with_standard_layers(router: Router, http: &HttpSettings, metrics: &Metri
             MakeRequestUuid,
         ))
         .layer(middleware::from_fn(drop_unusable_request_id))
+        .layer(middleware::from_fn(ready_while_stopping))
+}
+
+/// A URI with an encoded NUL (`%00`) is 400: no id, name or filter has one, and PostgreSQL refuses
+/// it in text (a 500 if it got that far).
+async fn refuse_encoded_nul(req: Request, next: Next) -> Response {
+    let has_nul = req
+        .uri()
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().as_bytes().windows(3).any(|w| w == b"%00"));
+    if has_nul {
+        return ApiError::bad_request(
+            "invalid_uri",
+            "The path or query contains a NUL character (%00)",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Once the server is stopping, `/ready` answers 503 `stopping` at once (whatever the service's
+/// own readiness), so a balancer stops sending before the listener closes.
+async fn ready_while_stopping(req: Request, next: Next) -> Response {
+    let stopping = req
+        .extensions()
+        .get::<Stopping>()
+        .is_some_and(Stopping::is_stopping);
+    if stopping && req.uri().path() == "/ready" {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, HeaderValue::from_static("5"))],
+            axum::Json(serde_json::json!({ "status": "stopping" })),
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 /// An incoming `x-request-id` is kept only when it is a sane token (at most 128 characters of
@@ -401,31 +439,5 @@ async fn get_ready(State(state): State<HealthState>) -> Response {
         .into_response()
 }
 
-/// Binds `addr` (port 0 picks a free port; the listener knows which).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    use anyhow::Context as _;
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr} (is another process using the port?)"))
-}
-
-/// Serves `app` until `shutdown` fires, then lets requests in flight finish for up to `grace`.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    shutdown: CancellationToken,
-    grace: Duration,
-) -> std::io::Result<()> {
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    tokio::select! {
-        result = server => result,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_secs = grace.as_secs(), "requests still running after the grace period; closing");
-            Ok(())
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

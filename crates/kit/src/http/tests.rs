@@ -1,0 +1,328 @@
+//! Serving under hostile clients and during shutdown, on real sockets.
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::Query;
+use axum::routing::get;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use crate::http::ServeOptions;
+use crate::metrics::Metrics;
+use crate::service::{App, Running};
+use crate::shutdown::Shutdown;
+
+#[derive(serde::Deserialize)]
+struct Slow {
+    ms: u64,
+}
+
+/// A service with `/` (hello), `/slow?ms=` and `/ready`, behind the standard layers.
+fn app() -> App {
+    let router = Router::new()
+        .route("/", get(|| async { "hello" }))
+        .route(
+            "/slow",
+            get(|Query(slow): Query<Slow>| async move {
+                tokio::time::sleep(Duration::from_millis(slow.ms)).await;
+                "slow hello"
+            }),
+        )
+        .merge(crate::http::health_routes("test", Vec::new()));
+    let settings = crate::config::Settings::defaults();
+    let router = crate::http::with_standard_layers(router, &settings.http, &Metrics::new("test"));
+    App::new("test", router, None)
+}
+
+fn options(header_read_timeout: Duration) -> ServeOptions {
+    ServeOptions {
+        header_read_timeout,
+        max_connections: 1000,
+        drain: Duration::ZERO,
+        grace: Duration::from_secs(5),
+    }
+}
+
+async fn start(options: ServeOptions) -> (Running, Shutdown) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let shutdown = Shutdown::new();
+    let running = app().spawn(listener, &shutdown, options).expect("serve");
+    (running, shutdown)
+}
+
+/// Sends a request head one byte at a time (a byte every 200 ms, never finishing it); returns
+/// how long the server kept the connection, or `None` if it was still open after `limit`.
+async fn slowloris(addr: std::net::SocketAddr, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: agora\r\n")
+        .await
+        .ok()?;
+    let mut buf = [0u8; 512];
+    while started.elapsed() < limit {
+        tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return Some(started.elapsed()),
+                // A 408 before closing is fine too; keep reading to the end.
+                Ok(_) => {}
+            },
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if stream.write_all(b"x").await.is_err() {
+                    return Some(started.elapsed());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// One complete keep-alive request on a raw connection; returns the connection after reading the
+/// whole response.
+async fn one_request(addr: std::net::SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: agora\r\n\r\n")
+        .await
+        .expect("write");
+    let mut response = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !response.ends_with(b"hello") {
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(n > 0, "the server answered before closing");
+        response.extend_from_slice(&buf[..n]);
+    }
+    assert!(response.starts_with(b"HTTP/1.1 200"));
+    stream
+}
+
+/// Waits until the peer closes `stream`; returns how long that took (`None`: not within `limit`).
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_closed_while_normal_requests_are_served() {
+    let timeout = Duration::from_secs(1);
+    let (running, _shutdown) = start(options(timeout)).await;
+    let addr = running.addr;
+
+    let attackers: Vec<_> = (0..300)
+        .map(|_| tokio::spawn(slowloris(addr, Duration::from_secs(8))))
+        .collect();
+    // Meanwhile, ordinary clients are served promptly.
+    let client = reqwest::Client::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let response = client
+            .get(format!("http://{addr}/"))
+            .send()
+            .await
+            .expect("served during the attack");
+        assert_eq!(response.status(), 200);
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "a normal request waited {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut longest = Duration::ZERO;
+    for attacker in attackers {
+        let held = attacker
+            .await
+            .expect("attacker task")
+            .expect("the server closed the slow connection");
+        longest = longest.max(held);
+    }
+    assert!(
+        longest >= timeout && longest < timeout + Duration::from_secs(3),
+        "slow connections were held for up to {longest:?} with a {timeout:?} header timeout"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let timeout = Duration::from_secs(1);
+    let (running, _shutdown) = start(options(timeout)).await;
+    let mut stream = one_request(running.addr).await;
+    let idle = closed_within(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("the idle connection was closed");
+    assert!(
+        idle >= Duration::from_millis(800) && idle < timeout + Duration::from_secs(2),
+        "closed after {idle:?}"
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let (running, _shutdown) = start(ServeOptions {
+        max_connections: 3,
+        ..options(Duration::from_secs(30))
+    })
+    .await;
+    let addr = running.addr;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(one_request(addr).await);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .expect("client");
+    let refused = client.get(format!("http://{addr}/")).send().await;
+    assert!(
+        refused.is_err(),
+        "a fourth connection is not served while three are open"
+    );
+    drop(held.pop());
+    let response = reqwest::Client::new()
+        .get(format!("http://{addr}/"))
+        .send()
+        .await
+        .expect("served once a connection closed");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_is_503_at_once_on_shutdown_and_requests_in_flight_finish() {
+    let drain = Duration::from_secs(1);
+    let (running, shutdown) = start(ServeOptions {
+        drain,
+        ..options(Duration::from_secs(10))
+    })
+    .await;
+    let addr = running.addr;
+    let client = reqwest::Client::new();
+    let ready = client
+        .get(format!("http://{addr}/ready"))
+        .send()
+        .await
+        .expect("ready");
+    assert_eq!(ready.status(), 200);
+
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .get(format!("http://{addr}/slow?ms=1500"))
+                .send()
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let began = Instant::now();
+    shutdown.begin();
+
+    let ready = reqwest::Client::new()
+        .get(format!("http://{addr}/ready"))
+        .send()
+        .await
+        .expect("still answering during the drain");
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.expect("json");
+    assert_eq!(body["status"], "stopping");
+    let hello = reqwest::Client::new()
+        .get(format!("http://{addr}/"))
+        .send()
+        .await
+        .expect("requests are still served during the drain");
+    assert_eq!(hello.status(), 200);
+
+    let slow = in_flight
+        .await
+        .expect("task")
+        .expect("the request in flight finished");
+    assert_eq!(slow.status(), 200);
+    assert_eq!(slow.text().await.expect("body"), "slow hello");
+
+    // After the drain the listener is closed.
+    loop {
+        if TcpStream::connect(addr).await.is_err() {
+            break;
+        }
+        assert!(
+            began.elapsed() < drain + Duration::from_secs(2),
+            "still accepting {:?} after the signal",
+            began.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(began.elapsed() >= drain, "accepted for the whole drain");
+    running.handle.await.expect("join").expect("served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_grace_open_connections_are_closed_and_the_server_ends() {
+    let grace = Duration::from_secs(1);
+    let (running, shutdown) = start(ServeOptions {
+        grace,
+        ..options(Duration::from_secs(30))
+    })
+    .await;
+    let addr = running.addr;
+    let mut idle = one_request(addr).await;
+    let stuck = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(format!("http://{addr}/slow?ms=20000"))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let began = Instant::now();
+    shutdown.begin();
+
+    // An idle keep-alive connection is closed at once, not after the grace.
+    let closed = closed_within(&mut idle, grace)
+        .await
+        .expect("the idle connection was closed at once");
+    assert!(
+        closed < Duration::from_millis(800),
+        "idle closed after {closed:?}"
+    );
+
+    running.handle.await.expect("join").expect("served");
+    let ended = began.elapsed();
+    assert!(
+        ended >= grace && ended < grace + Duration::from_secs(2),
+        "the server ended {ended:?} after the signal with a {grace:?} grace"
+    );
+    let stuck = stuck.await.expect("task");
+    assert!(
+        stuck.is_err(),
+        "the request still running after the grace lost its connection"
+    );
+}
+
+#[tokio::test]
+async fn an_encoded_nul_in_the_path_or_query_is_400() {
+    let (running, _shutdown) = start(options(Duration::from_secs(10))).await;
+    let client = reqwest::Client::new();
+    for path in ["/slow?ms=%00", "/%00", "/a%00b"] {
+        let response = client
+            .get(format!("http://{}{path}", running.addr))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(response.status(), 400, "{path}");
+        let problem: serde_json::Value = response.json().await.expect("problem");
+        assert_eq!(problem["code"], "invalid_uri", "{path}");
+        assert!(problem["request_id"].is_string(), "{problem}");
+    }
+}
