@@ -243,23 +243,42 @@ async fn wait_all(running: Vec<kit::service::Running>, shutdown: Shutdown) -> an
 }
 
 fn print_config(mut settings: Settings) -> anyhow::Result<()> {
-    let hide = |url: &mut Option<String>| {
-        if let Some(value) = url
-            && let Ok(mut parsed) = url::Url::parse(value)
-            && parsed.password().is_some()
-            && parsed.set_password(Some("***")).is_ok()
-        {
-            *value = parsed.to_string();
+    hide_secret(&mut settings.database.url);
+    hide_secret(&mut settings.redis.url);
+    hide_secret(&mut settings.bus.url);
+    for service in settings.services.values_mut() {
+        for upstream in &mut service.upstreams {
+            let mut text = Some(upstream.to_string());
+            hide_secret(&mut text);
+            if let Some(parsed) = text.and_then(|t| url::Url::parse(&t).ok()) {
+                *upstream = parsed;
+            }
         }
-    };
-    hide(&mut settings.database.url);
-    hide(&mut settings.redis.url);
-    hide(&mut settings.bus.url);
+    }
     print!(
         "{}",
         toml::to_string_pretty(&settings).context("rendering the configuration")?
     );
     Ok(())
+}
+
+/// Replaces the secret of a URL with `***`: its password, or a user name standing alone (NATS
+/// takes a bare token there: `nats://TOKEN@host`).
+fn hide_secret(url: &mut Option<String>) {
+    let Some(value) = url else { return };
+    let Ok(mut parsed) = url::Url::parse(value) else {
+        return;
+    };
+    let hidden = if parsed.password().is_some() {
+        parsed.set_password(Some("***")).is_ok()
+    } else if !parsed.username().is_empty() {
+        parsed.set_username("***").is_ok()
+    } else {
+        false
+    };
+    if hidden {
+        *value = parsed.to_string();
+    }
 }
 
 async fn migrate(settings: Settings) -> anyhow::Result<()> {

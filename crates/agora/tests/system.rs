@@ -497,3 +497,42 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
         "the gateway stops first: {stopped:?}"
     );
 }
+
+/// `agora config` prints the effective settings with every secret in a URL hidden: database,
+/// Redis and NATS passwords, and a NATS token given as the user name.
+#[test]
+fn config_hides_every_secret() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for nats in [
+        "nats://natsuser:n4tsp4ss@127.0.0.1:4222",
+        "nats://n4tsp4ss@127.0.0.1:4222",
+    ] {
+        let output = agora(dir.path())
+            .arg("config")
+            .env(
+                "DATABASE_URL",
+                "postgres://agora:dbp4ss@db.internal:5432/agora",
+            )
+            .env("REDIS_URL", "redis://:r3disp4ss@cache.internal:6379")
+            .env("NATS_URL", nats)
+            .env(
+                "AGORA_SERVICES__USERS__UPSTREAMS",
+                r#"["http://admin:upp4ss@users.internal:8081"]"#,
+            )
+            .output()
+            .expect("config runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let printed = String::from_utf8_lossy(&output.stdout);
+        for secret in ["dbp4ss", "r3disp4ss", "n4tsp4ss", "upp4ss"] {
+            assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+        }
+        assert!(
+            printed.contains("db.internal") && printed.contains("***"),
+            "{printed}"
+        );
+    }
+}

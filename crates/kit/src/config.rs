@@ -38,6 +38,10 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     pub connect_timeout_secs: u64,
     pub migrate_on_start: bool,
+    /// PostgreSQL: a statement running longer is cancelled (0 = no limit). Migrations are exempt.
+    pub statement_timeout_ms: u64,
+    /// PostgreSQL: a session idle inside a transaction this long is ended (0 = no limit).
+    pub idle_in_transaction_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

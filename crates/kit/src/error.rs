@@ -105,6 +105,12 @@ impl Problem {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // A dependency is down or slow: say when trying again makes sense.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        }
         response.extensions_mut().insert(self);
         if let Some(source) = source {
             response.extensions_mut().insert(InternalError(source));
@@ -238,6 +244,19 @@ impl From<sqlx::Error> for ApiError {
         match &err {
             // Pool exhausted or database unreachable: the client may retry.
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
+                Self::unavailable("database", err.into())
+            }
+            // PostgreSQL cancelled the statement (`database.statement_timeout_ms`): the database
+            // is too slow right now, not the client's fault.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
+                Self::unavailable("database", err.into())
+            }
+            // SQLite's write lock stayed taken past the busy timeout (SQLITE_BUSY and its
+            // extended codes): the same, for the embedded default.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("5" | "261" | "517"))
+                    && db.message().contains("locked") =>
+            {
                 Self::unavailable("database", err.into())
             }
             _ if crate::db::is_unique_violation(&err) => Self::conflict(

@@ -57,6 +57,9 @@ pub struct Relay {
     bus: Bus,
     batch: u32,
     poll: Duration,
+    /// A round stops publishing after this long (the rest waits for the next round), so the
+    /// claim it holds on PostgreSQL is never held across an unbounded run of slow publishes.
+    round_limit: Duration,
     wake: Arc<Notify>,
     /// Published rows older than this are deleted; `None` keeps them.
     retention: Option<Duration>,
@@ -99,6 +102,8 @@ struct Outcome {
     published: Vec<i64>,
     set_aside: Vec<(i64, String)>,
     failed: Option<Failure>,
+    /// The round limit stopped the batch before its end.
+    cut_short: bool,
 }
 
 struct Failure {
@@ -117,6 +122,7 @@ impl Relay {
             bus,
             batch: settings.relay_batch.max(1),
             poll: Duration::from_millis(settings.relay_poll_ms.max(1)),
+            round_limit: Duration::from_millis(settings.publish_timeout_ms.max(100) * 3),
             wake: Arc::new(Notify::new()),
             retention: (settings.outbox_retention_hours > 0)
                 .then(|| Duration::from_secs(settings.outbox_retention_hours * 3600)),
@@ -195,8 +201,8 @@ impl Relay {
                 let wait = match self.run_once().await {
                     Ok(n) => {
                         backoff = Duration::ZERO;
-                        // A full batch means more may be waiting.
-                        if n >= self.batch as usize {
+                        // A full batch, or one cut short by the round limit, leaves more.
+                        if n > 0 && (n >= self.batch as usize || self.backlog.get() > 0) {
                             Duration::ZERO
                         } else {
                             self.poll
@@ -291,7 +297,7 @@ impl Relay {
         tracing::Span::current().record("published", published);
         // A short batch published whole leaves nothing behind (until the next commit); otherwise
         // count what is left.
-        if outcome.failed.is_none() && fetched < self.batch as usize {
+        if outcome.failed.is_none() && !outcome.cut_short && fetched < self.batch as usize {
             self.backlog.set(0);
         } else if let Ok(left) = crate::outbox::backlog(&self.db).await {
             self.backlog.set(left);
@@ -313,7 +319,12 @@ impl Relay {
             published: Vec::with_capacity(rows.len()),
             ..Outcome::default()
         };
+        let started = tokio::time::Instant::now();
         for row in rows {
+            if started.elapsed() >= self.round_limit {
+                outcome.cut_short = true;
+                break;
+            }
             let message = Message {
                 id: row.id,
                 topic: row.topic,
@@ -558,6 +569,48 @@ mod tests {
         }
     }
 
+    /// A slow bus: a round stops publishing after its limit (3 × `bus.publish_timeout_ms`), marks
+    /// what it published and ends its transaction; the next rounds publish the rest, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_bus_cannot_hold_a_round_open() {
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let mut s = setup(backend).await;
+            s.env.settings.bus.publish_timeout_ms = 100;
+            let what = s.bus.backend();
+            let mut sub = s.bus.subscribe("slow", &["stock.*"]).await.expect("sub");
+            let (bus, slow) = crate::bus::faulty(s.bus.clone());
+            slow.set_publish_delay(Duration::from_millis(60));
+            let relay = Relay::new(s.db.clone(), bus, &s.env.settings.bus);
+            let sent = events(20);
+            enqueue(&s.db, &sent, true).await;
+
+            let started = std::time::Instant::now();
+            let first = relay.run_once().await.expect("round");
+            let took = started.elapsed();
+            assert!(
+                (1..20).contains(&first),
+                "{what}: the round stopped at its limit ({first} published)"
+            );
+            assert!(
+                took < Duration::from_millis(300 + 60 + 400),
+                "{what}: the round took {took:?}"
+            );
+            assert_eq!(
+                crate::outbox::backlog(&s.db).await.expect("backlog"),
+                i64::try_from(20 - first).expect("small"),
+                "{what}: what it published is marked, the rest waits"
+            );
+            let mut total = first;
+            while total < 20 {
+                let n = relay.run_once().await.expect("round");
+                assert!(n > 0, "{what}: every round makes progress");
+                total += n;
+            }
+            expect_in_order(&mut sub, &sent, what).await;
+            teardown(s).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_bus_outage_keeps_the_rows_until_the_bus_is_back() {
         for backend in [Backend::Sqlite, Backend::Postgres] {
@@ -567,11 +620,7 @@ mod tests {
             let relay = Relay::new(s.db.clone(), bus, &s.env.settings.bus);
             let sent = events(2);
             enqueue(&s.db, &sent, true).await;
-            // NATS: a real failure, the stream is gone. In process: the fault switch.
-            match backend {
-                Backend::Postgres => s.bus.delete_stream().await.expect("delete stream"),
-                Backend::Sqlite => outage.set_unavailable(true),
-            }
+            outage.set_unavailable(true);
 
             for round in 1..=2 {
                 let err = relay.run_once().await.expect_err("the bus is down");
@@ -592,11 +641,7 @@ mod tests {
                 );
             }
 
-            match backend {
-                // Connecting again recreates the stream.
-                Backend::Postgres => drop(Bus::connect(&s.env.settings).await.expect("connect")),
-                Backend::Sqlite => outage.set_unavailable(false),
-            }
+            outage.set_unavailable(false);
             let mut sub = s
                 .bus
                 .subscribe("mailer", &["stock.low"])
@@ -607,6 +652,29 @@ mod tests {
             assert!(rows(&s.db).await.iter().all(|r| r.0), "{what}: all marked");
             teardown(s).await;
         }
+    }
+
+    /// NATS lost its stream (a server restarted without its storage): the relay's next rounds
+    /// recreate it and publish everything, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_stream_is_recreated() {
+        let s = setup(Backend::Postgres).await;
+        let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+        let sent = events(3);
+        enqueue(&s.db, &sent, true).await;
+        s.bus.delete_stream().await.expect("delete stream");
+        let mut published = 0;
+        for _ in 0..3 {
+            published += relay.run_once().await.unwrap_or(0);
+        }
+        assert_eq!(published, 3, "published once the stream was back");
+        let mut sub = s
+            .bus
+            .subscribe("mailer", &["stock.low"])
+            .await
+            .expect("sub");
+        expect_in_order(&mut sub, &sent, "nats").await;
+        teardown(s).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

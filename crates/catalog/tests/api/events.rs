@@ -217,3 +217,79 @@ async fn reservations_announce_their_stock_changes(backend: Backend) {
     );
     app.bus.delete_stream().await.expect("delete test stream");
 }
+
+/// A catalog started while NATS is unreachable still starts and serves; `/ready` shows the bus
+/// down (degraded, not unready); its events wait in the outbox; once NATS is reachable (here: a
+/// forwarder starts listening on the configured port) they are published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_started_while_nats_is_down_publishes_once_it_is_up() {
+    use kit::testing::{TestEnv, TestServer};
+
+    let mut env = TestEnv::new(Backend::Postgres).await;
+    let nats = env.settings.bus.url.clone().expect("the test NATS");
+    let nats_addr = nats.trim_start_matches("nats://").to_owned();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").port()
+    };
+    env.settings.bus.url = Some(format!("nats://127.0.0.1:{port}"));
+    let deps = env.deps(&catalog::SERVICE).await;
+    let db = deps.db().expect("db");
+    let app = catalog::app(deps)
+        .await
+        .expect("the catalog starts without its bus");
+    let server = TestServer::start(app, &env.settings).await;
+
+    let (status, ready) = server.get_json("/ready").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert_eq!(ready["checks"]["bus"]["status"], "down", "{ready}");
+    let response = server
+        .post(
+            "/api/v1/products",
+            json!({"name": "Kettle", "price": 25, "stock": 3}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let kettle: serde_json::Value = response.json().await.expect("json");
+    assert!(kit::outbox::backlog(&db).await.expect("backlog") >= 1);
+
+    // NATS becomes reachable on the configured address.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("the port is still free");
+    let forwarder = tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                return;
+            };
+            let nats_addr = nats_addr.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(nats_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while kit::outbox::backlog(&db).await.expect("backlog") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox was not published after NATS came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, ready) = server.get_json("/ready").await;
+    assert_eq!(ready["checks"]["bus"]["status"], "up", "{ready}");
+
+    let mut settings = env.settings.clone();
+    settings.bus.url = Some(nats);
+    let bus = kit::bus::Bus::connect(&settings).await.expect("bus");
+    let mut subscription = bus
+        .subscribe("late-reader", &["product.created"])
+        .await
+        .expect("subscribe");
+    let events = next_events(&mut subscription, 1).await;
+    assert_eq!(events[0].data["id"], kettle["id"]);
+    forwarder.abort();
+}

@@ -1,5 +1,6 @@
 //! The NATS JetStream backend: one stream per prefix, a durable pull consumer per consumer name.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -23,8 +24,15 @@ const PULL_BATCH: usize = 1;
 /// wait, so requests are kept short-lived.
 const PULL_EXPIRY: Duration = Duration::from_secs(10);
 
+/// How long starting waits for NATS before going on without it.
+const INITIAL_CONNECT_WAIT: Duration = Duration::from_secs(2);
+
 pub(super) struct NatsBus {
     js: jetstream::Context,
+    /// Set once the stream is known to exist; until then (and after a failed publish) calls first
+    /// create (or update) it, so a bus that was down at start, or lost its stream, is set up
+    /// again when it is back.
+    stream_ready: AtomicBool,
     /// `<PREFIX>_EVENTS`
     stream: String,
     /// `<prefix>.events.`
@@ -41,11 +49,26 @@ struct NatsSubscription {
 }
 
 impl NatsBus {
+    /// Connects in the background: a NATS that is down at start does not stop the service (its
+    /// events wait in the outbox, `/ready` shows the bus down); the client keeps reconnecting.
+    /// Only an unusable URL is an error here.
     pub(super) async fn connect(url: &str, settings: &Settings) -> anyhow::Result<Self> {
         let prefix = &settings.bus.prefix;
         let client = async_nats::ConnectOptions::new()
             .name(format!("agora-{prefix}"))
             .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(
+                            "lost the NATS connection; reconnecting (events wait in the outbox)"
+                        );
+                    }
+                    other => tracing::debug!(event = %other, "NATS client event"),
+                }
+            })
             .connect(url)
             .await
             .with_context(|| {
@@ -56,14 +79,39 @@ impl NatsBus {
         js.set_timeout(publish_timeout.max(Duration::from_secs(1)));
         let bus = Self {
             js,
+            stream_ready: AtomicBool::new(false),
             stream: format!("{}_EVENTS", prefix.to_uppercase()),
             subjects: format!("{prefix}.events."),
             publish_timeout,
         };
-        bus.js
+        // A reachable server answers within moments; an unreachable one is not waited for.
+        let connecting = tokio::time::Instant::now();
+        while bus.js.client().connection_state() != async_nats::connection::State::Connected
+            && connecting.elapsed() < INITIAL_CONNECT_WAIT
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Err(err) = bus.ensure_stream().await {
+            tracing::warn!(
+                error.message = %format!("{err:#}"),
+                "the bus is not usable yet; events wait in the outbox until it is"
+            );
+        }
+        Ok(bus)
+    }
+
+    /// Creates (or updates) the stream unless that was done already.
+    async fn ensure_stream(&self) -> anyhow::Result<()> {
+        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+            anyhow::bail!("not connected to NATS");
+        }
+        if self.stream_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.js
             .create_or_update_stream(stream::Config {
-                name: bus.stream.clone(),
-                subjects: vec![format!("{}>", bus.subjects)],
+                name: self.stream.clone(),
+                subjects: vec![format!("{}>", self.subjects)],
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 max_age: MAX_AGE,
@@ -75,10 +123,11 @@ impl NatsBus {
             .with_context(|| {
                 format!(
                     "creating the JetStream stream {} (is JetStream enabled on bus.url?)",
-                    bus.stream
+                    self.stream
                 )
             })?;
-        Ok(bus)
+        self.stream_ready.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Creates the durable consumer `name`, or updates its ack wait. A change of topics recreates
@@ -142,6 +191,7 @@ impl BusBackend for NatsBus {
     }
 
     async fn publish(&self, message: &Message) -> anyhow::Result<()> {
+        self.ensure_stream().await?;
         let subject = format!("{}{}", self.subjects, message.topic);
         let publish = jetstream::message::PublishMessage::build()
             .payload(message.payload.clone())
@@ -151,11 +201,16 @@ impl BusBackend for NatsBus {
             ack.await?;
             Ok::<_, async_nats::Error>(())
         };
-        tokio::time::timeout(self.publish_timeout, stored)
+        let result = tokio::time::timeout(self.publish_timeout, stored)
             .await
             .map_err(|_| anyhow::anyhow!("no ack within {:?}", self.publish_timeout))
             .and_then(|r| r.map_err(|e| anyhow::anyhow!(e)))
-            .with_context(|| format!("publishing {} ({})", message.id, message.topic))
+            .with_context(|| format!("publishing {} ({})", message.id, message.topic));
+        if result.is_err() {
+            // The stream may be gone (a server that lost its storage): check it next time.
+            self.stream_ready.store(false, Ordering::Release);
+        }
+        result
     }
 
     async fn subscribe(
@@ -164,6 +219,7 @@ impl BusBackend for NatsBus {
         topics: Vec<String>,
         ack_wait: Duration,
     ) -> anyhow::Result<Box<dyn SubscriptionBackend>> {
+        self.ensure_stream().await?;
         let filter = match topics.as_slice() {
             [one] => format!("{}{one}", self.subjects),
             _ => format!("{}>", self.subjects),
@@ -186,6 +242,7 @@ impl BusBackend for NatsBus {
     }
 
     async fn ping(&self) -> anyhow::Result<()> {
+        self.ensure_stream().await?;
         self.js
             .get_stream(&self.stream)
             .await

@@ -373,13 +373,34 @@ fn topics_match_like_nats_subjects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_nats_names_the_setting() {
+async fn an_unreachable_nats_is_down_not_fatal_and_a_bad_url_names_the_setting() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
     env.settings.bus.url = Some("nats://127.0.0.1:1".into());
+    let started = std::time::Instant::now();
+    let bus = Bus::connect(&env.settings)
+        .await
+        .expect("a service starts while NATS is down");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "start waited {:?}",
+        started.elapsed()
+    );
+    assert!(bus.ping().await.is_err(), "reported down");
+    let message = Message {
+        id: "m-1".into(),
+        topic: "stock.low".into(),
+        payload: bytes::Bytes::from_static(b"{}"),
+    };
+    assert!(
+        bus.publish(&message).await.is_err(),
+        "publishing fails (the outbox keeps it)"
+    );
+
+    env.settings.bus.url = Some("nats://bad host:4222".into());
     let err = Bus::connect(&env.settings)
         .await
         .err()
-        .expect("unreachable");
+        .expect("unusable URL");
     assert!(format!("{err:#}").contains("bus.url (NATS_URL)"), "{err:#}");
 }
 

@@ -216,9 +216,21 @@ impl Db {
         match settings.database_backend(service) {
             DatabaseBackend::Postgres { url, schema } => {
                 anyhow::ensure!(is_identifier(&schema), "invalid schema name `{schema}`");
+                // Bounds on every session: no statement runs (and no transaction sits idle)
+                // longer than configured; 0 turns a bound off.
+                let statement_timeout = settings.database.statement_timeout_ms.to_string();
+                let idle_in_transaction =
+                    settings.database.idle_in_transaction_timeout_ms.to_string();
                 let options = PgConnectOptions::from_str(&url)
                     .context("parsing database.url")?
-                    .options([("search_path", schema.as_str())]);
+                    .options([
+                        ("search_path", schema.as_str()),
+                        ("statement_timeout", statement_timeout.as_str()),
+                        (
+                            "idle_in_transaction_session_timeout",
+                            idle_in_transaction.as_str(),
+                        ),
+                    ]);
                 let pool = PgPoolOptions::new()
                     .max_connections(max)
                     .acquire_timeout(timeout)
@@ -264,9 +276,18 @@ impl Db {
     pub async fn migrate(&self, migrations: &Migrations) -> anyhow::Result<()> {
         match self {
             Db::Postgres(pool) => {
-                with_kit(&migrations.postgres, &KIT_MIGRATIONS.postgres)?
-                    .run(pool)
-                    .await?
+                // A migration may legitimately run longer than any request's statement.
+                let mut conn = pool.acquire().await?;
+                sqlx::query("set statement_timeout = 0")
+                    .execute(&mut *conn)
+                    .await?;
+                let result = with_kit(&migrations.postgres, &KIT_MIGRATIONS.postgres)?
+                    .run(&mut *conn)
+                    .await;
+                sqlx::query("reset statement_timeout")
+                    .execute(&mut *conn)
+                    .await?;
+                result?
             }
             Db::Sqlite(pool) => {
                 with_kit(&migrations.sqlite, &KIT_MIGRATIONS.sqlite)?
@@ -421,3 +442,6 @@ impl<T, E: AsDbError> ResultExt<T, E> for Result<T, E> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
