@@ -320,6 +320,16 @@ macro_rules! on_both_backends {
     };
 }
 
+/// The response's `Content-Type` (empty when absent).
+pub fn content_type(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Asserts an RFC 9457 problem body with this status and code, whose `request_id` is the one in
 /// the response header; returns the body.
 pub async fn assert_problem(
@@ -328,13 +338,7 @@ pub async fn assert_problem(
     code: &str,
 ) -> serde_json::Value {
     assert_eq!(response.status().as_u16(), status, "status");
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    assert_eq!(content_type, "application/problem+json");
+    assert_eq!(content_type(&response), "application/problem+json");
     let request_id = response
         .headers()
         .get("x-request-id")

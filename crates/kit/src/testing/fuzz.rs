@@ -161,12 +161,7 @@ pub async fn check(server: &TestServer, case: &Case) -> Result<(), TestCaseError
         .await
         .map_err(|err| TestCaseError::fail(format!("no response: {err}")))?;
     let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let content_type = super::content_type(&response);
     let text = response.text().await.unwrap_or_default();
     prop_assert!(status < 500, "{case:?} answered {status}: {text}");
     if status >= 400 {
