@@ -413,24 +413,14 @@ mod tests {
 
     const SOON: Duration = Duration::from_secs(3);
 
-    /// One backend pair: SQLite + the in-process bus, or PostgreSQL + NATS, with this test's own
-    /// schema and stream.
-    struct Setup {
-        env: TestEnv,
-        db: Db,
-        bus: Bus,
-    }
+    type Setup = crate::testing::KitFixture;
 
     async fn setup(backend: Backend) -> Setup {
-        let mut env = TestEnv::new(backend).await;
-        let db = env.kit_db("relaytest").await;
-        let bus = Bus::connect(&env.settings).await.expect("test bus");
-        Setup { env, db, bus }
+        Setup::new(TestEnv::new(backend).await, "relaytest").await
     }
 
     async fn teardown(setup: Setup) {
-        setup.bus.delete_stream().await.expect("delete stream");
-        setup.env.drop_kit_db("relaytest", setup.db).await;
+        setup.teardown().await;
     }
 
     fn events(n: usize) -> Vec<Event> {

@@ -134,6 +134,31 @@ impl TestEnv {
     }
 }
 
+/// A kit-level test's own database and bus: SQLite + the in-process bus, or a PostgreSQL
+/// database + NATS, with this test's own stream. `teardown` removes both.
+pub struct KitFixture {
+    pub env: TestEnv,
+    pub db: crate::Db,
+    pub bus: crate::bus::Bus,
+    name: &'static str,
+}
+
+impl KitFixture {
+    /// The database `name` and the bus of `env` (whose settings are final by now).
+    pub async fn new(mut env: TestEnv, name: &'static str) -> Self {
+        let db = env.kit_db(name).await;
+        let bus = crate::bus::Bus::connect(&env.settings)
+            .await
+            .expect("test bus");
+        Self { env, db, bus, name }
+    }
+
+    pub async fn teardown(self) {
+        self.bus.delete_stream().await.expect("delete stream");
+        self.env.drop_kit_db(self.name, self.db).await;
+    }
+}
+
 /// A service serving on `127.0.0.1:<random port>` for one test; stops when dropped.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,

@@ -9,29 +9,23 @@ use crate::testing::{Backend, TestEnv};
 /// Long enough for what should happen to happen, on either backend.
 const SOON: Duration = Duration::from_secs(10);
 
-struct Setup {
-    env: TestEnv,
-    db: Db,
-    bus: Bus,
-}
+type Setup = crate::testing::KitFixture;
 
 async fn setup(backend: Backend) -> Setup {
     let mut env = TestEnv::new(backend).await;
     env.settings.bus.consumer_backoff_ms = 50;
     env.settings.bus.consumer_backoff_max_ms = 200;
     env.settings.bus.consumer_max_attempts = 3;
-    let db = env.kit_db("consumertest").await;
+    let s = Setup::new(env, "consumertest").await;
     query("create table effects (message_id text primary key, topic text not null)")
-        .execute(&db)
+        .execute(&s.db)
         .await
         .expect("effects table");
-    let bus = Bus::connect(&env.settings).await.expect("test bus");
-    Setup { env, db, bus }
+    s
 }
 
 async fn teardown(s: Setup) {
-    s.bus.delete_stream().await.expect("delete stream");
-    s.env.drop_kit_db("consumertest", s.db).await;
+    s.teardown().await;
 }
 
 /// Records each event in `effects` (a second insert of one id would fail: the primary key); fails
