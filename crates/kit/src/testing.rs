@@ -379,3 +379,91 @@ pub async fn assert_problem(
     }
     body
 }
+
+/// Log lines captured on this thread (INFO and above, no colours) while the value lives, for
+/// tests of what gets logged. Use a current-thread runtime (`#[tokio::test]`'s default), so tasks
+/// the test spawns log to the same thread.
+pub struct CapturedLogs {
+    buffer: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl CapturedLogs {
+    pub fn start() -> Self {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = CaptureWriter(buffer.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        Self {
+            buffer,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        let bytes = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[derive(Clone)]
+struct CaptureWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A TCP proxy in front of the real Redis that the test can cut and restore.
+pub struct CuttableProxy {
+    pub port: u16,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl CuttableProxy {
+    /// Listens on `port` (0: a free one) and forwards every connection to the test Redis.
+    pub async fn start(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let registry = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    let redis = test_redis_url();
+                    let target = redis.trim_start_matches("redis://").trim_end_matches('/');
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                registry.lock().expect("lock").push(conn.abort_handle());
+            }
+        });
+        tasks.lock().expect("lock").push(accept.abort_handle());
+        Self { port, tasks }
+    }
+
+    /// Drops every connection through the proxy and stops listening (Redis "goes away").
+    pub fn cut(&self) {
+        for task in self.tasks.lock().expect("lock").drain(..) {
+            task.abort();
+        }
+    }
+}

@@ -11,10 +11,10 @@
 //! - On Redis a hit costs one round trip and a miss two: the read returns the slot's version along
 //!   with its value (that is the version the load stores under), and the store is one atomic
 //!   check-and-set.
-//! - A cache fault never fails a request: the value is loaded from the database instead, Redis is
-//!   skipped for `redis.retry_after_ms`, and when it comes back after a failed invalidation the
-//!   service's keyspace is flushed first, so no write made during the outage is shadowed by a
-//!   stale entry.
+//! - A cache fault never fails a request: the value is loaded from the database instead. After a
+//!   failure Redis is skipped while one background task reconnects (every
+//!   `redis.retry_after_ms`) and replays the invalidations the outage kept back before Redis is
+//!   used again, so no write made during the outage is shadowed by a stale entry (`redis.rs`).
 //!
 //! One file per backend: `memory.rs` (moka) and `redis.rs`; both keep the contract of the private
 //! `Backend` trait below.
@@ -60,7 +60,16 @@ pub struct CacheStats {
     pub coalesced: u64,
     /// Cache operations that failed or timed out (the request was served from the database).
     pub errors: u64,
+    /// Cache operations skipped because the cache is out of service after a failure (the
+    /// request was served from the database without trying it).
+    pub bypassed: u64,
 }
+
+/// The error of a cache call that was not made: the backend is out of service after a failure
+/// and recovers in the background.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the cache is out of service after a failure; recovering in the background")]
+pub(crate) struct Bypassed;
 
 /// A service's cache handle; cheap to clone.
 #[derive(Clone)]
@@ -83,6 +92,7 @@ struct Inner {
     misses: Counter,
     coalesced: Counter,
     errors: Counter,
+    bypassed: Counter,
 }
 
 type Flight = Shared<BoxFuture<'static, Result<Option<Bytes>, Arc<anyhow::Error>>>>;
@@ -138,6 +148,7 @@ impl Cache {
                 misses: Counter::default(),
                 coalesced: Counter::default(),
                 errors: Counter::default(),
+                bypassed: Counter::default(),
             }),
         })
     }
@@ -218,10 +229,11 @@ impl Cache {
             misses: i.misses.get(),
             coalesced: i.coalesced.get(),
             errors: i.errors.get(),
+            bypassed: i.bypassed.get(),
         }
     }
 
-    /// Exposes the counters as `agora_cache_{hits,misses,coalesced,errors}_total`.
+    /// Exposes the counters as `agora_cache_{hits,misses,coalesced,errors,bypassed}_total`.
     pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
         let i = &self.inner;
         metrics.register_counter(
@@ -243,6 +255,11 @@ impl Cache {
             "cache_errors",
             "Cache operations that failed",
             i.errors.clone(),
+        );
+        metrics.register_counter(
+            "cache_bypassed",
+            "Cache operations skipped while the cache recovers from a failure",
+            i.bypassed.clone(),
         );
     }
 
@@ -273,9 +290,16 @@ impl Cache {
         }
     }
 
+    /// A cache call that did not happen or failed: the request goes on with the database. Only
+    /// the per-request detail is logged here, at debug; the backend logs the outage itself once
+    /// per state change ([`crate::outage`]).
     fn fault(&self, op: &str, err: &anyhow::Error) {
+        if err.is::<Bypassed>() {
+            self.inner.bypassed.inc();
+            return;
+        }
         self.inner.errors.inc();
-        tracing::warn!(cache.op = op, error.message = %format!("{err:#}"), "cache unavailable, using the database");
+        tracing::debug!(cache.op = op, error.message = %format!("{err:#}"), "cache call failed, using the database");
     }
 
     /// Which completion stamp `flight_key` uses.

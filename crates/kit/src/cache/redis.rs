@@ -1,38 +1,98 @@
-//! The Redis backend: lazy connection, a time limit on every call, and a pause after failures.
+//! The Redis backend: a time limit on every call, and outages handled off the request path.
 //!
 //! A plain key is a string with a `PX` TTL; a group is a hash whose fields are its members. The
 //! version of a key or group lives at `<key>:ver` (bumped by `INCR` on invalidation). A read is
 //! one round trip that also returns that version; a store is one atomic script that writes only
 //! while the version is still the one read.
+//!
+//! Outages. The first failure of a call (a timeout, a dropped or refused connection) takes the
+//! connection out of service: from then on requests skip Redis at once (counted as bypassed, not
+//! as errors) and one background task, never a request, tries a new connection every
+//! `redis.retry_after_ms`. An invalidation that does not reach Redis meanwhile is remembered
+//! (its keys, up to [`MAX_LOST`]); when Redis answers again the task first replays those
+//! invalidations (a few pipelined round trips, whatever the size of the keyspace), and only then
+//! puts the connection back in service. So the cache is back within `retry_after_ms` plus a
+//! few round trips under any load, and no entry a write made stale during the outage is ever
+//! served. Only when more than [`MAX_LOST`] keys were lost does the task flush the service's
+//! keyspace instead (SCAN + UNLINK, each step time-limited, requests still bypassing).
+//! State changes are logged once each ([`crate::outage`]).
 
-use std::sync::Mutex;
+use std::collections::HashSet;
 #[cfg(test)]
 use std::sync::atomic::AtomicU64;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+#[cfg(test)]
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
 use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
 
-use super::{Backend, Slot, Version};
+use super::{Backend, Bypassed, Slot, Version};
+use crate::outage::Outage;
+
+/// Lost invalidations remembered for replay; beyond this the keyspace is flushed instead.
+pub(super) const MAX_LOST: usize = 50_000;
+
+/// Keys invalidated per pipelined round trip when replaying, and keys per SCAN step.
+const BATCH: usize = 500;
 
 pub(super) struct RedisBackend {
-    client: redis::Client,
-    connection: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
-    timeout: Duration,
-    retry_after: Duration,
-    /// Keys of this service start with it; used to flush after an outage.
-    namespace: String,
-    /// Skip Redis until this instant after a failure.
-    down_until: Mutex<Option<Instant>>,
-    /// An invalidation was lost: flush the namespace before trusting Redis again.
-    dirty: AtomicBool,
+    shared: Arc<Shared>,
     store_script: redis::Script,
     max_group_members: u64,
-    /// Commands (or pipelines, or scripts) sent, for tests that count round trips.
+    /// Commands (or pipelines, or scripts) sent by requests, for tests that count round trips.
     #[cfg(test)]
     round_trips: AtomicU64,
+}
+
+/// What the requests and the recovery task share.
+struct Shared {
+    client: redis::Client,
+    timeout: Duration,
+    retry_after: Duration,
+    /// Keys of this service start with it; flushed after an outage that lost too much.
+    namespace: String,
+    /// The connection requests use; `None` while Redis is down or being recovered. Changed only
+    /// with `lost` held.
+    live: RwLock<Option<MultiplexedConnection>>,
+    lost: Mutex<Lost>,
+    /// The first connection attempt, awaited by the requests that arrive before it ends.
+    first: tokio::sync::OnceCell<()>,
+    outage: Outage,
+}
+
+#[derive(Default)]
+struct Lost {
+    keys: HashSet<String>,
+    /// More than [`MAX_LOST`] keys were lost: flush the namespace.
+    overflowed: bool,
+    /// The recovery task is running.
+    recovering: bool,
+}
+
+impl Lost {
+    fn add(&mut self, keys: impl IntoIterator<Item = String>) {
+        if self.overflowed {
+            return;
+        }
+        self.keys.extend(keys);
+        if self.keys.len() > MAX_LOST {
+            self.keys = HashSet::new();
+            self.overflowed = true;
+        }
+    }
+}
+
+/// A failure that means Redis (or the way to it) is gone, rather than a refused command.
+fn is_outage(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_unrecoverable_error()
 }
 
 impl RedisBackend {
@@ -43,14 +103,18 @@ impl RedisBackend {
         namespace: String,
         max_group_members: u64,
     ) -> anyhow::Result<Self> {
+        let outage = Outage::new(format!("cache (redis, {namespace}*)"));
         Ok(Self {
-            client: redis::Client::open(url).context("parsing redis.url")?,
-            connection: tokio::sync::Mutex::new(None),
-            timeout,
-            retry_after,
-            namespace,
-            down_until: Mutex::new(None),
-            dirty: AtomicBool::new(false),
+            shared: Arc::new(Shared {
+                client: redis::Client::open(url).context("parsing redis.url")?,
+                timeout,
+                retry_after,
+                namespace,
+                live: RwLock::new(None),
+                lost: Mutex::new(Lost::default()),
+                first: tokio::sync::OnceCell::new(),
+                outage,
+            }),
             store_script: redis::Script::new(STORE_SCRIPT),
             max_group_members,
             #[cfg(test)]
@@ -58,88 +122,252 @@ impl RedisBackend {
         })
     }
 
-    /// A live connection, or an error at once while Redis is known to be down.
-    async fn connection(&self) -> anyhow::Result<redis::aio::ConnectionManager> {
-        if let Some(until) = *self.down_until.lock().unwrap_or_else(|p| p.into_inner())
-            && Instant::now() < until
-        {
-            anyhow::bail!("redis marked down after a recent failure");
+    /// The connection in service, if any. Before the first attempt to connect has ended, waits
+    /// for it (one attempt, shared), so a new process uses Redis from its first request.
+    async fn connection(&self) -> Option<MultiplexedConnection> {
+        if let Some(conn) = self.shared.live() {
+            return Some(conn);
         }
-        let mut guard = self.connection.lock().await;
-        if let Some(conn) = guard.as_ref() {
-            return Ok(conn.clone());
+        let shared = &self.shared;
+        shared
+            .first
+            .get_or_init(|| async {
+                match shared.connect().await {
+                    Ok(conn) => shared.put_in_service(conn),
+                    Err(err) => Shared::went_down(shared, &err, []),
+                }
+            })
+            .await;
+        shared.live()
+    }
+
+    /// Runs one command set with the time limit. While Redis is out of service the call is not
+    /// made ([`Bypassed`]); a failure that means an outage takes the connection out of service.
+    async fn run<T, F>(&self, op: F) -> anyhow::Result<T>
+    where
+        F: AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
+    {
+        let Some(mut conn) = self.connection().await else {
+            return Err(Bypassed.into());
+        };
+        #[cfg(test)]
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(self.shared.timeout, op(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => {
+                if is_outage(&err) {
+                    Shared::went_down(&self.shared, &err, []);
+                }
+                Err(anyhow::Error::new(err).context("redis command failed"))
+            }
+            Err(_) => {
+                let err = anyhow::anyhow!("redis timed out after {:?}", self.shared.timeout);
+                Shared::went_down(&self.shared, &err, []);
+                Err(err)
+            }
         }
-        let config = redis::aio::ConnectionManagerConfig::new()
+    }
+}
+
+impl Shared {
+    fn live(&self) -> Option<MultiplexedConnection> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn lock_lost(&self) -> std::sync::MutexGuard<'_, Lost> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new connection that has answered a PING, within the time limits.
+    async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
+            .set_response_timeout(Some(self.timeout));
         let mut conn = tokio::time::timeout(
             self.timeout * 2,
-            redis::aio::ConnectionManager::new_with_config(self.client.clone(), config),
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
         )
         .await
         .context("connecting to redis timed out")?
         .context("connecting to redis")?;
-        if self.dirty.load(Ordering::Acquire) {
-            self.flush_namespace(&mut conn).await?;
-            self.dirty.store(false, Ordering::Release);
-        }
-        *guard = Some(conn.clone());
+        tokio::time::timeout(
+            self.timeout,
+            redis::cmd("PING").query_async::<()>(&mut conn),
+        )
+        .await
+        .context("redis did not answer PING in time")?
+        .context("redis PING failed")?;
         Ok(conn)
     }
 
-    async fn flush_namespace(
+    fn put_in_service(&self, conn: MultiplexedConnection) {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+        self.outage.succeeded();
+    }
+
+    /// Takes Redis out of service after `err` (remembering `lost` invalidations) and starts the
+    /// recovery task unless it runs already.
+    fn went_down(
+        this: &Arc<Self>,
+        err: &dyn std::fmt::Display,
+        lost: impl IntoIterator<Item = String>,
+    ) {
+        let mut state = this.lock_lost();
+        *this.live.write().unwrap_or_else(|p| p.into_inner()) = None;
+        state.add(lost);
+        this.outage.failed(err);
+        if !state.recovering {
+            state.recovering = true;
+            tokio::spawn(Self::recover(Arc::downgrade(this)));
+        }
+    }
+
+    /// Remembers an invalidation made while Redis is out of service; false if it is back in
+    /// service meanwhile (then send it).
+    fn defer(&self, keys: &[String]) -> bool {
+        let mut state = self.lock_lost();
+        if self
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return false;
+        }
+        state.add(keys.iter().cloned());
+        true
+    }
+
+    /// The recovery task: every `retry_after`, a new connection; once one answers, the lost
+    /// invalidations are replayed (or the keyspace flushed) and the connection is put in
+    /// service. Ends when that is done, or when the cache is dropped.
+    async fn recover(this: Weak<Self>) {
+        loop {
+            let Some(retry_after) = this.upgrade().map(|s| s.retry_after) else {
+                return;
+            };
+            tokio::time::sleep(retry_after).await;
+            let Some(shared) = this.upgrade() else {
+                return;
+            };
+            let mut conn = match shared.connect().await {
+                Ok(conn) => conn,
+                Err(err) => {
+                    shared.outage.failed(&format_args!("{err:#}"));
+                    continue;
+                }
+            };
+            loop {
+                let (keys, overflowed) = {
+                    let mut state = shared.lock_lost();
+                    if state.keys.is_empty() && !state.overflowed {
+                        // Everything lost has reached Redis: trust it again.
+                        state.recovering = false;
+                        shared.put_in_service(conn);
+                        return;
+                    }
+                    (
+                        std::mem::take(&mut state.keys),
+                        std::mem::take(&mut state.overflowed),
+                    )
+                };
+                let result = if overflowed {
+                    shared.flush_namespace(&mut conn).await
+                } else {
+                    shared.replay(&mut conn, &keys).await
+                };
+                if let Err(err) = result {
+                    let mut state = shared.lock_lost();
+                    state.overflowed |= overflowed;
+                    state.add(keys);
+                    drop(state);
+                    shared.outage.failed(&format_args!("{err:#}"));
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Sends the invalidations that an outage kept from Redis, a batch per round trip.
+    async fn replay(
         &self,
-        conn: &mut redis::aio::ConnectionManager,
+        conn: &mut MultiplexedConnection,
+        keys: &HashSet<String>,
     ) -> anyhow::Result<()> {
+        let keys: Vec<&String> = keys.iter().collect();
+        for batch in keys.chunks(BATCH) {
+            let pipe = delete_pipeline(batch.iter().copied());
+            tokio::time::timeout(self.timeout * 4, pipe.query_async::<()>(conn))
+                .await
+                .context("replaying invalidations timed out")?
+                .context("replaying invalidations")?;
+        }
+        tracing::info!(
+            namespace = %self.namespace,
+            keys = keys.len(),
+            "replayed the cache invalidations a redis outage had kept back"
+        );
+        Ok(())
+    }
+
+    /// Removes every key of the namespace, one time-limited SCAN step at a time.
+    async fn flush_namespace(&self, conn: &mut MultiplexedConnection) -> anyhow::Result<()> {
         let pattern = format!("{}*", self.namespace);
         let mut cursor: u64 = 0;
+        let mut removed = 0usize;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(conn)
-                .await?;
-            if !keys.is_empty() {
-                let _: () = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
-            }
+            let step = async {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(BATCH)
+                    .query_async(conn)
+                    .await?;
+                if !keys.is_empty() {
+                    // Versions go too: a load in flight then finds no version and stores
+                    // nothing it read before the flush.
+                    let _: () = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
+                }
+                redis::RedisResult::Ok((next, keys.len()))
+            };
+            let (next, count) = tokio::time::timeout(self.timeout * 4, step)
+                .await
+                .context("flushing the cache namespace timed out")?
+                .context("flushing the cache namespace")?;
+            removed += count;
             if next == 0 {
                 break;
             }
             cursor = next;
         }
-        tracing::info!(namespace = %self.namespace, "flushed cache namespace after a redis outage");
+        tracing::info!(
+            namespace = %self.namespace,
+            keys = removed,
+            "flushed the cache namespace: a redis outage kept back more invalidations than \
+             are remembered"
+        );
         Ok(())
     }
+}
 
-    /// Runs one command set with the time limit; a failure marks Redis down for a while.
-    async fn run<T, F>(&self, op: F) -> anyhow::Result<T>
-    where
-        F: AsyncFnOnce(&mut redis::aio::ConnectionManager) -> redis::RedisResult<T>,
-    {
-        let result = async {
-            let mut conn = self.connection().await?;
-            #[cfg(test)]
-            self.round_trips.fetch_add(1, Ordering::Relaxed);
-            tokio::time::timeout(self.timeout, op(&mut conn))
-                .await
-                .context("redis timed out")?
-                .context("redis command failed")
-        }
-        .await;
-        if result.is_err() {
-            *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Instant::now() + self.retry_after);
-            // Reconnect (and flush if needed) once Redis answers again.
-            if let Ok(mut guard) = self.connection.try_lock() {
-                *guard = None;
-            }
-        }
-        result
+/// Invalidates `keys`: bumps each version (kept [`VERSION_TTL_MS`]) and unlinks the entry (UNLINK
+/// frees a large group in the background instead of blocking Redis).
+fn delete_pipeline<'a>(keys: impl IntoIterator<Item = &'a String>) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for key in keys {
+        let version = version_key(key);
+        pipe.cmd("INCR").arg(&version).ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(&version)
+            .arg(VERSION_TTL_MS)
+            .ignore();
+        pipe.cmd("UNLINK").arg(key).ignore();
     }
+    pipe
 }
 
 /// Where the version of a key or group lives.
@@ -231,26 +459,36 @@ impl Backend for RedisBackend {
     }
 
     async fn delete(&self, keys: &[String]) -> anyhow::Result<()> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for key in keys {
-            let version = version_key(key);
-            pipe.cmd("INCR").arg(&version).ignore();
-            pipe.cmd("PEXPIRE")
-                .arg(&version)
-                .arg(VERSION_TTL_MS)
-                .ignore();
-            // UNLINK frees a large group in the background instead of blocking Redis.
-            pipe.cmd("UNLINK").arg(key).ignore();
-        }
-        let result = self.run(async |c| pipe.query_async::<()>(c).await).await;
-        if result.is_err() {
-            self.dirty.store(true, Ordering::Release);
+        let mut conn = loop {
+            if let Some(conn) = self.connection().await {
+                break conn;
+            }
+            if self.shared.defer(keys) {
+                // Kept for the recovery task to replay before Redis is trusted again.
+                return Err(Bypassed.into());
+            }
+        };
+        let pipe = delete_pipeline(keys);
+        #[cfg(test)]
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let result = tokio::time::timeout(self.shared.timeout, pipe.query_async::<()>(&mut conn))
+            .await
+            .map_err(|_| anyhow::anyhow!("redis timed out after {:?}", self.shared.timeout))
+            .and_then(|sent| sent.context("redis invalidation failed"));
+        if let Err(err) = &result {
+            // Whatever the failure, the entries may still be there: replay before trusting Redis.
+            Shared::went_down(&self.shared, &format_args!("{err:#}"), keys.iter().cloned());
         }
         result
     }
 
     async fn ping(&self) -> anyhow::Result<()> {
+        if self.connection().await.is_none() {
+            anyhow::bail!(
+                "redis is out of service; reconnecting every {:?} in the background",
+                self.shared.retry_after
+            );
+        }
         self.run(async |c| redis::cmd("PING").query_async::<()>(c).await)
             .await
     }

@@ -1,6 +1,7 @@
 //! Tests of the cache front end on both backends (Redis through `crate::testing`).
 
 use super::*;
+use std::time::Instant;
 
 fn memory_cache() -> Cache {
     Cache::new(&Settings::defaults(), "t").expect("memory cache")
@@ -364,4 +365,114 @@ async fn redis_groups_stay_bounded_in_keys_members_and_lifetime() {
         .await
         .expect("pttl");
     assert!((1..=120_000).contains(&ttl), "the group expires: {ttl} ms");
+}
+
+/// Redis goes away and comes back while four clients keep reading one key: the cache is back in
+/// service within `retry_after` plus a small bound *while the load goes on* (it once stayed out
+/// until the load stopped), the invalidation made during the outage is replayed before anything
+/// is served from Redis again, and the outage is logged by state change, not per request.
+#[tokio::test]
+async fn redis_comes_back_under_load_with_the_lost_invalidations_replayed() {
+    let proxy = crate::testing::CuttableProxy::start(0).await;
+    let port = proxy.port;
+    let mut env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
+    env.settings.redis.url = Some(format!("redis://127.0.0.1:{port}"));
+    let retry_after = Duration::from_millis(300);
+    env.settings.redis.retry_after_ms = 300;
+    let cache = Cache::new(&env.settings, "t").expect("redis cache");
+    let logs = crate::testing::CapturedLogs::start();
+
+    // The "database": the value a load returns.
+    let db = Arc::new(AtomicU64::new(1));
+    let read = {
+        let (cache, db) = (cache.clone(), db.clone());
+        move || {
+            let (cache, db) = (cache.clone(), db.clone());
+            async move {
+                let bytes = cache
+                    .get_or_load("user:1", Ttl::Item, move || async move {
+                        Ok(Some(Bytes::from(db.load(Ordering::SeqCst).to_string())))
+                    })
+                    .await
+                    .expect("a read never fails");
+                bytes.map(|b| String::from_utf8_lossy(&b).into_owned())
+            }
+        }
+    };
+    assert_eq!(read().await.as_deref(), Some("1"));
+    assert_eq!(read().await.as_deref(), Some("1"));
+    assert_eq!(cache.stats().hits, 1, "cached in Redis");
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (read, stop) = (read.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut reads = 0u64;
+                // Bounded: at most 200,000 reads or until told to stop.
+                while !stop.load(Ordering::Relaxed) && reads < 200_000 {
+                    read().await;
+                    reads += 1;
+                    tokio::task::yield_now().await;
+                }
+                reads
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A write during the outage: its invalidation cannot reach Redis.
+    db.store(2, Ordering::SeqCst);
+    cache.invalidate(&["user:1".to_owned()]).await;
+    assert_eq!(read().await.as_deref(), Some("2"), "from the database");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let hits_before = cache.stats().hits;
+    let _restored = crate::testing::CuttableProxy::start(port).await;
+    let back = Instant::now();
+    let bound = retry_after + Duration::from_secs(2);
+    while cache.stats().hits == hits_before {
+        assert!(
+            back.elapsed() < bound,
+            "hits did not resume within {bound:?} of Redis returning, under load: {:?}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(
+            read().await.as_deref(),
+            Some("2"),
+            "the entry the outage made stale is never served"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut reads = 0;
+    for client in clients {
+        reads += client.await.expect("client");
+    }
+    let stats = cache.stats();
+    assert!(
+        stats.bypassed > 100 && stats.errors < 20,
+        "the outage is skipped, not retried per request ({reads} reads): {stats:?}"
+    );
+
+    let lines = logs.lines();
+    let warnings = lines.iter().filter(|l| l.contains("WARN")).count();
+    let back_lines = lines
+        .iter()
+        .filter(|l| l.contains("dependency is back"))
+        .count();
+    assert!(
+        warnings <= 3 && back_lines == 1,
+        "{reads} reads during an outage log its changes, not each request:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("replayed")),
+        "the replay is logged:\n{}",
+        lines.join("\n")
+    );
 }
