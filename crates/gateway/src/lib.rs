@@ -15,6 +15,7 @@ use axum::routing::get;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use kit::outage::Outage;
 use kit::service::{App, Deps, Service};
 use kit::{ApiError, Settings};
 use url::Url;
@@ -38,15 +39,29 @@ pub static SERVICE: Service = Service {
 /// The replicas of one service.
 struct Upstream {
     urls: Vec<Url>,
+    /// One per replica: a replica that stops answering is logged once, not per request.
+    outages: Vec<Outage>,
     next: AtomicUsize,
 }
 
 impl Upstream {
-    /// Round-robin: the replicas to try, starting with the next in turn.
-    fn rotation(&self) -> impl Iterator<Item = &Url> {
+    fn new(service: &str, urls: Vec<Url>) -> Self {
+        let outages = urls
+            .iter()
+            .map(|url| Outage::new(format!("upstream {service} at {url}")))
+            .collect();
+        Self {
+            urls,
+            outages,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Round-robin: the replicas to try (by index), starting with the next in turn.
+    fn rotation(&self) -> impl Iterator<Item = usize> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = self.urls.len();
-        (0..n).map(move |i| &self.urls[(start + i) % n])
+        (0..n).map(move |i| (start + i) % n)
     }
 }
 
@@ -97,10 +112,7 @@ pub fn app_with_upstreams(
             .into_iter()
             .filter(|(_, urls)| !urls.is_empty())
             .map(|(name, urls)| {
-                let upstream = Upstream {
-                    urls,
-                    next: AtomicUsize::new(0),
-                };
+                let upstream = Upstream::new(&name, urls);
                 (name, upstream)
             })
             .collect(),
@@ -231,7 +243,7 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
         parts.headers.insert("x-forwarded-host", host);
     }
 
-    let attempts: Vec<&Url> = if retryable(&parts.method) {
+    let attempts: Vec<usize> = if retryable(&parts.method) {
         upstream.rotation().collect()
     } else {
         upstream.rotation().take(1).collect()
@@ -239,7 +251,8 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
     let mut body = Some(body);
     let mut last_error = None;
     let last = attempts.len().saturating_sub(1);
-    for (attempt, base) in attempts.into_iter().enumerate() {
+    for (attempt, replica) in attempts.into_iter().enumerate() {
+        let (base, outage) = (&upstream.urls[replica], &upstream.outages[replica]);
         let uri: Uri =
             match format!("{}{}", base.as_str().trim_end_matches('/'), path_and_query).parse() {
                 Ok(uri) => uri,
@@ -264,6 +277,10 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
             {
                 Ok(result) => result,
                 Err(_) => {
+                    outage.failed(&format_args!(
+                        "no response within {:?}",
+                        gateway.upstream_timeout
+                    ));
                     return ApiError::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         "upstream_timeout",
@@ -274,6 +291,7 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
             };
         match result {
             Ok(response) => {
+                outage.succeeded();
                 tracing::debug!(
                     service = %service,
                     upstream = %base,
@@ -286,7 +304,8 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
                 return Response::from_parts(parts, Body::new(body));
             }
             Err(err) => {
-                tracing::warn!(service = %service, upstream = %base, error.message = %err, "upstream request failed");
+                // Logged once per outage of this replica; each request's detail at debug.
+                outage.failed(&err);
                 last_error = Some(err.into());
             }
         }

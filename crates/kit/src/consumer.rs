@@ -86,6 +86,8 @@ pub struct Consumer {
 
 struct Inner {
     name: String,
+    /// Subscribing or receiving failing (the bus is down) is logged once per outage.
+    outage: crate::outage::Outage,
     db: Db,
     handler: Box<dyn Handler>,
     max_attempts: u64,
@@ -123,6 +125,7 @@ impl Consumer {
         Self {
             inner: Arc::new(Inner {
                 name: name.to_owned(),
+                outage: crate::outage::Outage::new(format!("bus (consumer {name})")),
                 db,
                 handler: Box::new(handler),
                 max_attempts: u64::from(settings.consumer_max_attempts.max(1)),
@@ -244,10 +247,11 @@ impl Inner {
                 Ok(subscription) => subscription,
                 Err(err) => {
                     pause = (pause * 2).clamp(RESUBSCRIBE.0, RESUBSCRIBE.1);
-                    tracing::warn!(consumer = %self.name, error.message = %format!("{err:#}"), retry_in_ms = pause.as_millis() as u64, "subscribing failed");
+                    self.outage.failed(&format_args!("subscribing: {err:#}"));
                     continue;
                 }
             };
+            self.outage.succeeded();
             loop {
                 let next = tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -255,13 +259,14 @@ impl Inner {
                 };
                 match next {
                     Some(Ok(delivery)) => {
+                        self.outage.succeeded();
                         if let Err(err) = self.process(delivery).await {
                             // Acking or nacking failed: the bus redelivers after the ack wait.
                             tracing::warn!(consumer = %self.name, error.message = %format!("{err:#}"), "settling a delivery failed");
                         }
                     }
                     Some(Err(err)) => {
-                        tracing::warn!(consumer = %self.name, error.message = %format!("{err:#}"), "receiving from the bus failed");
+                        self.outage.failed(&format_args!("{err:#}"));
                         tokio::select! {
                             () = shutdown.cancelled() => return,
                             () = tokio::time::sleep(RESUBSCRIBE.0) => {}

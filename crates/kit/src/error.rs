@@ -235,35 +235,28 @@ impl std::error::Error for ApiError {}
 
 impl From<anyhow::Error> for ApiError {
     fn from(err: anyhow::Error) -> Self {
+        // A database that is down stays a 503 when it reached the handler wrapped (a cache
+        // loader's error, a context): never a 500 for a dependency fault.
+        if crate::db::unavailable_cause(&err).is_some() {
+            return Self::unavailable("database", err);
+        }
         Self::internal(err)
     }
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        match &err {
-            // Pool exhausted or database unreachable: the client may retry.
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
-                Self::unavailable("database", err.into())
-            }
-            // PostgreSQL cancelled the statement (`database.statement_timeout_ms`): the database
-            // is too slow right now, not the client's fault.
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
-                Self::unavailable("database", err.into())
-            }
-            // SQLite's write lock stayed taken past the busy timeout (SQLITE_BUSY and its
-            // extended codes): the same, for the embedded default.
-            sqlx::Error::Database(db)
-                if matches!(db.code().as_deref(), Some("5" | "261" | "517"))
-                    && db.message().contains("locked") =>
-            {
-                Self::unavailable("database", err.into())
-            }
-            _ if crate::db::is_unique_violation(&err) => Self::conflict(
+        if crate::db::is_unavailable(&err) {
+            // Unreachable, restarting, out of connections, too slow (the statement timeout), or
+            // SQLite's write lock held past the busy timeout: the client may retry.
+            Self::unavailable("database", err.into())
+        } else if crate::db::is_unique_violation(&err) {
+            Self::conflict(
                 "conflict",
                 "A record with the same unique value already exists",
-            ),
-            _ => Self::internal(err.into()),
+            )
+        } else {
+            Self::internal(err.into())
         }
     }
 }

@@ -70,6 +70,8 @@ pub struct Relay {
     set_aside: Counter,
     /// Unpublished rows after the last round.
     backlog: Gauge,
+    /// Failed rounds (the database or the bus is down) are logged once per outage.
+    outage: crate::outage::Outage,
 }
 
 /// Wakes the relay; cheap to clone, one per request handler is fine.
@@ -131,6 +133,7 @@ impl Relay {
             failures: Counter::default(),
             set_aside: Counter::default(),
             backlog: Gauge::default(),
+            outage: crate::outage::Outage::new("outbox relay (database and bus)"),
         }
     }
 
@@ -200,6 +203,7 @@ impl Relay {
                 }
                 let wait = match self.run_once().await {
                     Ok(n) => {
+                        self.outage.succeeded();
                         backoff = Duration::ZERO;
                         // A full batch, or one cut short by the round limit, leaves more.
                         if n > 0 && (n >= self.batch as usize || self.backlog.get() > 0) {
@@ -210,12 +214,7 @@ impl Relay {
                     }
                     Err(err) => {
                         backoff = (backoff * 2).clamp(BACKOFF.0, BACKOFF.1);
-                        tracing::warn!(
-                            error.message = %err,
-                            error.cause_chain = ?err,
-                            retry_in_ms = backoff.as_millis() as u64,
-                            "outbox relay round failed"
-                        );
+                        self.outage.failed(&format_args!("{err:#}"));
                         backoff
                     }
                 };

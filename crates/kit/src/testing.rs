@@ -429,7 +429,8 @@ impl std::io::Write for CaptureWriter {
     }
 }
 
-/// A TCP proxy in front of the real Redis that the test can cut and restore.
+/// A TCP proxy in front of a real server (the test Redis, or any address) that a test can cut and
+/// restore: a dependency that goes away and comes back on the same port.
 pub struct CuttableProxy {
     pub port: u16,
     tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
@@ -438,6 +439,13 @@ pub struct CuttableProxy {
 impl CuttableProxy {
     /// Listens on `port` (0: a free one) and forwards every connection to the test Redis.
     pub async fn start(port: u16) -> Self {
+        let redis = test_redis_url();
+        let target = redis.trim_start_matches("redis://").trim_end_matches('/');
+        Self::start_to(port, target.to_owned()).await
+    }
+
+    /// Listens on `port` (0: a free one) and forwards every connection to `target` (host:port).
+    pub async fn start_to(port: u16, target: String) -> Self {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind proxy");
@@ -446,9 +454,8 @@ impl CuttableProxy {
         let registry = tasks.clone();
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
                 let conn = tokio::spawn(async move {
-                    let redis = test_redis_url();
-                    let target = redis.trim_start_matches("redis://").trim_end_matches('/');
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }

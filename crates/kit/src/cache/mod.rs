@@ -65,6 +65,24 @@ pub struct CacheStats {
     pub bypassed: u64,
 }
 
+/// A load's error as seen by each request that waited for it (single-flight shares one error).
+/// Its source is the load's own error, so callers can still find what it was (a database that is
+/// down is a 503, not a 500: [`crate::db::unavailable_cause`]).
+#[derive(Debug)]
+struct SharedLoadError(Arc<anyhow::Error>);
+
+impl std::fmt::Display for SharedLoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("loading the value failed")
+    }
+}
+
+impl std::error::Error for SharedLoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref().as_ref())
+    }
+}
+
 /// The error of a cache call that was not made: the backend is out of service after a failure
 /// and recovers in the background.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -360,7 +378,7 @@ impl Cache {
         if !leader {
             self.inner.coalesced.inc();
         }
-        flight.await.map_err(|err| anyhow::anyhow!("{err:#}"))
+        flight.await.map_err(|err| SharedLoadError(err).into())
     }
 
     /// The shared load of one key: query, store, and leave the flight table — even when the

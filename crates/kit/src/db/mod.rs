@@ -24,7 +24,9 @@
 
 use std::borrow::Cow;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sqlx::migrate::{Migration, Migrator};
@@ -35,6 +37,7 @@ use sqlx::sqlite::{
 };
 
 use crate::config::{DatabaseBackend, Settings, is_identifier};
+use crate::outage::Outage;
 
 mod query;
 
@@ -44,8 +47,189 @@ pub use query::{Arg, Bind, Executor, FromRow, Query, Scalar, Target, query};
 /// use [`query`] and [`Db::begin`].
 #[derive(Debug, Clone)]
 pub enum Db {
-    Postgres(PgPool),
+    Postgres(PgDb),
     Sqlite(SqlitePool),
+}
+
+/// A PostgreSQL pool that survives losing its server.
+///
+/// The pool does not ping a connection before every use (that round trip costs measurable
+/// throughput). Instead, the first statement that finds its connection lost (a restart, a
+/// failover, a reset) marks the moment, and from then on a connection that has been idle since
+/// before that moment is pinged before reuse (broken ones are dropped, sqlx drops a connection
+/// that errors when it is returned). A read (a `select` outside a transaction) that lost its
+/// connection is run once more on another; `begin` likewise, since nothing has run yet. A
+/// database that stays unreachable is a 503 `dependency_unavailable` with `Retry-After`
+/// ([`crate::ApiError`]), never a 500, and its outage is logged once per state change.
+#[derive(Debug, Clone)]
+pub struct PgDb {
+    pool: PgPool,
+    health: Arc<PgHealth>,
+}
+
+#[derive(Debug)]
+struct PgHealth {
+    /// The last attempt to get a connection failed.
+    unreachable: AtomicBool,
+    /// When a lost connection was last seen, in ns after `epoch` (0: never).
+    lost_at: AtomicU64,
+    epoch: Instant,
+    outage: Outage,
+}
+
+impl PgHealth {
+    fn new(service: &str) -> Self {
+        Self {
+            unreachable: AtomicBool::new(false),
+            lost_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            outage: Outage::new(format!("database (PostgreSQL, {service})")),
+        }
+    }
+
+    fn mark_lost(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.lost_at.store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether a connection idle for `idle_for` was already idle when a connection was lost.
+    fn is_suspect(&self, idle_for: Duration) -> bool {
+        let lost_at = self.lost_at.load(Ordering::Relaxed);
+        if lost_at == 0 {
+            return false;
+        }
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let released_at =
+            now.saturating_sub(u64::try_from(idle_for.as_nanos()).unwrap_or(u64::MAX));
+        released_at <= lost_at
+    }
+
+    /// Notes how a call ended, for the outage log.
+    fn observe<T>(&self, result: &sqlx::Result<T>) {
+        match result {
+            Ok(_) => {
+                self.outage.succeeded();
+            }
+            Err(err) if is_unavailable(err) => {
+                self.outage.failed(err);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// While the database is unreachable, a request waits this long for a connection (not the whole
+/// `database.connect_timeout_secs`) before its 503: an outage answers fast.
+const DOWN_WAIT: Duration = Duration::from_millis(250);
+
+impl PgDb {
+    /// The pool itself (for sqlx APIs kit does not wrap).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A connection of the pool, waiting at most [`DOWN_WAIT`] while the last attempt failed.
+    pub(crate) async fn connection(&self) -> sqlx::Result<PoolConnection<sqlx::Postgres>> {
+        let unreachable = self.health.unreachable.load(Ordering::Relaxed);
+        let result = if unreachable {
+            tokio::time::timeout(DOWN_WAIT, self.pool.acquire())
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+        } else {
+            self.pool.acquire().await
+        };
+        if unreachable != result.is_err() {
+            self.health
+                .unreachable
+                .store(result.is_err(), Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// After an attempt on a connection of the pool: whether to make it once more on another
+    /// (the first attempt lost its connection, and `retry` allows: nothing it did can have taken
+    /// effect, as for a read). Otherwise the outcome is final and noted for the outage log. See
+    /// `query::on_pool!`, which runs statements this way.
+    pub(crate) fn again<T>(&self, result: &sqlx::Result<T>, retry: bool, first: bool) -> bool {
+        if let Err(err) = result
+            && is_connection_lost(err)
+        {
+            self.health.mark_lost();
+            if retry && first {
+                tracing::debug!(error.message = %err, "lost a database connection; trying once more");
+                return true;
+            }
+        }
+        self.health.observe(result);
+        false
+    }
+
+    /// Opens a transaction, once more on another connection when the first was lost (nothing
+    /// has run in it yet).
+    async fn begin(&self) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let once = async || {
+            if self.health.unreachable.load(Ordering::Relaxed) {
+                tokio::time::timeout(DOWN_WAIT, self.pool.begin())
+                    .await
+                    .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+            } else {
+                self.pool.begin().await
+            }
+        };
+        let mut result = once().await;
+        if result.as_ref().is_err_and(is_connection_lost) {
+            self.health.mark_lost();
+            result = once().await;
+        }
+        self.health.unreachable.store(
+            result.as_ref().is_err_and(is_unavailable),
+            Ordering::Relaxed,
+        );
+        self.health.observe(&result);
+        result
+    }
+}
+
+/// The connection the statement ran on is gone (the server restarted, or the network dropped
+/// it): another connection may well work.
+pub fn is_connection_lost(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        // Class 08: connection exception; 57P01-03: the server is shutting down or starting up.
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}
+
+/// The database cannot serve this now, through no fault of the request: unreachable, restarting,
+/// out of connections, too slow (statement timeout), or SQLite's write lock taken past the busy
+/// timeout. Such errors are 503 `dependency_unavailable` with `Retry-After`.
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    if is_connection_lost(err) {
+        return true;
+    }
+    match err {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // Statement cancelled by `database.statement_timeout_ms`; too many connections (and
+            // the rest of class 53, insufficient resources).
+            Some(code) if code == "57014" || code.starts_with("53") => true,
+            // SQLITE_BUSY and its extended codes.
+            Some("5" | "261" | "517") => db.message().contains("locked"),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The database error behind `err` that makes it a 503, if any (looking through contexts and
+/// errors shared by the cache's single-flight).
+pub fn unavailable_cause(err: &anyhow::Error) -> Option<&sqlx::Error> {
+    err.chain()
+        .filter_map(|cause| cause.downcast_ref::<sqlx::Error>())
+        .find(|db| is_unavailable(db))
 }
 
 /// The differences between the two dialects that a statement has to spell out.
@@ -231,9 +415,23 @@ impl Db {
                             idle_in_transaction.as_str(),
                         ),
                     ]);
+                let health = Arc::new(PgHealth::new(service));
+                let suspect = health.clone();
                 let pool = PgPoolOptions::new()
                     .max_connections(max)
                     .acquire_timeout(timeout)
+                    .test_before_acquire(false)
+                    .before_acquire(move |conn, meta| {
+                        let ping = suspect.is_suspect(meta.idle_for);
+                        Box::pin(async move {
+                            if ping {
+                                use sqlx::Connection as _;
+                                // A broken connection is dropped and another one taken.
+                                return Ok(conn.ping().await.is_ok());
+                            }
+                            Ok(true)
+                        })
+                    })
                     .connect_with(options)
                     .await
                     .with_context(|| {
@@ -246,7 +444,7 @@ impl Db {
                 {
                     return Err(err).context("creating the service schema");
                 }
-                Ok(Db::Postgres(pool))
+                Ok(Db::Postgres(PgDb { pool, health }))
             }
             DatabaseBackend::Sqlite { path } => {
                 if let Some(dir) = path.parent() {
@@ -275,9 +473,9 @@ impl Db {
     /// not run yet.
     pub async fn migrate(&self, migrations: &Migrations) -> anyhow::Result<()> {
         match self {
-            Db::Postgres(pool) => {
+            Db::Postgres(pg) => {
                 // A migration may legitimately run longer than any request's statement.
-                let mut conn = pool.acquire().await?;
+                let mut conn = pg.pool.acquire().await?;
                 sqlx::query("set statement_timeout = 0")
                     .execute(&mut *conn)
                     .await?;
@@ -324,7 +522,7 @@ impl Db {
     /// PostgreSQL it is a plain `BEGIN` (row locks and conditional updates do the rest).
     pub async fn begin(&self) -> sqlx::Result<Tx> {
         Ok(match self {
-            Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Db::Postgres(pg) => Tx::Postgres(pg.begin().await?),
             Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
         })
     }
@@ -332,7 +530,7 @@ impl Db {
     /// A connection of the pool, for several statements outside a transaction.
     pub async fn acquire(&self) -> sqlx::Result<Conn> {
         Ok(match self {
-            Db::Postgres(pool) => Conn::Postgres(pool.acquire().await?),
+            Db::Postgres(pg) => Conn::Postgres(pg.connection().await?),
             Db::Sqlite(pool) => Conn::Sqlite(pool.acquire().await?),
         })
     }
@@ -340,7 +538,7 @@ impl Db {
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
         match self {
-            Db::Postgres(pool) => pool.close().await,
+            Db::Postgres(pg) => pg.pool.close().await,
             Db::Sqlite(pool) => pool.close().await,
         }
     }

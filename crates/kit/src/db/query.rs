@@ -11,10 +11,10 @@ use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 use sqlx::Arguments as _;
-use sqlx::postgres::{PgArguments, PgConnection, PgPool, PgRow};
+use sqlx::postgres::{PgArguments, PgConnection, PgRow};
 use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqlitePool, SqliteRow};
 
-use super::{Conn, Db, Dialect, Tx};
+use super::{Conn, Db, Dialect, PgDb, Tx};
 
 /// A row type both backends can decode (`#[derive(sqlx::FromRow)]` structs whose fields both
 /// drivers know, and tuples of them).
@@ -119,7 +119,7 @@ impl<'q> Bind<'q> for Option<String> {
 /// Where a statement runs: the pool (any free connection) or one connection (a transaction's, or
 /// a connection taken from the pool).
 pub enum Target<'e> {
-    PgPool(&'e PgPool),
+    PgPool(&'e PgDb),
     PgConn(&'e mut PgConnection),
     SqlitePool(&'e SqlitePool),
     SqliteConn(&'e mut SqliteConnection),
@@ -138,7 +138,7 @@ impl<'e> Executor<'e> for &'e Db {
     }
     fn target(self) -> Target<'e> {
         match self {
-            Db::Postgres(pool) => Target::PgPool(pool),
+            Db::Postgres(pg) => Target::PgPool(pg),
             Db::Sqlite(pool) => Target::SqlitePool(pool),
         }
     }
@@ -199,16 +199,18 @@ fn encode_error(err: sqlx::error::BoxDynError) -> sqlx::Error {
     sqlx::Error::Encode(err)
 }
 
-fn pg_args(args: Vec<Arg<'_>>) -> sqlx::Result<PgArguments> {
+/// PostgreSQL encodes arguments as they are added, so they can be borrowed (and a statement run
+/// again after a lost connection without copying them first).
+fn pg_args(args: &[Arg<'_>]) -> sqlx::Result<PgArguments> {
     let mut out = PgArguments::default();
     for arg in args {
         match arg {
-            Arg::I64(v) => out.add(v),
-            Arg::I32(v) => out.add(v),
-            Arg::Bool(v) => out.add(v),
-            Arg::F64(v) => out.add(v),
-            Arg::Text(v) => out.add(v),
-            Arg::Time(v) => out.add(v),
+            Arg::I64(v) => out.add(*v),
+            Arg::I32(v) => out.add(*v),
+            Arg::Bool(v) => out.add(*v),
+            Arg::F64(v) => out.add(*v),
+            Arg::Text(v) => out.add(v.as_deref()),
+            Arg::Time(v) => out.add(*v),
         }
         .map_err(encode_error)?;
     }
@@ -231,15 +233,41 @@ fn sqlite_args(args: Vec<Arg<'_>>) -> sqlx::Result<SqliteArguments<'_>> {
     Ok(out)
 }
 
+/// Runs the future `$run` (built from `$conn`, a connection of the pool `$pg`), and once more
+/// on another connection when `$retry` and the first lost its connection ([`PgDb::again`]).
+/// A macro rather than a function taking a closure: the future borrows the connection, and a
+/// closure returning such a future is not `Send` for every lifetime, as spawned tasks require.
+macro_rules! on_pool {
+    ($pg:expr, $retry:expr, $conn:ident => $run:expr) => {{
+        let pg: &PgDb = $pg;
+        let retry = $retry;
+        let mut first = true;
+        loop {
+            let result = match pg.connection().await {
+                Ok(mut pooled) => {
+                    let $conn: &mut PgConnection = &mut pooled;
+                    $run.await
+                }
+                Err(err) => Err(err),
+            };
+            if pg.again(&result, retry, first) {
+                first = false;
+                continue;
+            }
+            break result;
+        }
+    }};
+}
+
 /// Runs `$call` (a method of sqlx's query types) on the target with the native arguments.
 macro_rules! run {
     ($self:ident, $ex:ident, $build:ident $(::<$t:ty>)?, $call:ident) => {
         match $ex.target() {
-            Target::PgPool(pool) => {
-                sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args($self.args)?).$call(pool).await
-            }
+            Target::PgPool(pg) => on_pool!(pg, $self.is_read(), conn => {
+                sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args(&$self.args)?).$call(conn)
+            }),
             Target::PgConn(conn) => {
-                sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args($self.args)?).$call(conn).await
+                sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args(&$self.args)?).$call(conn).await
             }
             Target::SqlitePool(pool) => {
                 sqlx::$build $(::<_, $t, _>)? ($self.sql, sqlite_args($self.args)?).$call(pool).await
@@ -252,6 +280,14 @@ macro_rules! run {
 }
 
 impl<'q> Query<'q> {
+    /// A `select` (outside a transaction, it changes nothing, so it may run again on another
+    /// connection when its own was lost).
+    fn is_read(&self) -> bool {
+        let sql = self.sql.trim_start();
+        sql.get(..6)
+            .is_some_and(|word| word.eq_ignore_ascii_case("select"))
+    }
+
     /// Binds the next `$n`.
     pub fn bind(mut self, value: impl Bind<'q>) -> Self {
         self.args.push(value.into_arg());
@@ -261,11 +297,11 @@ impl<'q> Query<'q> {
     /// Runs the statement; returns how many rows it changed.
     pub async fn execute<'e>(self, ex: impl Executor<'e>) -> sqlx::Result<u64> {
         let rows_affected = match ex.target() {
-            Target::PgPool(pool) => sqlx::query_with(self.sql, pg_args(self.args)?)
-                .execute(pool)
-                .await?
-                .rows_affected(),
-            Target::PgConn(conn) => sqlx::query_with(self.sql, pg_args(self.args)?)
+            Target::PgPool(pg) => on_pool!(pg, self.is_read(), conn => {
+                sqlx::query_with(self.sql, pg_args(&self.args)?).execute(conn)
+            })?
+            .rows_affected(),
+            Target::PgConn(conn) => sqlx::query_with(self.sql, pg_args(&self.args)?)
                 .execute(conn)
                 .await?
                 .rows_affected(),

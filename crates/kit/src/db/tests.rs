@@ -71,3 +71,143 @@ async fn a_write_lock_held_past_the_busy_timeout_answers_503() {
     holder.rollback().await.expect("rollback");
     db.close().await;
 }
+
+/// The server ended every connection of the pool (as a restart does): a read is run again on
+/// another connection instead of failing, and the broken idle connections are found before a
+/// write uses them, although no connection is pinged before use in normal operation.
+#[tokio::test]
+async fn reads_survive_lost_connections_and_writes_after_them_find_live_ones() {
+    let mut env = TestEnv::new(Backend::Postgres).await;
+    let db = env.kit_db("lost").await;
+    query("create table t (id bigint primary key)")
+        .execute(&db)
+        .await
+        .expect("create");
+    // Fill the pool (5 connections in tests), then end every one of them from outside.
+    let mut conns = Vec::new();
+    let mut pids = Vec::new();
+    for _ in 0..5 {
+        let mut conn = db.acquire().await.expect("acquire");
+        let pid: i32 = query("select pg_backend_pid()")
+            .fetch_scalar(&mut conn)
+            .await
+            .expect("pid");
+        pids.push(pid);
+        conns.push(conn);
+    }
+    drop(conns);
+    let outside = sqlx::PgPool::connect(&crate::testing::test_database_url())
+        .await
+        .expect("another connection");
+    for pid in &pids {
+        sqlx::query("select pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&outside)
+            .await
+            .expect("terminate");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let n: i64 = query("select count(*) from t")
+        .fetch_scalar(&db)
+        .await
+        .expect("a read on a lost connection is run again on another");
+    assert_eq!(n, 0);
+    for id in 0..5_i64 {
+        query("insert into t (id) values ($1)")
+            .bind(id)
+            .execute(&db)
+            .await
+            .expect("a write after a loss gets a live connection");
+    }
+    let mut tx = db.begin().await.expect("begin on a live connection");
+    query("insert into t (id) values (99)")
+        .execute(&mut tx)
+        .await
+        .expect("insert");
+    tx.commit().await.expect("commit");
+    env.drop_kit_db("lost", db).await;
+}
+
+/// A database that cannot be reached (the connection to it cut, nothing listening) answers 503
+/// `dependency_unavailable` for reads and writes alike, never a 500, and is used again once it
+/// is back, without a restart; the outage is logged once, not per request.
+#[tokio::test]
+async fn an_unreachable_database_is_503_and_used_again_when_back() {
+    let mut env = TestEnv::new(Backend::Postgres).await;
+    let url = url::Url::parse(&crate::testing::test_database_url()).expect("url");
+    let target = format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5432)
+    );
+    let proxy = crate::testing::CuttableProxy::start_to(0, target.clone()).await;
+    let port = proxy.port;
+    let mut through_proxy = url.clone();
+    through_proxy.set_port(Some(port)).expect("port");
+    env.settings.database.url = Some(through_proxy.to_string());
+    env.settings.database.connect_timeout_secs = 1;
+    let db = env.kit_db("away").await;
+    query("create table t (id bigint primary key)")
+        .execute(&db)
+        .await
+        .expect("create");
+
+    let logs = crate::testing::CapturedLogs::start();
+    proxy.cut();
+    let started = Instant::now();
+    for _ in 0..10 {
+        let read = query("select count(*) from t")
+            .fetch_scalar::<i64>(&db)
+            .await;
+        let write = query("insert into t (id) values (1)").execute(&db).await;
+        for err in [read.expect_err("down"), write.expect_err("down")] {
+            assert!(is_unavailable(&err), "{err:?}");
+            let api = ApiError::from(err);
+            assert_eq!(api.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(api.problem().code, "dependency_unavailable");
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "an outage answers fast, not after a connect timeout per request: {:?}",
+        started.elapsed()
+    );
+    // Wrapped in a context (as a cache loader returns it), it is still a 503.
+    let wrapped = query("select 1")
+        .execute(&db)
+        .await
+        .map_err(|err| anyhow::Error::new(err).context("loading user 1"))
+        .expect_err("down");
+    assert_eq!(
+        ApiError::from(wrapped).status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    let _back = crate::testing::CuttableProxy::start_to(port, target).await;
+    let n: i64 = query("select count(*) from t")
+        .fetch_scalar(&db)
+        .await
+        .expect("used again once reachable");
+    assert_eq!(n, 0);
+    query("insert into t (id) values (1)")
+        .execute(&db)
+        .await
+        .expect("writes too");
+    let lines = logs.lines();
+    let kit_warnings = lines
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("kit::"))
+        .count();
+    // sqlx adds one warning per pooled connection it finds broken (at most the pool's size).
+    let warnings = lines.iter().filter(|l| l.contains("WARN")).count();
+    assert!(
+        kit_warnings == 1
+            && warnings <= 1 + 5
+            && lines.iter().any(|l| l.contains("dependency is back")),
+        "21 failures log the outage once and its end once:\n{}",
+        lines.join("\n")
+    );
+    drop(logs);
+    env.drop_kit_db("away", db).await;
+}

@@ -159,15 +159,32 @@ pub async fn problem_layer(req: Request, next: Next) -> Response {
         }
         None => return response,
     };
-    if let Some(InternalError(err)) = response.extensions_mut().remove::<InternalError>() {
-        tracing::error!(
+    // A dependency fault (502, 503, 504) fails every request while it lasts: its detail stays at
+    // debug here, and the dependency's tracker logs the outage once ([`crate::outage`]). Any other
+    // server error is a bug, logged with its cause.
+    let dependency_fault = matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    );
+    let cause = response.extensions_mut().remove::<InternalError>();
+    match (cause, dependency_fault) {
+        (Some(InternalError(err)), true) => tracing::debug!(
+            error.message = %err,
+            error.cause_chain = %format!("{err:#}"),
+            status = status.as_u16(),
+            "request failed: a dependency is unavailable"
+        ),
+        (Some(InternalError(err)), false) => tracing::error!(
             error.message = %err,
             error.cause_chain = %format!("{err:#}"),
             status = status.as_u16(),
             "request failed"
-        );
-    } else if status.is_server_error() {
-        tracing::error!(status = status.as_u16(), "request failed");
+        ),
+        (None, true) => tracing::debug!(status = status.as_u16(), "request failed"),
+        (None, false) if status.is_server_error() => {
+            tracing::error!(status = status.as_u16(), "request failed");
+        }
+        (None, false) => {}
     }
     let problem = Problem {
         request_id,
@@ -398,7 +415,8 @@ async fn get_ready(State(state): State<HealthState>) -> Response {
                 Ok(Err(err)) => format!("{err:#}"),
                 _ => "timed out".to_owned(),
             };
-            tracing::warn!(dependency = dep.name, error.message = %reason, "dependency is down");
+            // Debug: probes come every few seconds, and the dependency logs its own outage.
+            tracing::debug!(dependency = dep.name, error.message = %reason, "readiness: dependency is down");
         }
         (dep, up, started.elapsed())
     });

@@ -215,3 +215,50 @@ async fn metrics_count_requests_by_route_and_the_cache() {
         "{text}"
     );
 }
+
+/// The database goes away (its connections cut, nothing listening) and comes back: reads, cached
+/// or not, and writes are 503 `dependency_unavailable` with `Retry-After` meanwhile, never a 500
+/// (a read's error once came back through the cache loader as an internal error), and the
+/// service answers again when the database is back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_503_with_retry_after_and_then_used_again() {
+    let url = url::Url::parse(&kit::testing::test_database_url()).expect("url");
+    let target = format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5432)
+    );
+    let proxy = kit::testing::CuttableProxy::start_to(0, target.clone()).await;
+    let mut env = kit::testing::TestEnv::new(Backend::Postgres).await;
+    let mut through_proxy = url.clone();
+    through_proxy.set_port(Some(proxy.port)).expect("port");
+    env.settings.database.url = Some(through_proxy.to_string());
+    env.settings.database.connect_timeout_secs = 1;
+    let app = crate::helpers::spawn_app_in(env).await;
+    let user = app.create_user(json!({"name": "Kept"})).await;
+
+    proxy.cut();
+    let uncached = format!("/api/v1/users/{}", user["id"]);
+    for response in [
+        app.get(&uncached).await,
+        app.get("/api/v1/users").await,
+        app.get("/api/v1/users/username/nobody").await,
+        app.post("/api/v1/users", json!({"name": "During"})).await,
+    ] {
+        assert_eq!(
+            response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("2"),
+            "a 503 says when to try again"
+        );
+        assert_problem(response, 503, "dependency_unavailable").await;
+    }
+
+    let _back = kit::testing::CuttableProxy::start_to(proxy.port, target).await;
+    let (status, body) = app.get_json(&uncached).await;
+    assert_eq!((status, body["name"].as_str()), (200, Some("Kept")));
+    let created = app.create_user(json!({"name": "After"})).await;
+    assert!(created["id"].is_i64(), "{created}");
+}
