@@ -453,3 +453,32 @@ async fn forwarded_for_is_the_real_peer_unless_a_trusted_proxy_sent_it() {
         assert!(seen.get("proxy-connection").is_none(), "stripped: {seen}");
     }
 }
+
+/// A replica that is gone fails many requests, but is logged once when it goes away (and once
+/// when it is back), not once per request.
+#[tokio::test]
+async fn a_dead_replica_is_logged_once_not_per_request() {
+    let stack = spawn_stack(1, &["http://127.0.0.1:1"]).await;
+    let logs = kit::testing::CapturedLogs::start();
+    let mut failed = 0;
+    for i in 0..200 {
+        let (status, _, _) = stack
+            .send(
+                reqwest::Method::POST,
+                "/api/v1/users",
+                Some(json!({"name": format!("Logged{i}")})),
+            )
+            .await;
+        assert!(status == 201 || status == 502, "{status}");
+        failed += usize::from(status == 502);
+    }
+    assert!(failed >= 50, "half the writes reach the dead replica: {failed}");
+    let lines = logs.lines();
+    let warnings: Vec<&String> = lines.iter().filter(|l| l.contains("WARN")).collect();
+    let errors = lines.iter().filter(|l| l.contains("ERROR")).count();
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("127.0.0.1:1") && errors == 0,
+        "{failed} failed requests:\n{}",
+        lines.join("\n")
+    );
+}
