@@ -1,0 +1,622 @@
+//! Private servers and processes: a Redis, a PostgreSQL cluster and Agora itself, each started
+//! for one test on loopback, on free ports and in temp directories, and each stopped by its own
+//! pid when the guard is dropped (also when the test panics), so a fault injected into one never
+//! reaches another test or the shared servers of the rest of the suite.
+
+use std::fs::File;
+use std::io::BufRead as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+const AGORA: &str = env!("CARGO_BIN_EXE_agora");
+
+/// A port nobody listens on right now. The server that takes it binds it a moment later; on
+/// loopback, with the kernel handing out ephemeral ports in turn, a collision is improbable.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Sends `signal` (e.g. "KILL", "STOP") to `pid`; false when the process is already gone.
+pub fn signal(pid: u32, signal: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Runs a blocking step (a server command) off the async workers, so the load keeps flowing
+/// while e.g. `pg_ctl restart` waits.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking step")
+}
+
+/// A binary the suite needs, or a failure that says how to get it (never a silent skip).
+fn require(path: &Path, package: &str) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{} is missing: the fault suite starts its own servers; install `{package}` \
+         (bash scripts/faults installs it with apt)",
+        path.display()
+    );
+    path.to_owned()
+}
+
+fn which(name: &str, fallbacks: &[&str]) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name));
+    on_path
+        .chain(fallbacks.iter().map(PathBuf::from))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+
+/// A `redis-server` of one test: no persistence (a restart starts empty, like a crashed cache).
+pub struct Redis {
+    pub port: u16,
+    dir: TempDir,
+    child: Mutex<Option<Child>>,
+}
+
+impl Redis {
+    pub async fn start() -> Self {
+        let redis = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: Mutex::new(None),
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Child::id)
+    }
+
+    /// Starts the server (again) on the same port and waits until it answers PING.
+    pub async fn spawn(&self) {
+        let bin = require(
+            &which("redis-server", &["/usr/bin/redis-server"]),
+            "redis-server",
+        );
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("redis.log"))
+            .expect("redis log");
+        let child = Command::new(bin)
+            .current_dir(self.dir.path())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            // Redis 7 refuses DEBUG unless told; the hang scenario needs DEBUG SLEEP.
+            .args(["--enable-debug-command", "local"])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("redis-server starts");
+        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.ping().await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on port {} within 10 s: {}",
+                self.port,
+                std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn connect(
+        &self,
+        timeout: Duration,
+    ) -> anyhow::Result<::redis::aio::MultiplexedConnection> {
+        let client = ::redis::Client::open(self.url())?;
+        // No response timeout of the client's own: DEBUG SLEEP answers only after the sleep,
+        // and every caller bounds its call itself.
+        let config = ::redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(None);
+        let connection = tokio::time::timeout(
+            timeout,
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await??;
+        Ok(connection)
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        let mut conn = self.connect(Duration::from_millis(500)).await?;
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            ::redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await??;
+        Ok(())
+    }
+
+    /// SIGKILL: the process dies with its data, connections are reset.
+    pub async fn kill(&self) {
+        let child = self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut child) = child {
+            blocking(move || {
+                let _ = child.kill();
+                let _ = child.wait();
+            })
+            .await;
+        }
+    }
+
+    /// SIGSTOP: connections stay open and every call hangs until [`Redis::resume`].
+    pub fn pause(&self) {
+        let pid = self.pid().expect("redis is running");
+        assert!(signal(pid, "STOP"), "SIGSTOP to redis-server {pid}");
+    }
+
+    pub fn resume(&self) {
+        let pid = self.pid().expect("redis is running");
+        assert!(signal(pid, "CONT"), "SIGCONT to redis-server {pid}");
+    }
+
+    /// `DEBUG SLEEP secs`: Redis blocks (answers nothing) that long; returns once it answers again.
+    pub async fn hang(&self, secs: u64) {
+        let mut conn = self
+            .connect(Duration::from_secs(2))
+            .await
+            .expect("a connection for DEBUG SLEEP");
+        tokio::time::timeout(
+            Duration::from_secs(secs + 5),
+            ::redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(secs)
+                .query_async::<()>(&mut conn),
+        )
+        .await
+        .expect("DEBUG SLEEP returns")
+        .expect("DEBUG SLEEP is accepted");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // SIGKILL works on a stopped process too.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+
+/// A PostgreSQL cluster of one test: `initdb` into a temp directory, trust auth, loopback only,
+/// its socket in the same directory. Run as the `postgres` user when the suite runs as root,
+/// since initdb and postgres refuse root.
+pub struct Postgres {
+    pub port: u16,
+    dir: TempDir,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    pub async fn start() -> Self {
+        let bin = postgres_bin();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown runs");
+            assert!(status.success(), "chown the temp dir to postgres");
+        }
+        let pg = Self { port, dir, bin };
+        let data = pg.data();
+        let (initdb, socket_dir) = (pg.bin.join("initdb"), pg.dir.path().to_owned());
+        let mut command = as_postgres(&initdb);
+        command.arg("-D").arg(&data).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
+        run(command, "initdb").await;
+        // Settings in the cluster's own file, so every later start and restart uses them.
+        let conf = format!(
+            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             # The faults are server restarts, never a machine crash, so fsync buys nothing here\n\
+             # and costs the 2-core CI machine a lot.\nfsync = off\n",
+            socket_dir.display()
+        );
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
+            .expect("append to postgresql.conf");
+        pg.start_again().await;
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    async fn pg_ctl(&self, args: &[&str]) {
+        let mut command = as_postgres(&self.bin.join("pg_ctl"));
+        command
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"))
+            .args(["-w", "-t", "30"])
+            .args(args);
+        run(command, &format!("pg_ctl {}", args.join(" "))).await;
+    }
+
+    pub async fn start_again(&self) {
+        self.pg_ctl(&["start"]).await;
+    }
+
+    /// `pg_ctl stop -m fast`: sessions are ended, the server is gone until started again.
+    pub async fn stop(&self) {
+        self.pg_ctl(&["stop", "-m", "fast"]).await;
+    }
+
+    /// `pg_ctl restart -m fast`: returns once the server accepts connections again.
+    pub async fn restart(&self) {
+        self.pg_ctl(&["restart", "-m", "fast"]).await;
+    }
+
+    fn postmaster_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGQUIT is PostgreSQL's immediate shutdown (the backends exit with the postmaster);
+        // SIGKILL if it is still there after 5 s.
+        let Some(pid) = self.postmaster_pid() else {
+            return;
+        };
+        if !signal(pid, "QUIT") {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if alive(pid) {
+            signal(pid, "KILL");
+        }
+    }
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the effective user of this process.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// `/usr/lib/postgresql/<newest>/bin`.
+fn postgres_bin() -> PathBuf {
+    let root = Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    let bin = versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .unwrap_or_else(|| root.join("<version>/bin"));
+    require(&bin.join("initdb"), "postgresql");
+    bin
+}
+
+fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+async fn run(mut command: Command, what: &str) {
+    let what = what.to_owned();
+    blocking(move || {
+        let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            output.status.success(),
+            "{what} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agora
+
+/// How Agora runs: every service in one `agora up`, or one `agora serve` process per service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    Up,
+    Serve,
+}
+
+impl Topology {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Serve => "serve",
+        }
+    }
+}
+
+/// One Agora process; SIGKILLed by pid on drop (a clean stop is not what these tests check).
+struct Process {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Agora on PostgreSQL and Redis: the gateway the load goes through, and the users service
+/// whose `/metrics` tells whether the cache is in service.
+pub struct Agora {
+    pub gateway: String,
+    pub users: String,
+    processes: Vec<Process>,
+    dir: TempDir,
+}
+
+impl Agora {
+    pub async fn start(topology: Topology, pg: &Postgres, redis: &Redis) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let env = vec![
+            ("DATABASE_URL".to_owned(), pg.url()),
+            ("REDIS_URL".to_owned(), redis.url()),
+            // Short, so that the recovery bounds below are short too.
+            (
+                "AGORA_REDIS__RETRY_AFTER_MS".to_owned(),
+                crate::REDIS_RETRY_AFTER.as_millis().to_string(),
+            ),
+            // info: the state changes (down, back, flushed) are logged; the suite counts lines.
+            ("RUST_LOG".to_owned(), "info".to_owned()),
+            ("AGORA_LOG__FORMAT".to_owned(), "json".to_owned()),
+        ];
+        let mut agora = Self {
+            gateway: String::new(),
+            users: String::new(),
+            processes: Vec::new(),
+            dir,
+        };
+        match topology {
+            Topology::Up => {
+                let mut command = agora.command("up", &env);
+                // Port 0 everywhere: `up` prints the ports it bound, so tests never collide.
+                for service in ["GATEWAY", "USERS", "CATALOG"] {
+                    command.env(format!("AGORA_SERVICES__{service}__PORT"), "0");
+                }
+                let lines = agora.spawn("up", command, 3).await;
+                for line in lines {
+                    if let Some((name, addr)) = line.trim().split_once(" http://") {
+                        match name.trim() {
+                            "gateway" => agora.gateway = format!("http://{}", addr.trim()),
+                            "users" => agora.users = format!("http://{}", addr.trim()),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            Topology::Serve => {
+                let mut command = agora.command("serve", &env);
+                command.args(["users", "--port", "0"]);
+                let line = agora.spawn("users", command, 1).await;
+                agora.users = listening_url(&line[0]);
+                let mut command = agora.command("serve", &env);
+                command
+                    .args(["gateway", "--port", "0"])
+                    .env(
+                        "AGORA_SERVICES__USERS__UPSTREAMS",
+                        format!("[\"{}\"]", agora.users),
+                    )
+                    // No catalog runs here; point its route at a port nothing listens on rather
+                    // than at the default 8082, where another test's catalog may be.
+                    .env(
+                        "AGORA_SERVICES__CATALOG__UPSTREAMS",
+                        format!("[\"http://127.0.0.1:{}\"]", free_port()),
+                    );
+                let line = agora.spawn("gateway", command, 1).await;
+                agora.gateway = listening_url(&line[0]);
+            }
+        }
+        assert!(
+            !agora.gateway.is_empty() && !agora.users.is_empty(),
+            "agora printed the gateway's and the users service's addresses"
+        );
+        agora
+    }
+
+    fn command(&self, subcommand: &str, env: &[(String, String)]) -> Command {
+        let mut command = Command::new(AGORA);
+        command.current_dir(self.dir.path()).arg(subcommand);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("AGORA_")
+                || matches!(key.as_str(), "DATABASE_URL" | "REDIS_URL" | "NATS_URL")
+            {
+                command.env_remove(key);
+            }
+        }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// Spawns `command` with its logs in a file (a full pipe must never block it) and returns
+    /// its first `lines` lines that name an address, read within 30 s.
+    async fn spawn(&mut self, name: &str, mut command: Command, lines: usize) -> Vec<String> {
+        let log = File::create(self.log_path(name)).expect("log file");
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("agora {name} starts: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        self.processes.push(Process {
+            name: name.to_owned(),
+            child,
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(stdout).lines();
+            let found: Vec<String> = reader
+                .by_ref()
+                .map_while(Result::ok)
+                .filter(|line| line.contains("http://"))
+                .take(lines)
+                .collect();
+            let _ = tx.send(found);
+            // Keep draining, so the process never blocks on a full pipe.
+            for _ in reader {}
+        });
+        let found = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        assert!(
+            found.len() == lines,
+            "agora {name} did not print its address within 30 s; its log:\n{}",
+            self.log_tail(name, 40)
+        );
+        found
+    }
+
+    /// The last `n` lines of a process's log, for failure messages.
+    pub fn log_tail(&self, name: &str, n: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Every process's log lines, how many of them are WARN or ERROR, and the most frequent
+    /// WARN/ERROR messages with their counts (what an operator would have to read).
+    pub fn log_counts(&self) -> (u64, u64, Vec<String>) {
+        let mut total = 0;
+        let mut warn = 0;
+        let mut messages: std::collections::BTreeMap<String, u64> = Default::default();
+        for process in &self.processes {
+            let text = std::fs::read_to_string(self.log_path(&process.name)).unwrap_or_default();
+            for line in text.lines() {
+                total += 1;
+                let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                let level = entry["level"].as_str().unwrap_or_default();
+                if matches!(level, "WARN" | "ERROR") {
+                    warn += 1;
+                    // Grouped by message, status and cause, which say what went wrong.
+                    let fields = &entry["fields"];
+                    let mut key = format!(
+                        "{} {level} {}",
+                        process.name,
+                        fields["message"].as_str().unwrap_or_default()
+                    );
+                    if let Some(status) = fields["status"].as_u64() {
+                        key.push_str(&format!(" [{status}]"));
+                    }
+                    if let Some(cause) = fields["error.message"].as_str() {
+                        key.push_str(&format!(
+                            ": {}",
+                            cause.chars().take(160).collect::<String>()
+                        ));
+                    }
+                    *messages.entry(key).or_default() += 1;
+                }
+            }
+        }
+        let mut messages: Vec<(String, u64)> = messages.into_iter().collect();
+        messages.sort_by_key(|m| std::cmp::Reverse(m.1));
+        let top = messages
+            .into_iter()
+            .take(8)
+            .map(|(message, count)| format!("{count}x {message}"))
+            .collect();
+        (total, warn, top)
+    }
+
+    /// Every process still running (none exited on its own during the fault).
+    pub fn exited(&mut self) -> Vec<String> {
+        self.processes
+            .iter_mut()
+            .filter_map(|p| match p.child.try_wait() {
+                Ok(Some(status)) => Some(format!("{} exited ({status})", p.name)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn listening_url(line: &str) -> String {
+    let addr = line.rsplit("http://").next().expect("an address").trim();
+    format!("http://{addr}")
+}
