@@ -472,7 +472,10 @@ async fn a_dead_replica_is_logged_once_not_per_request() {
         assert!(status == 201 || status == 502, "{status}");
         failed += usize::from(status == 502);
     }
-    assert!(failed >= 50, "half the writes reach the dead replica: {failed}");
+    assert!(
+        failed >= 50,
+        "half the writes reach the dead replica: {failed}"
+    );
     let lines = logs.lines();
     let warnings: Vec<&String> = lines.iter().filter(|l| l.contains("WARN")).collect();
     let errors = lines.iter().filter(|l| l.contains("ERROR")).count();
