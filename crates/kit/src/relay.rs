@@ -666,6 +666,44 @@ mod tests {
         teardown(s).await;
     }
 
+    /// A bus outage fails many relay rounds but is logged once when it starts and once when it
+    /// ends (the relay is the bus's user that logs it), and the events wait and then go out.
+    #[tokio::test]
+    async fn a_bus_outage_is_logged_once_by_the_running_relay() {
+        let mut s = setup(Backend::Sqlite).await;
+        s.env.settings.bus.relay_poll_ms = 20;
+        let (bus, outage) = crate::bus::faulty(s.bus.clone());
+        let mut sub = s
+            .bus
+            .subscribe("mailer", &["stock.low"])
+            .await
+            .expect("sub");
+        let sent = events(2);
+        enqueue(&s.db, &sent, true).await;
+        outage.set_unavailable(true);
+        let logs = crate::testing::CapturedLogs::start();
+        let relay = Relay::new(s.db.clone(), bus, &s.env.settings.bus);
+        let failures = relay.failures.clone();
+        let shutdown = CancellationToken::new();
+        let handle = relay.spawn(shutdown.clone());
+        // Rounds back off from 100 ms: several fail within 2 s.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(failures.get() >= 3, "rounds failed: {}", failures.get());
+        outage.set_unavailable(false);
+        expect_in_order(&mut sub, &sent, "after the outage").await;
+        shutdown.cancel();
+        handle.await.expect("the relay stops");
+        let lines = logs.lines();
+        let warnings = lines.iter().filter(|l| l.contains("WARN")).count();
+        assert!(
+            warnings == 1 && lines.iter().any(|l| l.contains("dependency is back")),
+            "{} failed rounds:\n{}",
+            failures.get(),
+            lines.join("\n")
+        );
+        teardown(s).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_notified_relay_publishes_at_once_and_stops_on_shutdown() {
         for backend in [Backend::Sqlite, Backend::Postgres] {
