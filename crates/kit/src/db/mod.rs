@@ -87,9 +87,13 @@ impl PgHealth {
         }
     }
 
+    /// A connection was lost: idle ones older than now get pinged before reuse, and until a
+    /// connection is had again, waiting for one is short (the server may be gone: a request
+    /// should get its 503 in [`DOWN_WAIT`], not after the whole connect timeout).
     fn mark_lost(&self) {
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.lost_at.store(now.max(1), Ordering::Relaxed);
+        self.unreachable.store(true, Ordering::Relaxed);
     }
 
     /// Whether a connection idle for `idle_for` was already idle when a connection was lost.
