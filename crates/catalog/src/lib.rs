@@ -22,7 +22,7 @@ use serde::Deserialize;
 mod domain;
 mod error;
 mod events;
-mod money;
+use kit::money;
 mod reservations;
 mod routes;
 mod seed;

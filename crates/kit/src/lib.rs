@@ -10,6 +10,7 @@ pub mod error;
 pub mod event;
 pub mod http;
 pub mod metrics;
+pub mod money;
 pub mod outage;
 pub mod outbox;
 pub mod page;
