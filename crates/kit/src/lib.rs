@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod cache;
+pub mod client;
 pub mod config;
 pub mod consumer;
 pub mod db;
