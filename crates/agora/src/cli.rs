@@ -10,7 +10,7 @@ use futures::stream::FuturesUnordered;
 use kit::Settings;
 use kit::bus::Bus;
 use kit::http::ServeOptions;
-use kit::service::Deps;
+use kit::service::{Deps, Shared};
 use kit::shutdown::Shutdown;
 use tokio_util::sync::CancellationToken;
 
@@ -123,11 +123,11 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
         listeners.push((service, listener));
     }
     // One bus for the whole process: every service's events reach every consumer.
-    let bus = Bus::connect(&settings).await?;
+    let shared = Shared::connect(&settings).await?;
     let mut running = Vec::new();
     for (service, listener) in listeners {
         let name = service.name;
-        let deps = Deps::connect(service, &settings, Some(&bus))
+        let deps = Deps::connect(service, &settings, Some(&shared))
             .await
             .with_context(|| format!("starting {name}"))?;
         let app = (service.build)(deps)
@@ -286,6 +286,9 @@ async fn migrate(settings: Settings) -> anyhow::Result<()> {
         let Some(migrations) = service.migrations else {
             continue;
         };
+        if service.store != service.name {
+            continue; // migrated with the service whose data it is
+        }
         let db = kit::Db::connect_only(&settings, service.name).await?;
         db.migrate(migrations)
             .await
@@ -299,13 +302,13 @@ async fn migrate(settings: Settings) -> anyhow::Result<()> {
 /// Every service's sample data (seed 001's users and products).
 async fn seed(settings: Settings) -> anyhow::Result<()> {
     // Seeding writes rows, never events: a throwaway in-process bus keeps NATS out of it.
-    let bus = Bus::memory();
+    let shared = Shared::with_bus(Bus::memory());
     let mut reports = Vec::new();
     for service in services::ALL {
         let Some(seed) = service.seed else {
             continue;
         };
-        let deps = Deps::connect(service, &settings, Some(&bus)).await?;
+        let deps = Deps::connect(service, &settings, Some(&shared)).await?;
         let db = deps.db.clone();
         reports.push(
             seed(deps)

@@ -5,7 +5,13 @@
 use kit::service::Service;
 
 /// Every service, in start order: the gateway last, since it forwards to the others.
-pub static ALL: [&Service; 3] = [&users::SERVICE, &catalog::SERVICE, &gateway::SERVICE];
+pub static ALL: [&Service; 5] = [
+    &users::SERVICE,
+    &catalog::SERVICE,
+    &orders::SERVICE,
+    &orders::WORKER,
+    &gateway::SERVICE,
+];
 
 /// The service called `name`.
 pub fn find(name: &str) -> anyhow::Result<&'static Service> {

@@ -63,7 +63,9 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
     );
     let said = String::from_utf8_lossy(&seeded.stdout);
     assert!(
-        said.contains("users: 4 added") && said.contains("products: 10 added"),
+        said.contains("users: 4 added")
+            && said.contains("products: 12 added")
+            && said.contains("orders: 8 added"),
         "{said}"
     );
 
@@ -154,9 +156,54 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
     assert_eq!(response.status(), 201);
     let webcam: Value = response.json().await.expect("json");
     assert_eq!(
-        webcam["id"], 11,
-        "new product ids continue after the seeded ones"
+        webcam["id"], 124,
+        "new product ids continue after the seeded ones (seed 003's product is 123)"
     );
+
+    // Seed 001's 8 orders, and each seed's documented order request.
+    let orders = get_json(&client, "http://127.0.0.1:8080/api/v1/orders").await;
+    assert_eq!(orders["total"], 8, "{orders}");
+    assert_eq!(orders["items"][2]["status"], "shipped");
+    let seed_001 = client
+        .post("http://127.0.0.1:8080/api/v1/orders")
+        .json(&json!({"user_id": 1, "product_id": 2, "quantity": 2, "total_price": 1998.00}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(seed_001.status(), 201);
+    let seed_001: Value = seed_001.json().await.expect("json");
+    assert_eq!(seed_001["total_price"], 59.98, "{seed_001}");
+    assert_eq!(seed_001["id"], 9, "after the seeded orders");
+    let seed_002 = client
+        .post("http://127.0.0.1:8080/orders")
+        .json(&json!({"user_id": 1, "item": "Pro Keyboard", "quantity": 2}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(seed_002.status(), 201);
+    let seed_002: Value = seed_002.json().await.expect("json");
+    assert_eq!(seed_002["status"], "pending", "answered at once");
+    let seed_003 = client
+        .post("http://127.0.0.1:8080/api/orders")
+        .json(&json!({"user_id": 1, "items": [{"product_id": "123", "quantity": 2}]}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(seed_003.status(), 201);
+    // The worker processes them in the background (seed 002's Celery flow).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let order = get_json(
+            &client,
+            format!("http://127.0.0.1:8080/orders/{}", seed_002["id"]),
+        )
+        .await;
+        if order["status"] == "processed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not processed in 15 s: {order}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let status = terminate(&mut child);
     let mut out = String::new();
@@ -166,7 +213,7 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
         out.contains("gateway") && out.contains("127.0.0.1:8080"),
         "up prints where services listen: {out}"
     );
-    for service in ["users", "catalog"] {
+    for service in ["users", "catalog", "orders"] {
         assert!(
             dir.path().join(format!("data/{service}.db")).exists(),
             "{service}: SQLite file under ./data"
@@ -394,6 +441,8 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
         .env("AGORA_SERVICES__GATEWAY__PORT", "0")
         .env("AGORA_SERVICES__USERS__PORT", "0")
         .env("AGORA_SERVICES__CATALOG__PORT", "0")
+        .env("AGORA_SERVICES__ORDERS__PORT", "0")
+        .env("AGORA_SERVICES__WORKER__PORT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -407,13 +456,13 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
         if let Some((name, addr)) = line.trim().split_once(" http://") {
             addrs.insert(name.trim().to_owned(), addr.trim().to_owned());
         }
-        if addrs.len() == 3 {
+        if addrs.len() == 5 {
             break;
         }
     }
     // Keep draining, so the child never writes to a closed pipe.
     std::thread::spawn(move || for _ in lines {});
-    assert_eq!(addrs.len(), 3, "up printed every service: {addrs:?}");
+    assert_eq!(addrs.len(), 5, "up printed every service: {addrs:?}");
     let stderr = child.stderr.take().expect("piped stderr");
     let logs = std::thread::spawn(move || {
         std::io::BufReader::new(stderr)
@@ -491,7 +540,11 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
                 .to_owned()
         })
         .collect();
-    assert_eq!(stopped.len(), 3, "{logs:#?}");
+    assert_eq!(
+        stopped.len(),
+        5,
+        "every service stopped accepting: {logs:#?}"
+    );
     assert_eq!(
         stopped[0], "gateway",
         "the gateway stops first: {stopped:?}"

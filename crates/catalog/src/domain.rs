@@ -322,6 +322,8 @@ pub struct Reservation {
     pub items: Vec<ReservationItem>,
     /// The sum of the lines, from catalog prices: what the order should charge.
     pub total: Money,
+    /// A committed reservation whose units were put back on sale (the order was cancelled).
+    pub returned: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -26,6 +26,8 @@ pub enum Reason {
     Reserve,
     /// An order's hold was released (cancelled or failed).
     Release,
+    /// An order's sold units came back (it was cancelled after it was processed).
+    Return,
 }
 
 #[derive(Debug, Serialize)]

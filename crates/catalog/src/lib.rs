@@ -40,6 +40,7 @@ pub static MIGRATIONS: kit::db::Migrations = kit::db::Migrations {
 /// The catalog, as the `agora` binary sees it.
 pub static SERVICE: Service = Service {
     name: NAME,
+    store: NAME,
     migrations: Some(&MIGRATIONS),
     uses_bus: true,
     consumes: &[],

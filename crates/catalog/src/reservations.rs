@@ -323,12 +323,97 @@ pub async fn find(db: &Db, order_id: &str) -> Result<Option<Reservation>> {
             line_total,
         });
     }
+    let returned = query("select count(*) from reservation_returns where order_id = $1")
+        .bind(order_id)
+        .fetch_scalar::<i64>(db)
+        .await?
+        > 0;
     Ok(Some(Reservation {
         order_id: order_id.to_owned(),
         status,
         items,
         total,
+        returned,
         created_at,
         updated_at,
     }))
+}
+
+/// Puts the units of a committed reservation back on sale (its order was cancelled after it was
+/// sold). Once per order: a repeat changes nothing.
+#[tracing::instrument(skip(db))]
+pub async fn give_back(db: &Db, order_id: &str) -> Result<Reservation> {
+    let now = now();
+    let mut tx = db.begin().await?;
+    let select = format!(
+        "select status from reservations where order_id = $1{}",
+        tx.dialect().for_update()
+    );
+    let status: Option<String> = query(&select)
+        .bind(order_id)
+        .fetch_optional_scalar(&mut tx)
+        .await?;
+    match status.as_deref().and_then(ReservationStatus::parse) {
+        Some(ReservationStatus::Committed) => {}
+        Some(current) => {
+            return Err(Error::ReservationConflict {
+                code: if current == ReservationStatus::Released {
+                    "reservation_released"
+                } else {
+                    "reservation_open"
+                },
+                detail: format!(
+                    "The reservation of order `{order_id}` is {}; only a committed one can be \
+                     returned",
+                    current.as_str()
+                ),
+            });
+        }
+        None => return Err(Error::ReservationNotFound(order_id.to_owned())),
+    }
+    let first = query(
+        "insert into reservation_returns (order_id, returned_at) values ($1, $2) \
+         on conflict do nothing",
+    )
+    .bind(order_id)
+    .bind(now)
+    .execute(&mut tx)
+    .await?
+        == 1;
+    if first {
+        let update = format!(
+            "update products set stock = stock + $1, updated_at = $2 where id = $3 \
+             returning {COLUMNS}"
+        );
+        let items: Vec<(i64, i64)> = query(
+            "select product_id, quantity from reservation_items where order_id = $1 \
+             order by product_id",
+        )
+        .bind(order_id)
+        .fetch_all(&mut tx)
+        .await?;
+        let mut events = Vec::new();
+        for (product_id, quantity) in items {
+            let product: Option<Product> = query(&update)
+                .bind(quantity)
+                .bind(now)
+                .bind(product_id)
+                .fetch_optional(&mut tx)
+                .await?;
+            if let Some(product) = product {
+                let previous = product.stock - quantity;
+                events.extend(events::stock_changed(
+                    &product,
+                    previous,
+                    Reason::Return,
+                    Some(order_id),
+                )?);
+            }
+        }
+        kit::outbox::enqueue(&mut tx, &events).await?;
+    }
+    tx.commit().await?;
+    find(db, order_id)
+        .await?
+        .ok_or_else(|| Error::ReservationNotFound(order_id.to_owned()))
 }

@@ -57,6 +57,11 @@ pub fn router(state: AppState) -> Router {
             "/internal/v1/reservations/{order_id}/release",
             post(release_reservation),
         )
+        .route(
+            "/internal/v1/reservations/{order_id}/return",
+            post(return_reservation),
+        )
+        .route("/internal/v1/products/lookup", get(lookup_product))
         .with_state(state)
 }
 
@@ -279,6 +284,51 @@ async fn release_reservation(
     let reservation = reservations::release(&state.db, &order_id).await?;
     settled(&state, &reservation).await;
     Ok(Json(reservation))
+}
+
+#[tracing::instrument(skip(state))]
+async fn return_reservation(
+    State(state): State<AppState>,
+    Path(order_id): Path<String>,
+) -> Result<Json<Reservation>> {
+    let order_id = order_id_param(order_id)?;
+    let reservation = reservations::give_back(&state.db, &order_id).await?;
+    settled(&state, &reservation).await;
+    Ok(Json(reservation))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupQuery {
+    item: String,
+}
+
+/// The product an order names by sku or name (seed 002's `"item": "Pro Keyboard"`).
+#[tracing::instrument(skip(state))]
+async fn lookup_product(
+    State(state): State<AppState>,
+    Query(lookup): Query<LookupQuery>,
+) -> Result<Json<Product>> {
+    let item = lookup.item.trim();
+    if item.is_empty() || item.chars().count() > 200 {
+        return Err(kit::ApiError::validation(vec![FieldError::new(
+            "item",
+            "invalid",
+            "a product name or sku of 1 to 200 characters",
+        )])
+        .into());
+    }
+    store::find_by_item(&state.db, item)
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            kit::ApiError::new(
+                StatusCode::NOT_FOUND,
+                "product_not_found",
+                format!("No product with sku or name `{item}`"),
+            )
+            .into()
+        })
 }
 
 /// A commit or release changed `stock`/`reserved` of its products (a repeated call changed

@@ -1,4 +1,5 @@
-//! `agora seed`: seed 001's products, with their ids (so walkthroughs can use 1, 2, ...).
+//! `agora seed`: seed 001's products, with their ids (so walkthroughs can use 1, 2, ...), and the
+//! products the other seeds' walkthroughs order (seed 002's "Pro Keyboard", seed 003's 123).
 
 use anyhow::Context as _;
 use kit::service::Deps;
@@ -10,6 +11,8 @@ use crate::{CatalogSettings, store};
 
 /// Seed 001's products (its `database/init.sql`, as JSON).
 const SEED_001: &str = include_str!("../seed/seed-001-products.json");
+/// The products the other seeds' walkthroughs order (seed 002's "Pro Keyboard", seed 003's 123).
+const WALKTHROUGHS: &str = include_str!("../seed/walkthrough-products.json");
 
 #[derive(Deserialize)]
 struct SeedFile {
@@ -29,8 +32,11 @@ struct SeedProduct {
 /// Inserts the products that are not there yet (by id or sku), without events, with sku
 /// `SEED-0001`, ... and the configured low-stock threshold. Returns what it did.
 pub async fn seed(deps: Deps) -> anyhow::Result<String> {
-    let file: SeedFile =
+    let mut file: SeedFile =
         serde_json::from_str(SEED_001).context("parsing the built-in seed data")?;
+    let walkthroughs: SeedFile =
+        serde_json::from_str(WALKTHROUGHS).context("parsing the built-in seed data")?;
+    file.products.extend(walkthroughs.products);
     let threshold = CatalogSettings::load(&deps.settings)?.low_stock_threshold;
     let db = deps.db()?;
     let mut tx = db.begin().await?;

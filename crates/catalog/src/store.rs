@@ -75,6 +75,17 @@ pub async fn find(ex: impl Executor<'_>, id: i64) -> sqlx::Result<Option<Product
     query(&sql).bind(id).fetch_optional(ex).await
 }
 
+/// The product a client named by sku or by name (both without regard to case); a sku match wins,
+/// then the oldest product of that name.
+#[tracing::instrument(skip(db))]
+pub async fn find_by_item(db: &Db, item: &str) -> sqlx::Result<Option<Product>> {
+    let sql = format!(
+        "select {COLUMNS} from products where lower(sku) = lower($1) or lower(name) = lower($1) \
+         order by case when lower(sku) = lower($1) then 0 else 1 end, id limit 1"
+    );
+    query(&sql).bind(item).fetch_optional(db).await
+}
+
 /// One page in id order (stable across pages), optionally of one category (matched without
 /// regard to case), and the total count of the filter.
 #[tracing::instrument(skip(db))]

@@ -29,6 +29,7 @@ pub const NAME: &str = "gateway";
 /// The gateway, for the `agora` binary's registry: no database, no bus.
 pub static SERVICE: Service = Service {
     name: NAME,
+    store: NAME,
     migrations: None,
     uses_bus: false,
     consumes: &[],

@@ -86,7 +86,10 @@ impl std::fmt::Debug for ServiceClient {
 impl ServiceClient {
     /// A client of `service` at `urls` (its replicas), each call limited to `timeout`.
     pub fn new(service: &'static str, urls: Vec<Url>, timeout: Duration) -> anyhow::Result<Self> {
-        anyhow::ensure!(!urls.is_empty(), "no address configured for the {service} service");
+        anyhow::ensure!(
+            !urls.is_empty(),
+            "no address configured for the {service} service"
+        );
         let http = reqwest::Client::builder()
             .connect_timeout(timeout.min(Duration::from_secs(2)))
             .timeout(timeout)
@@ -115,7 +118,10 @@ impl ServiceClient {
 
     /// `GET path` as JSON; `None` when the neighbour answers 404.
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, CallError> {
-        match self.call(reqwest::Method::GET, path, None::<&()>, true).await {
+        match self
+            .call(reqwest::Method::GET, path, None::<&()>, true)
+            .await
+        {
             Ok(value) => Ok(Some(value)),
             Err(CallError::Refused {
                 status: StatusCode::NOT_FOUND,
@@ -178,7 +184,8 @@ impl ServiceClient {
                 }
                 Err(err) => {
                     self.breaker.record(false);
-                    self.outage.failed(&format_args!("{method} {path}: {err:#}"));
+                    self.outage
+                        .failed(&format_args!("{method} {path}: {err:#}"));
                     last = Some(err);
                 }
             }
@@ -291,7 +298,10 @@ mod tests {
         for _ in 0..BREAKER_FAILURES {
             breaker.record(false);
         }
-        assert!(breaker.is_open() && !breaker.allow(), "open: refused at once");
+        assert!(
+            breaker.is_open() && !breaker.allow(),
+            "open: refused at once"
+        );
         breaker.state.lock().expect("lock").open_until = Some(Instant::now());
         assert!(breaker.allow(), "after the pause one probe goes through");
         assert!(!breaker.allow(), "only one");
@@ -311,7 +321,10 @@ mod tests {
                 .expect_err("down");
             assert!(matches!(err, CallError::Unavailable { .. }), "{err}");
         }
-        assert!(client.breaker.is_open(), "3 reads tried twice each opened it");
+        assert!(
+            client.breaker.is_open(),
+            "3 reads tried twice each opened it"
+        );
         let started = Instant::now();
         let err = client
             .get_json::<serde_json::Value>("/api/v1/users/1")

@@ -45,6 +45,11 @@ pub trait Handler: Send + Sync + 'static {
     /// Applies `event`'s effects on `tx`; they commit together with the record that the message
     /// was handled. An error rolls both back and the message is retried.
     async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()>;
+
+    /// Runs after the effects of `event` committed: what must follow a commit and may be lost
+    /// without harm (waking the outbox relay for the events the handler wrote, invalidating a
+    /// cache). Nothing by default.
+    async fn committed(&self, _event: &Event) {}
 }
 
 /// How often a running consumer forgets handled ids older than `bus.consumer_dedupe_hours`.
@@ -363,6 +368,7 @@ impl Inner {
             .await
             .context("committing the handler's transaction")
             .map_err(Failure::Handler)?;
+        self.handler.committed(&event).await;
         Ok(Outcome::Handled)
     }
 

@@ -23,6 +23,7 @@ use crate::config::Settings;
 use crate::db::{Db, Migrations};
 use crate::http::{Dependency, ServeOptions};
 use crate::metrics::Metrics;
+use crate::relay::{Notifier, Relay};
 use crate::shutdown::Shutdown;
 
 /// Builds a service from its dependencies.
@@ -32,8 +33,12 @@ pub type Seed = fn(Deps) -> BoxFuture<'static, anyhow::Result<String>>;
 
 /// A service, as the binary sees it.
 pub struct Service {
-    /// Its config section (`services.<name>`), PostgreSQL schema, SQLite file, cache namespace.
+    /// Its config section (`services.<name>`), port and `/health` name.
     pub name: &'static str,
+    /// Whose data it works on: the PostgreSQL schema, SQLite file and cache namespace of that
+    /// service. Its own name, except for a service that does another's background work (the
+    /// order worker runs on the orders service's data).
+    pub store: &'static str,
     /// Its tables (kit's outbox and consumer tables come with them); `None`: no database.
     pub migrations: Option<&'static Migrations>,
     /// It publishes (through the outbox) or consumes events, so it gets a bus.
@@ -59,19 +64,77 @@ pub struct Deps {
     /// When the service uses the bus.
     pub bus: Option<Bus>,
     pub metrics: Metrics,
+    /// The store it works on (see [`Service::store`]).
+    store: &'static str,
+    shared: Option<Shared>,
+}
+
+/// What the services of one process share (`agora up`): one bus, so every service's events
+/// reach every consumer, and one cache per data owner, so the worker's invalidations reach the
+/// orders service's in-process cache. Cheap to clone.
+#[derive(Clone)]
+pub struct Shared {
+    bus: Bus,
+    caches: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<&'static str, Cache>>>,
+    relays: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<&'static str, Notifier>>>,
+}
+
+impl Shared {
+    /// Connects the configured bus.
+    pub async fn connect(settings: &Settings) -> anyhow::Result<Self> {
+        Ok(Self {
+            bus: Bus::connect(settings).await?,
+            caches: Default::default(),
+            relays: Default::default(),
+        })
+    }
+
+    /// Around a bus already made (an in-process one, say).
+    pub fn with_bus(bus: Bus) -> Self {
+        Self {
+            bus,
+            caches: Default::default(),
+            relays: Default::default(),
+        }
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    fn relay_of(&self, store: &str) -> Option<Notifier> {
+        let relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        relays.get(store).cloned()
+    }
+
+    fn set_relay(&self, store: &'static str, notifier: Notifier) {
+        let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        relays.insert(store, notifier);
+    }
+
+    fn cache(&self, settings: &Settings, store: &'static str) -> anyhow::Result<Cache> {
+        let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cache) = caches.get(store) {
+            return Ok(cache.clone());
+        }
+        let cache = Cache::new(settings, store)?;
+        caches.insert(store, cache.clone());
+        Ok(cache)
+    }
 }
 
 impl Deps {
     /// Connects what `service` needs: its database (migrated as configured), its cache, and the
-    /// bus (`bus` when given, so the services of one process share it, else the configured one).
+    /// bus; with `shared`, the bus and the cache of its data owner are those of the process.
     pub async fn connect(
         service: &Service,
         settings: &Settings,
-        bus: Option<&Bus>,
+        shared: Option<&Shared>,
     ) -> anyhow::Result<Deps> {
         let name = service.name;
+        let bus = shared.map(Shared::bus);
         let db = match service.migrations {
-            Some(migrations) => Some(Db::connect(settings, name, migrations).await?),
+            Some(migrations) => Some(Db::connect(settings, service.store, migrations).await?),
             None => None,
         };
         let bus = match (service.uses_bus, bus) {
@@ -83,10 +146,33 @@ impl Deps {
             name,
             settings: settings.clone(),
             db,
-            cache: Cache::new(settings, name)?,
+            cache: match shared {
+                Some(shared) => shared.cache(settings, service.store)?,
+                None => Cache::new(settings, service.store)?,
+            },
             bus,
             metrics: Metrics::new(name),
+            store: service.store,
+            shared: shared.cloned(),
         })
+    }
+
+    /// The outbox relay of the service's store, with the notifier that wakes it after a commit.
+    /// Several services of one process on one store (orders and its worker in `agora up`) share
+    /// one relay: the first gets it to run (`Some`), the others only its notifier. (Relays of
+    /// separate processes take turns on PostgreSQL; SQLite is one process.)
+    pub fn relay(&self) -> anyhow::Result<(Notifier, Option<Relay>)> {
+        let shared = self.shared.as_ref();
+        if let Some(notifier) = shared.and_then(|s| s.relay_of(self.store)) {
+            return Ok((notifier, None));
+        }
+        let relay = Relay::new(self.db()?, self.bus()?, &self.settings.bus);
+        relay.register_metrics(&self.metrics);
+        let notifier = relay.notifier();
+        if let Some(shared) = shared {
+            shared.set_relay(self.store, notifier.clone());
+        }
+        Ok((notifier, Some(relay)))
     }
 
     /// The database; an error for a service declared without migrations.

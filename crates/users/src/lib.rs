@@ -29,6 +29,7 @@ pub static MIGRATIONS: kit::db::Migrations = kit::db::Migrations {
 /// The users service, for the `agora` binary's registry.
 pub static SERVICE: Service = Service {
     name: NAME,
+    store: NAME,
     migrations: Some(&MIGRATIONS),
     uses_bus: false,
     consumes: &[],

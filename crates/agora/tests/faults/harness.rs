@@ -450,10 +450,10 @@ impl Agora {
             Topology::Up => {
                 let mut command = agora.command("up", &env);
                 // Port 0 everywhere: `up` prints the ports it bound, so tests never collide.
-                for service in ["GATEWAY", "USERS", "CATALOG"] {
+                for service in ["GATEWAY", "USERS", "CATALOG", "ORDERS", "WORKER"] {
                     command.env(format!("AGORA_SERVICES__{service}__PORT"), "0");
                 }
-                let lines = agora.spawn("up", command, 3).await;
+                let lines = agora.spawn("up", command, 5).await;
                 for line in lines {
                     if let Some((name, addr)) = line.trim().split_once(" http://") {
                         match name.trim() {
@@ -476,10 +476,18 @@ impl Agora {
                         "AGORA_SERVICES__USERS__UPSTREAMS",
                         format!("[\"{}\"]", agora.users),
                     )
-                    // No catalog runs here; point its route at a port nothing listens on rather
-                    // than at the default 8082, where another test's catalog may be.
+                    // No catalog, orders or worker runs here; point their routes at ports nothing
+                    // listens on rather than at the defaults, where another test's may be.
                     .env(
                         "AGORA_SERVICES__CATALOG__UPSTREAMS",
+                        format!("[\"http://127.0.0.1:{}\"]", free_port()),
+                    )
+                    .env(
+                        "AGORA_SERVICES__ORDERS__UPSTREAMS",
+                        format!("[\"http://127.0.0.1:{}\"]", free_port()),
+                    )
+                    .env(
+                        "AGORA_SERVICES__WORKER__UPSTREAMS",
                         format!("[\"http://127.0.0.1:{}\"]", free_port()),
                     );
                 let line = agora.spawn("gateway", command, 1).await;

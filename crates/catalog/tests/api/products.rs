@@ -425,7 +425,7 @@ async fn seeded_ids_are_kept_and_new_ids_follow_them(backend: Backend) {
     let app = spawn_app(backend).await;
     let seed = catalog::SERVICE.seed.expect("the catalog has a seed");
     let report = seed(app.deps.clone()).await.expect("seed");
-    assert_eq!(report, "products: 10 added, 0 already present");
+    assert_eq!(report, "products: 12 added, 0 already present");
     // A seeded product changed since, and one deleted: seeding again adds the missing one only.
     let renamed = app
         .patch("/api/v1/products/1", json!({"name": "Renamed"}))
@@ -437,7 +437,7 @@ async fn seeded_ids_are_kept_and_new_ids_follow_them(backend: Backend) {
     assert_eq!(deleted.status(), 204);
     let again = seed(app.deps.clone()).await.expect("seed again");
     assert_eq!(
-        again, "products: 1 added, 9 already present",
+        again, "products: 1 added, 11 already present",
         "seeding twice keeps the existing rows"
     );
 
@@ -451,9 +451,14 @@ async fn seeded_ids_are_kept_and_new_ids_follow_them(backend: Backend) {
     );
     let (status, _) = app.get_json("/api/v1/products/7").await;
     assert_eq!(status, 200, "the seeded id is kept");
+    // Seed 002's walkthrough orders "Pro Keyboard" by name, seed 003's reads product 123.
+    let (_, keyboard) = app.get_json("/api/v1/products/11").await;
+    assert_eq!(keyboard["name"], "Pro Keyboard");
+    let (status, _) = app.get_json("/api/v1/products/123").await;
+    assert_eq!(status, 200);
     let created = app.create_product(json!({"name": "New", "price": 1})).await;
     assert_eq!(
-        created["id"], 11,
+        created["id"], 124,
         "new ids continue after the largest seeded one"
     );
 }

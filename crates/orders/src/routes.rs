@@ -1,0 +1,250 @@
+//! HTTP handlers. `GET /orders/{id}` goes through the cache (invalidated by every change, the
+//! worker's too: it shares this service's cache namespace); lists are read from the database.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use bytes::Bytes;
+use kit::http::{Json, Path, Query, RawJson};
+use kit::page::Pagination;
+use kit::{ApiError, Db, FieldError, Ttl};
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::create;
+use crate::domain::{CreateBody, ListQuery, Order, Status, StatusBody};
+use crate::error::{Error, Result};
+use crate::store::{self, Moved};
+
+/// The header naming a retry-safe request.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Longest idempotency key accepted.
+const MAX_KEY_CHARS: usize = 200;
+
+pub fn item_key(id: i64) -> String {
+    format!("order:{id}")
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/orders", get(list_orders).post(create_order))
+        .route("/api/v1/orders/stats", get(get_stats))
+        .route("/api/v1/orders/{id}", get(get_order))
+        .route("/api/v1/orders/{id}/status", patch(change_status))
+        .route("/api/v1/orders/{id}/cancel", post(cancel_order))
+        .route("/api/v1/stats", get(get_stats))
+        .with_state(state)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.trim().is_empty() && key.len() <= MAX_KEY_CHARS => {
+            Ok(Some(key.trim().to_owned()))
+        }
+        _ => Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            format!("Idempotency-Key must be 1 to {MAX_KEY_CHARS} visible ASCII characters"),
+        )
+        .into()),
+    }
+}
+
+#[tracing::instrument(skip_all)]
+async fn create_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(body): Json<CreateBody>,
+) -> Result<Response> {
+    let key = idempotency_key(&headers)?;
+    let order = body.validate(None).map_err(Error::Invalid)?;
+    let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok());
+    let answer = create::create(&state, order, key.as_deref(), request_id).await?;
+    // A replayed 201 names its order too (the stored body has its id).
+    let id = answer.order_id.or_else(|| {
+        serde_json::from_str::<serde_json::Value>(&answer.body)
+            .ok()
+            .and_then(|body| body["id"].as_i64())
+    });
+    let content_type = if answer.status.is_success() {
+        "application/json"
+    } else {
+        kit::error::PROBLEM_JSON
+    };
+    let mut response = (
+        answer.status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        answer.body,
+    )
+        .into_response();
+    if answer.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    if answer.status == StatusCode::CREATED
+        && let Some(id) = id
+        && let Ok(location) = HeaderValue::from_str(&format!("/api/v1/orders/{id}"))
+    {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+#[tracing::instrument(skip(state))]
+async fn list_orders(
+    State(state): State<AppState>,
+    Query(filter): Query<ListQuery>,
+) -> Result<Json<kit::page::Page<Order>>> {
+    let page = Pagination::new(filter.page, filter.per_page)?;
+    let (orders, total) = store::list(
+        &state.db,
+        filter.user_id,
+        filter.status,
+        page.limit(),
+        page.offset(),
+    )
+    .await?;
+    Ok(Json(page.page(orders, total)))
+}
+
+#[tracing::instrument(skip(state))]
+async fn get_order(State(state): State<AppState>, Path(id): Path<i64>) -> Result<RawJson> {
+    let db = state.db.clone();
+    state
+        .cache
+        .get_or_load(&item_key(id), Ttl::Item, move || load(db, id))
+        .await?
+        .map(RawJson)
+        .ok_or(Error::NotFound(id))
+}
+
+async fn load(db: Db, id: i64) -> anyhow::Result<Option<Bytes>> {
+    let order = store::find(&db, id).await.map_err(into_anyhow)?;
+    order.map(|o| kit::cache::json_bytes(&o)).transpose()
+}
+
+fn into_anyhow(err: Error) -> anyhow::Error {
+    match err {
+        Error::Database(err) => err.into(),
+        Error::Internal(err) => err,
+        other => anyhow::anyhow!("{other}"),
+    }
+}
+
+#[tracing::instrument(skip(state))]
+async fn change_status(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    Json(body): Json<StatusBody>,
+) -> Result<Json<Order>> {
+    let reason = body
+        .reason
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty());
+    if reason.is_some_and(|r| r.chars().count() > 500) {
+        return Err(Error::Invalid(vec![FieldError::new(
+            "reason",
+            "too_long",
+            "at most 500 characters",
+        )]));
+    }
+    let order = move_to(&state, id, body.status, reason).await?;
+    Ok(Json(order))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    reason: Option<String>,
+}
+
+#[tracing::instrument(skip_all, fields(id))]
+async fn cancel_order(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> Result<Json<Order>> {
+    // The body is optional: `{"reason": "..."}` or nothing at all.
+    let body: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|err| {
+            Error::Invalid(vec![FieldError::new(
+                "body",
+                "invalid",
+                format!("expected {{\"reason\": \"...\"}} or no body: {err}"),
+            )])
+        })?
+    };
+    let reason = body.reason;
+    let reason = reason.as_deref().map(str::trim).filter(|r| !r.is_empty());
+    let order = move_to(
+        &state,
+        id,
+        Status::Cancelled,
+        reason.or(Some("cancelled by request")),
+    )
+    .await?;
+    Ok(Json(order))
+}
+
+/// Moves the order (its event in the same transaction); the worker settles its stock.
+pub async fn move_to(state: &AppState, id: i64, to: Status, reason: Option<&str>) -> Result<Order> {
+    let mut tx = state.db.begin().await?;
+    let moved = store::transition(&mut tx, id, to, reason).await?;
+    tx.commit().await?;
+    let order = match moved {
+        Moved::Now(order) => {
+            state.cache.invalidate(&[item_key(id)]).await;
+            state.outbox.notify();
+            order
+        }
+        Moved::Already(order) => order,
+    };
+    Ok(*order)
+}
+
+/// Counts by status, accepted → processed latency over the last 1,000 processed orders, the
+/// worker's jobs and the outbox backlog (`/api/v1/orders/stats`, `/api/v1/stats`).
+#[tracing::instrument(skip(state))]
+async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
+    let counts = store::counts(&state.db).await?;
+    let mut latencies = store::recent_latencies(&state.db, 1000).await?;
+    latencies.sort_unstable();
+    let quantile = |q: f64| -> Option<i64> {
+        if latencies.is_empty() {
+            return None;
+        }
+        let rank = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+        latencies.get(rank).copied()
+    };
+    let mut by_status = serde_json::Map::new();
+    for status in Status::ALL {
+        by_status.insert(status.as_str().to_owned(), 0.into());
+    }
+    let mut total = 0;
+    for (status, count) in counts {
+        total += count;
+        by_status.insert(status, count.into());
+    }
+    let backlog = kit::outbox::backlog(&state.db).await?;
+    Ok(Json(serde_json::json!({
+        "service": crate::NAME,
+        "database": state.db.backend(),
+        "orders": total,
+        "by_status": by_status,
+        "processing_latency_ms": {
+            "window": latencies.len(),
+            "p50": quantile(0.50),
+            "p99": quantile(0.99),
+        },
+        "outbox_backlog": backlog,
+        "cache": state.cache.stats(),
+    })))
+}

@@ -1,0 +1,367 @@
+//! The orders service's queries, written once for both backends (see `kit::db`).
+
+use chrono::{DateTime, Duration as Age, SubsecRound as _, Utc};
+use kit::Db;
+use kit::db::{Executor, Tx, query};
+use kit::money::Money;
+
+use crate::domain::{Item, Order, Status};
+use crate::error::{Error, Result};
+use crate::events;
+
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+const COLUMNS: &str = "id, user_id, status, total_cents, client_total_cents, warning, \
+                       failure_reason, reservation_id, stock_settled, created_at, updated_at, \
+                       processed_at";
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct Row {
+    pub id: i64,
+    pub user_id: i64,
+    pub status: String,
+    pub total_cents: i64,
+    pub client_total_cents: Option<i64>,
+    pub warning: Option<String>,
+    pub failure_reason: Option<String>,
+    pub reservation_id: Option<String>,
+    pub stock_settled: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub processed_at: Option<DateTime<Utc>>,
+}
+
+impl Row {
+    pub fn status(&self) -> Result<Status> {
+        Status::parse(&self.status)
+            .ok_or_else(|| anyhow::anyhow!("unknown order status `{}` stored", self.status).into())
+    }
+
+    fn into_order(self, lines: Vec<(i64, i64, i64)>) -> Result<Order> {
+        let status = self.status()?;
+        let out_of_range = || anyhow::anyhow!("order {} totals beyond the money bound", self.id);
+        let mut items = Vec::with_capacity(lines.len());
+        for (product_id, quantity, unit_cents) in lines {
+            let unit_price = Money::from_cents(unit_cents);
+            let line_total = unit_price.times(quantity).ok_or_else(out_of_range)?;
+            items.push(Item {
+                product_id,
+                quantity,
+                unit_price,
+                line_total,
+            });
+        }
+        let single = (items.len() == 1).then(|| (items[0].product_id, items[0].quantity));
+        let total = Money::from_cents(self.total_cents);
+        Ok(Order {
+            id: self.id,
+            user_id: self.user_id,
+            status,
+            items,
+            total,
+            total_price: total,
+            product_id: single.map(|s| s.0),
+            quantity: single.map(|s| s.1),
+            client_total_price: self.client_total_cents.map(Money::from_cents),
+            warnings: self.warning.into_iter().collect(),
+            failure_reason: self.failure_reason,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            processed_at: self.processed_at,
+        })
+    }
+}
+
+/// An order to store, its reservation already held.
+pub struct NewOrder<'a> {
+    /// Set for seeded history only; otherwise the database picks it.
+    pub id: Option<i64>,
+    pub user_id: i64,
+    pub status: Status,
+    pub items: &'a [Item],
+    pub total: Money,
+    pub client_total: Option<Money>,
+    pub warning: Option<String>,
+    pub reservation_id: Option<&'a str>,
+    /// Announce it (`order.created`); seeded history is not announced.
+    pub announce: bool,
+}
+
+/// Stores an order with its lines and its `order.created` event; returns it.
+pub async fn insert(tx: &mut Tx, new: &NewOrder<'_>) -> Result<Order> {
+    let now = now();
+    let sql = format!(
+        "insert into orders (id, user_id, status, total_cents, client_total_cents, warning, \
+         reservation_id, stock_settled, created_at, updated_at) \
+         values ($1, $2, $3, $4, $5, $6, $7, true, $8, $8) returning {COLUMNS}"
+    );
+    let row: Row = if new.id.is_some() {
+        query(&sql)
+            .bind(new.id)
+            .bind(new.user_id)
+            .bind(new.status.as_str())
+            .bind(new.total.cents())
+            .bind(new.client_total.map(Money::cents))
+            .bind(new.warning.clone())
+            .bind(new.reservation_id)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?
+    } else {
+        let sql = format!(
+            "insert into orders (user_id, status, total_cents, client_total_cents, warning, \
+             reservation_id, stock_settled, created_at, updated_at) \
+             values ($1, $2, $3, $4, $5, $6, true, $7, $7) returning {COLUMNS}"
+        );
+        query(&sql)
+            .bind(new.user_id)
+            .bind(new.status.as_str())
+            .bind(new.total.cents())
+            .bind(new.client_total.map(Money::cents))
+            .bind(new.warning.clone())
+            .bind(new.reservation_id)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?
+    };
+    for item in new.items {
+        query(
+            "insert into order_items (order_id, product_id, quantity, unit_price_cents) \
+             values ($1, $2, $3, $4)",
+        )
+        .bind(row.id)
+        .bind(item.product_id)
+        .bind(item.quantity)
+        .bind(item.unit_price.cents())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let lines = new
+        .items
+        .iter()
+        .map(|i| (i.product_id, i.quantity, i.unit_price.cents()))
+        .collect();
+    let order = row.into_order(lines)?;
+    if new.announce {
+        kit::outbox::enqueue(tx, &[events::changed(&order, None)?]).await?;
+    }
+    Ok(order)
+}
+
+async fn lines_of(ex: impl Executor<'_>, id: i64) -> sqlx::Result<Vec<(i64, i64, i64)>> {
+    query(
+        "select product_id, quantity, unit_price_cents from order_items where order_id = $1 \
+         order by product_id",
+    )
+    .bind(id)
+    .fetch_all(ex)
+    .await
+}
+
+/// The order `id`, with its lines.
+pub async fn find(db: &Db, id: i64) -> Result<Option<Order>> {
+    let sql = format!("select {COLUMNS} from orders where id = $1");
+    let Some(row) = query(&sql).bind(id).fetch_optional::<Row>(db).await? else {
+        return Ok(None);
+    };
+    let lines = lines_of(db, id).await?;
+    row.into_order(lines).map(Some)
+}
+
+/// One page of orders in id order, optionally of one user and one status, and the total count.
+pub async fn list(
+    db: &Db,
+    user_id: Option<i64>,
+    status: Option<Status>,
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<Order>, i64)> {
+    let filter = "($1 is null or user_id = $1) and ($2 is null or status = $2)";
+    let status = status.map(Status::as_str);
+    let sql = format!("select {COLUMNS} from orders where {filter} order by id limit $3 offset $4");
+    let rows: Vec<Row> = query(&sql)
+        .bind(user_id)
+        .bind(status)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(db)
+        .await?;
+    let lines: Vec<(i64, i64, i64, i64)> = query(&format!(
+        "select order_id, product_id, quantity, unit_price_cents from order_items \
+         where order_id in (select id from orders where {filter} order by id limit $3 offset $4) \
+         order by order_id, product_id"
+    ))
+    .bind(user_id)
+    .bind(status)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(db)
+    .await?;
+    let total = query(&format!("select count(*) from orders where {filter}"))
+        .bind(user_id)
+        .bind(status)
+        .fetch_scalar(db)
+        .await?;
+    let mut orders = Vec::with_capacity(rows.len());
+    for row in rows {
+        let own = lines
+            .iter()
+            .filter(|l| l.0 == row.id)
+            .map(|l| (l.1, l.2, l.3))
+            .collect();
+        orders.push(row.into_order(own)?);
+    }
+    Ok((orders, total))
+}
+
+/// What [`transition`] did.
+pub enum Moved {
+    /// The order moved; its event is in the outbox.
+    Now(Box<Order>),
+    /// It was in that state already (a repeated request or message): nothing changed.
+    Already(Box<Order>),
+}
+
+/// Moves order `id` to `to` in `tx` (row locked), with its event; refuses a move the state
+/// machine does not allow. `reason` is kept for `failed` and `cancelled`. A move that changes
+/// where the stock should be (sold, or back on sale) marks the order's stock unsettled, for the
+/// worker to settle with catalog.
+pub async fn transition(tx: &mut Tx, id: i64, to: Status, reason: Option<&str>) -> Result<Moved> {
+    let sql = format!(
+        "select {COLUMNS} from orders where id = $1{}",
+        tx.dialect().for_update()
+    );
+    let row: Row = query(&sql)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(Error::NotFound(id))?;
+    let from = row.status()?;
+    if from == to {
+        let lines = lines_of(&mut *tx, id).await?;
+        return Ok(Moved::Already(Box::new(row.into_order(lines)?)));
+    }
+    if !from.can_become(to) {
+        return Err(Error::Transition { id, from, to });
+    }
+    let now = now();
+    let unsettled = row.reservation_id.is_some() && from.stock_sold() != to.stock_sold();
+    let keep_reason = matches!(to, Status::Failed | Status::Cancelled);
+    let sql = format!(
+        "update orders set status = $1, updated_at = $2, \
+         failure_reason = case when $3 then $4 else failure_reason end, \
+         processed_at = case when $5 then $2 else processed_at end, \
+         stock_settled = case when $6 then false else stock_settled end \
+         where id = $7 returning {COLUMNS}"
+    );
+    let row: Row = query(&sql)
+        .bind(to.as_str())
+        .bind(now)
+        .bind(keep_reason)
+        .bind(reason)
+        .bind(to == Status::Processed)
+        .bind(unsettled)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let lines = lines_of(&mut *tx, id).await?;
+    let order = row.into_order(lines)?;
+    kit::outbox::enqueue(tx, &[events::changed(&order, Some(from))?]).await?;
+    Ok(Moved::Now(Box::new(order)))
+}
+
+/// The order's row, locked for the rest of `tx`.
+pub async fn lock(tx: &mut Tx, id: i64) -> Result<Option<Row>> {
+    let sql = format!(
+        "select {COLUMNS} from orders where id = $1{}",
+        tx.dialect().for_update()
+    );
+    Ok(query(&sql).bind(id).fetch_optional(&mut *tx).await?)
+}
+
+/// Records that the order's stock matches its status.
+pub async fn mark_settled(tx: &mut Tx, id: i64) -> Result<()> {
+    query("update orders set stock_settled = true where id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Orders whose stock is unsettled, or stuck in `status`, since before `older_than` (the
+/// worker's sweep: an event it missed, or the in-process bus lost with its process).
+pub async fn needing_work(db: &Db, older_than: Age, limit: i64) -> Result<Vec<(i64, Status)>> {
+    let before = now() - older_than;
+    let rows: Vec<(i64, String)> = query(
+        "select id, status from orders where updated_at < $1 and \
+         (not stock_settled or status in ('pending', 'processing')) order by id limit $2",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, status)| Status::parse(&status).map(|s| (id, s)))
+        .collect())
+}
+
+/// Remembers that a reservation is being asked of catalog for an order not stored yet.
+pub async fn insert_intent(db: &Db, reservation_id: &str) -> Result<()> {
+    query("insert into reservation_intents (reservation_id, created_at) values ($1, $2)")
+        .bind(reservation_id)
+        .bind(now())
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// The intent is done with (its order is stored, or its reservation released).
+pub async fn delete_intent(ex: impl Executor<'_>, reservation_id: &str) -> Result<()> {
+    query("delete from reservation_intents where reservation_id = $1")
+        .bind(reservation_id)
+        .execute(ex)
+        .await?;
+    Ok(())
+}
+
+/// Intents older than `age`: their orders were never stored.
+pub async fn stale_intents(db: &Db, age: Age, limit: i64) -> Result<Vec<String>> {
+    Ok(query(
+        "select reservation_id from reservation_intents where created_at < $1 \
+         order by created_at limit $2",
+    )
+    .bind(now() - age)
+    .bind(limit)
+    .fetch_all::<(String,)>(db)
+    .await?
+    .into_iter()
+    .map(|(id,)| id)
+    .collect())
+}
+
+/// Counts by status.
+pub async fn counts(db: &Db) -> Result<Vec<(String, i64)>> {
+    Ok(
+        query("select status, count(*) from orders group by status order by status")
+            .fetch_all(db)
+            .await?,
+    )
+}
+
+/// Accepted → processed times (ms) of the most recently processed orders.
+pub async fn recent_latencies(db: &Db, limit: i64) -> Result<Vec<i64>> {
+    let rows: Vec<(DateTime<Utc>, DateTime<Utc>)> = query(
+        "select created_at, processed_at from orders where processed_at is not null \
+         order by processed_at desc limit $1",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(created, processed)| (processed - created).num_milliseconds().max(0))
+        .collect())
+}

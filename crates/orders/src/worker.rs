@@ -1,0 +1,293 @@
+//! The order worker (`agora serve worker`, and inside `agora up`): drives every order from
+//! `pending` to `processed` or `failed`, and keeps catalog's stock in step with each order's
+//! status. It consumes the orders service's own events through kit's consumer (a redelivery is
+//! skipped, a failure retried with back-off, dead-lettered after `bus.consumer_max_attempts`).
+//!
+//! Each step is one transaction with the order's row locked, so two workers (or a worker and
+//! the sweep) never work on one order at once, and each is safe to repeat:
+//! 1. `pending` → `processing` (`order.processing`);
+//! 2. `processing`: the simulated payment (`services.worker.payment_latency_ms`, a failure rate
+//!    decided per order, so a repeat decides the same) → `processed` (`order.processed`) or
+//!    `failed` with the reason (`order.failed`);
+//! 3. an order whose stock is unsettled (it became processed, failed or cancelled): catalog is
+//!    asked what the reservation is and told what it must become (commit; release; or, once
+//!    sold, return), each call idempotent there; then the order is marked settled.
+//!
+//! A sweep every `services.worker.sweep_secs` runs the step of any order left pending,
+//! processing or unsettled for longer than that: messages are never the only record of work
+//! (the in-process bus of `agora up` keeps nothing across a restart).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use kit::consumer::{Consumer, Handler};
+use kit::db::Tx;
+use kit::event::Event;
+use kit::relay::Notifier;
+use kit::service::{App, Deps};
+use kit::{Cache, Db};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio_util::sync::CancellationToken;
+
+use crate::clients::Neighbours;
+use crate::domain::Status;
+use crate::error::{Error, Result};
+use crate::routes::item_key;
+use crate::store::{self, Moved};
+use crate::{WorkerSettings, load_settings};
+
+/// The durable consumer name every worker shares (so they share the work).
+pub const CONSUMER: &str = "order-worker";
+
+#[derive(Clone)]
+struct Counters {
+    processed: Counter,
+    failed: Counter,
+    settled: Counter,
+    duration: Histogram,
+}
+
+/// The worker's state, shared by its consumer and its sweep.
+#[derive(Clone)]
+pub struct Worker {
+    db: Db,
+    cache: Cache,
+    outbox: Notifier,
+    neighbours: Arc<Neighbours>,
+    settings: WorkerSettings,
+    counters: Counters,
+}
+
+impl Worker {
+    /// Runs the step order `id` is due, in `tx`; returns whether it changed anything.
+    async fn step(&self, tx: &mut Tx, id: i64) -> Result<bool> {
+        let Some(row) = store::lock(tx, id).await? else {
+            return Ok(false);
+        };
+        let status = row.status()?;
+        match status {
+            Status::Pending => {
+                store::transition(tx, id, Status::Processing, None).await?;
+                Ok(true)
+            }
+            Status::Processing => {
+                let started = Instant::now();
+                tokio::time::sleep(Duration::from_millis(self.settings.payment_latency_ms)).await;
+                let (to, reason) = if self.payment_fails(id) {
+                    (Status::Failed, Some("payment declined (simulated)"))
+                } else {
+                    (Status::Processed, None)
+                };
+                if let Moved::Now(_) = store::transition(tx, id, to, reason).await? {
+                    let counter = if to == Status::Failed {
+                        &self.counters.failed
+                    } else {
+                        &self.counters.processed
+                    };
+                    counter.inc();
+                    let accepted = (store::now() - row.created_at).num_milliseconds().max(0);
+                    self.counters.duration.observe(accepted as f64 / 1000.0);
+                }
+                tracing::debug!(
+                    order = id,
+                    to = to.as_str(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "order processed"
+                );
+                Ok(true)
+            }
+            _ if !row.stock_settled => {
+                self.settle(tx, id, status, row.reservation_id.as_deref())
+                    .await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether the simulated payment of order `id` fails: decided by the order id alone, so
+    /// every attempt at one order decides the same.
+    fn payment_fails(&self, id: i64) -> bool {
+        let rate = self.settings.payment_failure_rate;
+        if rate <= 0.0 {
+            return false;
+        }
+        // splitmix64: a well-spread hash of the id.
+        let mut z = (id as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z as f64 / u64::MAX as f64) < rate
+    }
+
+    /// Brings the reservation to what `status` needs, then marks the stock settled.
+    async fn settle(
+        &self,
+        tx: &mut Tx,
+        id: i64,
+        status: Status,
+        reservation_id: Option<&str>,
+    ) -> Result<()> {
+        if let (Some(reservation_id), Some(sold)) = (reservation_id, status.stock_sold()) {
+            let current = self.neighbours.reservation(reservation_id).await?;
+            let state = current.as_ref().map(|r| r.status.as_str());
+            let action = match (sold, state) {
+                (true, Some("reserved")) => Some("commit"),
+                (false, Some("reserved") | None) => Some("release"),
+                (false, Some("committed")) if !current.as_ref().is_some_and(|r| r.returned) => {
+                    Some("return")
+                }
+                (true, Some("released")) => {
+                    // Only the never-stored-order sweep releases a reservation an order did not
+                    // release; the order's stock is gone, so it cannot be sold.
+                    tracing::error!(
+                        order = id,
+                        reservation_id,
+                        "a processed order's reservation was released; its stock is not held"
+                    );
+                    None
+                }
+                _ => None,
+            };
+            if let Some(action) = action {
+                self.neighbours.settle(reservation_id, action).await?;
+            }
+        }
+        store::mark_settled(tx, id).await?;
+        self.counters.settled.inc();
+        Ok(())
+    }
+
+    /// One sweep: the step of every order left waiting longer than the sweep period.
+    async fn sweep(&self) -> Result<usize> {
+        let age = chrono::Duration::seconds(self.settings.sweep_secs as i64);
+        let due = store::needing_work(&self.db, age, 100).await?;
+        let mut done = 0;
+        for (id, _) in due {
+            let mut tx = self.db.begin().await?;
+            if self.step(&mut tx, id).await? {
+                tx.commit().await?;
+                self.after(id).await;
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    async fn after(&self, id: i64) {
+        self.cache.invalidate(&[item_key(id)]).await;
+        self.outbox.notify();
+    }
+}
+
+fn order_id(event: &Event) -> anyhow::Result<i64> {
+    event.data["id"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("{} event without an order id", event.topic))
+}
+
+#[async_trait]
+impl Handler for Worker {
+    async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()> {
+        let id = order_id(event)?;
+        match self.step(tx, id).await {
+            Ok(_) => Ok(()),
+            Err(Error::Internal(err)) => Err(err),
+            Err(err) => Err(anyhow::anyhow!("order {id}: {}", kit::ApiError::from(err))),
+        }
+    }
+
+    async fn committed(&self, event: &Event) {
+        if let Ok(id) = order_id(event) {
+            self.after(id).await;
+        }
+    }
+}
+
+/// The worker as a service: its consumer, its sweep, and `/health`, `/ready`, `/metrics`.
+pub async fn app(deps: Deps) -> anyhow::Result<App> {
+    let (orders, settings) = load_settings(&deps.settings)?;
+    let db = deps.db()?;
+    let bus = deps.bus()?;
+    // The worker's own events (order.processing, …) go out through the relay of the orders
+    // store: its own in a process of its own (on PostgreSQL the relays of every process take
+    // turns, so no row is published twice), the orders service's in `agora up`.
+    let (outbox, relay) = deps.relay()?;
+    let counters = Counters {
+        processed: Counter::default(),
+        failed: Counter::default(),
+        settled: Counter::default(),
+        duration: Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
+    };
+    deps.metrics.register_counter(
+        "worker_orders_processed",
+        "Orders the worker moved to processed",
+        counters.processed.clone(),
+    );
+    deps.metrics.register_counter(
+        "worker_orders_failed",
+        "Orders the worker moved to failed (payment declined)",
+        counters.failed.clone(),
+    );
+    deps.metrics.register_counter(
+        "worker_stock_settled",
+        "Orders whose reservation the worker brought in line with their status",
+        counters.settled.clone(),
+    );
+    deps.metrics.register(
+        "worker_accepted_to_done_seconds",
+        "From an order's creation to the worker deciding it (processed or failed)",
+        counters.duration.clone(),
+    );
+    let worker = Worker {
+        db: db.clone(),
+        cache: deps.cache.clone(),
+        outbox,
+        neighbours: Arc::new(Neighbours::new(
+            &deps.settings,
+            Duration::from_millis(orders.call_timeout_ms),
+        )?),
+        settings: settings.clone(),
+        counters,
+    };
+    let consumer = Consumer::new(
+        CONSUMER,
+        crate::WORKER.consumes,
+        db,
+        bus,
+        &deps.settings.bus,
+        worker.clone(),
+    )
+    .with_concurrency(settings.concurrency);
+    consumer.register_metrics(&deps.metrics);
+    let sweeper = worker.clone();
+    let mut app = deps
+        .app(axum::Router::new())
+        .with_task(move |shutdown| consumer.spawn(shutdown))
+        .with_task(move |shutdown| tokio::spawn(sweep_loop(sweeper, shutdown)));
+    if let Some(relay) = relay {
+        app = app.with_task(move |shutdown| relay.spawn(shutdown));
+    }
+    Ok(app)
+}
+
+async fn sweep_loop(worker: Worker, shutdown: CancellationToken) {
+    let every = Duration::from_secs(worker.settings.sweep_secs.max(1));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match worker.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(orders = n, "the sweep moved orders on"),
+            Err(err) => {
+                tracing::debug!(error.message = %kit::ApiError::from(err), "the order sweep failed; trying again next period")
+            }
+        }
+    }
+}
