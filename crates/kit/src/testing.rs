@@ -429,31 +429,41 @@ impl std::io::Write for CaptureWriter {
     }
 }
 
-/// A TCP proxy in front of a real server (the test Redis, or any address) that a test can cut and
-/// restore: a dependency that goes away and comes back on the same port.
+/// A TCP proxy in front of a real server (the test Redis, or any address) that a test can cut
+/// and restore: a dependency that goes away and comes back on the same port. While cut, it keeps
+/// its port (so nothing else can take it) but closes every connection at once, as a server that
+/// is down does; the connections open when it was cut are dropped.
 pub struct CuttableProxy {
     pub port: u16,
-    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::AbortHandle,
 }
 
 impl CuttableProxy {
-    /// Listens on `port` (0: a free one) and forwards every connection to the test Redis.
-    pub async fn start(port: u16) -> Self {
+    /// Listens on a free port and forwards every connection to the test Redis.
+    pub async fn start() -> Self {
         let redis = test_redis_url();
         let target = redis.trim_start_matches("redis://").trim_end_matches('/');
-        Self::start_to(port, target.to_owned()).await
+        Self::start_to(target.to_owned()).await
     }
 
-    /// Listens on `port` (0: a free one) and forwards every connection to `target` (host:port).
-    pub async fn start_to(port: u16, target: String) -> Self {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+    /// Listens on a free port and forwards every connection to `target` (host:port).
+    pub async fn start_to(target: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
             .expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
-        let tasks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let registry = tasks.clone();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (registry, is_cut) = (connections.clone(), cut.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if is_cut.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
                 let target = target.clone();
                 let conn = tokio::spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
@@ -463,14 +473,31 @@ impl CuttableProxy {
                 registry.lock().expect("lock").push(conn.abort_handle());
             }
         });
-        tasks.lock().expect("lock").push(accept.abort_handle());
-        Self { port, tasks }
+        Self {
+            port,
+            cut,
+            connections,
+            accept: accept.abort_handle(),
+        }
     }
 
-    /// Drops every connection through the proxy and stops listening (Redis "goes away").
+    /// Drops every connection through the proxy and refuses new ones (the server "goes away").
     pub fn cut(&self) {
-        for task in self.tasks.lock().expect("lock").drain(..) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for task in self.connections.lock().expect("lock").drain(..) {
             task.abort();
         }
+    }
+
+    /// Forwards again (the server "is back").
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
     }
 }

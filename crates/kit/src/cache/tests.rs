@@ -373,7 +373,7 @@ async fn redis_groups_stay_bounded_in_keys_members_and_lifetime() {
 /// is served from Redis again, and the outage is logged by state change, not per request.
 #[tokio::test]
 async fn redis_comes_back_under_load_with_the_lost_invalidations_replayed() {
-    let proxy = crate::testing::CuttableProxy::start(0).await;
+    let proxy = crate::testing::CuttableProxy::start().await;
     let port = proxy.port;
     let mut env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
     env.settings.redis.url = Some(format!("redis://127.0.0.1:{port}"));
@@ -430,7 +430,7 @@ async fn redis_comes_back_under_load_with_the_lost_invalidations_replayed() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let hits_before = cache.stats().hits;
-    let _restored = crate::testing::CuttableProxy::start(port).await;
+    proxy.restore();
     let back = Instant::now();
     let bound = retry_after + Duration::from_secs(2);
     while cache.stats().hits == hits_before {

@@ -141,7 +141,7 @@ async fn an_unreachable_database_is_503_and_used_again_when_back() {
         url.host_str().unwrap_or("127.0.0.1"),
         url.port().unwrap_or(5432)
     );
-    let proxy = crate::testing::CuttableProxy::start_to(0, target.clone()).await;
+    let proxy = crate::testing::CuttableProxy::start_to(target).await;
     let port = proxy.port;
     let mut through_proxy = url.clone();
     through_proxy.set_port(Some(port)).expect("port");
@@ -184,7 +184,7 @@ async fn an_unreachable_database_is_503_and_used_again_when_back() {
         StatusCode::SERVICE_UNAVAILABLE
     );
 
-    let _back = crate::testing::CuttableProxy::start_to(port, target).await;
+    proxy.restore();
     let n: i64 = query("select count(*) from t")
         .fetch_scalar(&db)
         .await

@@ -174,3 +174,50 @@ async fn every_status_change_is_announced_in_order(backend: Backend) {
         ]
     );
 }
+
+/// What a crash of the orders service between reserving and storing leaves behind (an intent and
+/// a reservation at catalog, no order) is released after `reservation_timeout_secs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_held_for_an_order_never_stored_is_released_after_the_timeout() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let system = spawn_system_with(backend, |settings| {
+            let orders = settings.services.entry("orders".into()).or_default();
+            orders
+                .extra
+                .insert("reservation_timeout_secs".into(), 5.into());
+        })
+        .await;
+        let product = system.product("Kettle", "20.00", 10).await;
+        let reservation = "ord-crashed-before-insert";
+        kit::db::query(
+            "insert into reservation_intents (reservation_id, created_at) values ($1, $2)",
+        )
+        .bind(reservation)
+        .bind(chrono::Utc::now())
+        .execute(&system.db)
+        .await
+        .expect("intent");
+        let response = system
+            .catalog_request(
+                "/internal/v1/reservations",
+                json!({"order_id": reservation, "items": [{"product_id": product, "quantity": 3}]}),
+            )
+            .await;
+        assert_eq!(response.status(), 201);
+        assert_eq!(system.stock(product).await, (7, 3));
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while system.stock(product).await != (10, 0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{backend:?}: still held after 15 s: {:?}",
+                system.stock(product).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left: i64 = kit::db::query("select count(*) from reservation_intents")
+            .fetch_scalar(&system.db)
+            .await
+            .expect("count");
+        assert_eq!(left, 0, "{backend:?}: the intent is done with");
+    }
+}

@@ -14,6 +14,8 @@ pub use kit::testing::assert_problem;
 
 pub struct System {
     pub gateway: TestServer,
+    /// Catalog itself (its internal routes are not behind the gateway).
+    pub catalog: TestServer,
     /// The orders database, to inspect.
     pub db: Db,
     pub catalog_db: Db,
@@ -80,10 +82,11 @@ pub async fn spawn_system_with(
     let (gateway, _) = start(&gateway::SERVICE, env.settings.clone()).await;
     System {
         gateway,
+        catalog,
         db: db.expect("orders has a database"),
         catalog_db: catalog_db.expect("catalog has a database"),
         bus,
-        _servers: vec![users, catalog, orders, worker],
+        _servers: vec![users, orders, worker],
         _env: env,
     }
 }
@@ -155,6 +158,11 @@ impl System {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// `POST` straight to catalog (its internal reservations).
+    pub async fn catalog_request(&self, path: &str, body: Value) -> reqwest::Response {
+        self.catalog.post(path, body).await
     }
 
     pub async fn settled(&self, id: i64) -> bool {

@@ -184,7 +184,7 @@ async fn unreachable_redis_degrades_to_the_database() {
 /// comes back with the old entry still in it: the service must not serve that stale entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_during_a_redis_outage_is_not_shadowed_when_redis_returns() {
-    let proxy = CuttableProxy::start(0).await;
+    let proxy = CuttableProxy::start().await;
     let port = proxy.port;
     let mut env = TestEnv::new(Backend::Postgres).await;
     env.settings.redis.url = Some(format!("redis://127.0.0.1:{port}"));
@@ -215,7 +215,7 @@ async fn a_write_during_a_redis_outage_is_not_shadowed_when_redis_returns() {
         "served from the database during the outage"
     );
 
-    let _restored = CuttableProxy::start(port).await;
+    proxy.restore();
     tokio::time::sleep(Duration::from_millis(400)).await;
     for _ in 0..3 {
         let (status, after) = app.get_json(&path).await;

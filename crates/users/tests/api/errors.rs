@@ -228,7 +228,7 @@ async fn an_unreachable_database_is_503_with_retry_after_and_then_used_again() {
         url.host_str().unwrap_or("127.0.0.1"),
         url.port().unwrap_or(5432)
     );
-    let proxy = kit::testing::CuttableProxy::start_to(0, target.clone()).await;
+    let proxy = kit::testing::CuttableProxy::start_to(target).await;
     let mut env = kit::testing::TestEnv::new(Backend::Postgres).await;
     let mut through_proxy = url.clone();
     through_proxy.set_port(Some(proxy.port)).expect("port");
@@ -256,7 +256,7 @@ async fn an_unreachable_database_is_503_with_retry_after_and_then_used_again() {
         assert_problem(response, 503, "dependency_unavailable").await;
     }
 
-    let _back = kit::testing::CuttableProxy::start_to(proxy.port, target).await;
+    proxy.restore();
     let (status, body) = app.get_json(&uncached).await;
     assert_eq!((status, body["name"].as_str()), (200, Some("Kept")));
     let created = app.create_user(json!({"name": "After"})).await;
