@@ -119,6 +119,10 @@ impl Deps {
         self.cache.register_metrics(&self.metrics);
         let router = router
             .merge(crate::http::health_routes(self.name, dependencies))
+            // An explicit fallback, so the guard below covers unmatched paths too (an unknown
+            // `/internal/...` path is 403 to an outsider, like a known one: no probing); the
+            // problem layer turns the bare 404 into a problem body.
+            .fallback(|| async { axum::http::StatusCode::NOT_FOUND })
             .layer(axum::middleware::from_fn_with_state(
                 self.settings.auth.service_token.clone(),
                 crate::auth::guard,
