@@ -148,7 +148,7 @@ async fn wrong_password_and_unknown_email_are_one_401(backend: Backend) {
 
     // And about the same time: the median of a few tries each, within a factor of three (loose:
     // the machine is busy with other tests; a skipped hash would be ~100x faster).
-    let mut median = |samples: &mut Vec<Duration>| {
+    let median = |samples: &mut Vec<Duration>| {
         samples.sort();
         samples[samples.len() / 2]
     };
