@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use kit::Settings;
+use kit::auth::AuthMode;
 use kit::bus::Bus;
 use kit::http::ServeOptions;
 use kit::service::{Deps, Shared};
@@ -53,8 +54,9 @@ enum Command {
     /// Print the effective configuration (defaults, file and environment merged) as TOML,
     /// with passwords in URLs hidden, and exit.
     Config,
-    /// Load the sample data of seed 001 (4 users with ids 1-4, 10 products with ids 1-10); rows
-    /// that exist are kept.
+    /// Load the sample data of seed 001 (4 users with ids 1-4, 10 products with ids 1-10) and
+    /// an admin account (admin@agora.local, generated password kept in data_dir/admin-password,
+    /// printed with how to log in); rows that exist are kept.
     Seed,
 }
 
@@ -103,8 +105,49 @@ fn describe_backends(settings: &Settings) -> String {
     format!("{database}, {cache}, {bus}")
 }
 
+/// `agora up`'s keys: from the configuration when set, else generated on first start and kept
+/// under `data_dir/secrets/` (0600), so tokens survive a restart. The mode defaults to `open`.
+fn embedded_auth(settings: &mut Settings) -> anyhow::Result<()> {
+    let dir = settings.data_dir.join("secrets");
+    if !dir.exists() {
+        // Only its owner may list or enter it.
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let auth = &mut settings.auth;
+    auth.mode.get_or_insert(AuthMode::Open);
+    if auth.jwt_secret.is_none() {
+        auth.jwt_secret = Some(kit::auth::load_or_create_secret(&dir.join("jwt_secret"))?);
+    }
+    if auth.service_token.is_none() {
+        auth.service_token = Some(kit::auth::load_or_create_secret(
+            &dir.join("service_token"),
+        )?);
+    }
+    Ok(())
+}
+
+fn describe_auth(settings: &Settings) -> String {
+    match settings.auth.mode() {
+        AuthMode::Open => "auth: open (tokens are verified when sent; requests without one are \
+                           allowed; AGORA_AUTH__MODE=required to refuse them)"
+            .to_owned(),
+        AuthMode::Required => {
+            "auth: required (requests without a token get 401 except health, register, login \
+             and catalog reads)"
+                .to_owned()
+        }
+    }
+}
+
 async fn up(mut settings: Settings) -> anyhow::Result<()> {
     let started = Instant::now();
+    embedded_auth(&mut settings)?;
     let shutdown = Shutdown::on_signal();
     // The services behind the gateway stop after it, so that what it forwards still finds them.
     let behind_gateway = Shutdown::new();
@@ -165,6 +208,7 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
     for service in &running {
         println!("  {:<8} http://{}", service.name, service.addr);
     }
+    println!("{}", describe_auth(&settings));
     let gateway = running
         .iter()
         .find(|s| s.name == gateway::NAME)
@@ -182,6 +226,11 @@ async fn serve(mut settings: Settings, name: &str, port: Option<u16>) -> anyhow:
     if let Some(port) = port {
         settings.services.entry(name.to_owned()).or_default().port = port;
     }
+    // One process per service: the keys come from the configuration, shared by every process
+    // (a generated one would differ per process). The service credential is needed by all; the
+    // JWT key by users (signs) and the gateway (verifies), which refuse to start without it.
+    settings.auth.mode.get_or_insert(AuthMode::Required);
+    settings.auth.require_service_token()?;
     let shutdown = Shutdown::on_signal();
     let listener = kit::http::bind(settings.bind_addr(name)).await?;
     let deps = Deps::connect(service, &settings, None)
@@ -193,6 +242,9 @@ async fn serve(mut settings: Settings, name: &str, port: Option<u16>) -> anyhow:
     let service = app.spawn(listener, &shutdown, ServeOptions::from(&settings.http))?;
     tracing::info!(service = service.name, addr = %service.addr, backends = %describe_backends(&settings), "listening");
     println!("{} listening on http://{}", service.name, service.addr);
+    if name == gateway::NAME {
+        println!("{}", describe_auth(&settings));
+    }
     wait_all(vec![service], shutdown).await
 }
 
@@ -242,6 +294,7 @@ async fn wait_all(running: Vec<kit::service::Running>, shutdown: Shutdown) -> an
     }
 }
 
+/// Secrets (`auth.*`) print as `***` by their type; URLs are rewritten here.
 fn print_config(mut settings: Settings) -> anyhow::Result<()> {
     hide_secret(&mut settings.database.url);
     hide_secret(&mut settings.redis.url);
@@ -319,10 +372,9 @@ async fn seed(settings: Settings) -> anyhow::Result<()> {
             db.close().await;
         }
     }
-    println!(
-        "seeded {} ({})",
-        reports.join("; "),
-        describe_backends(&settings)
-    );
+    println!("seeded ({})", describe_backends(&settings));
+    for line in reports.iter().flat_map(|r| r.lines()) {
+        println!("  {line}");
+    }
     Ok(())
 }

@@ -33,6 +33,38 @@ fn string_list(value: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Compose's `${NAME:?message}` interpolation, with a test value for each variable (the keys are
+/// never in the file).
+fn interpolate(env: &mut BTreeMap<String, String>) {
+    for value in env.values_mut() {
+        if let Some(name) = value
+            .strip_prefix("${")
+            .and_then(|rest| rest.split_once(":?"))
+            .map(|(name, _)| name.to_owned())
+        {
+            *value = format!("test-value-of-{name}-0123456789abcdef");
+        }
+    }
+}
+
+/// Both keys set and auth required (printed hidden by `agora config`).
+fn assert_auth(name: &str, env: &BTreeMap<String, String>, config: &toml::Value) {
+    assert_eq!(
+        env.get("AGORA_AUTH__MODE").map(String::as_str),
+        Some("required"),
+        "{name}"
+    );
+    let auth = &config["auth"];
+    assert_eq!(auth["mode"].as_str(), Some("required"), "{name}");
+    for key in ["jwt_secret", "service_token"] {
+        assert_eq!(
+            auth[key].as_str(),
+            Some("***"),
+            "{name}: auth.{key} set, and hidden"
+        );
+    }
+}
+
 fn env_map(value: &Value) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     if let Some(map) = value.as_mapping() {
@@ -105,7 +137,15 @@ fn compose_runs_every_service_on_its_port_with_valid_settings() {
             ["serve", name.as_str(), "--port", &port.to_string()],
             "{name}"
         );
-        let env = env_map(&service["environment"]);
+        let mut env = env_map(&service["environment"]);
+        for key in ["AGORA_AUTH__JWT_SECRET", "AGORA_AUTH__SERVICE_TOKEN"] {
+            assert!(
+                env.get(key)
+                    .is_some_and(|v| v.starts_with("${") && v.contains(":?")),
+                "{name}: {key} comes from the environment, required: {env:?}"
+            );
+        }
+        interpolate(&mut env);
         assert_eq!(
             env.get("AGORA_HOST").map(String::as_str),
             Some("0.0.0.0"),
@@ -123,6 +163,7 @@ fn compose_runs_every_service_on_its_port_with_valid_settings() {
         );
         let config = effective_config(&env);
         assert_eq!(config["host"].as_str(), Some("0.0.0.0"));
+        assert_auth(&name, &env, &config);
         assert!(
             env.get("NATS_URL")
                 .is_some_and(|u| u.starts_with("nats://")),
@@ -168,7 +209,13 @@ fn kubernetes_has_a_deployment_and_service_per_service() {
             .unwrap_or_else(|| panic!("no {kind} `{name}`"))
     };
     let secret = env_map(&find("Secret", "agora")["stringData"]);
-    for key in ["DATABASE_URL", "REDIS_URL", "NATS_URL"] {
+    for key in [
+        "DATABASE_URL",
+        "REDIS_URL",
+        "NATS_URL",
+        "AGORA_AUTH__JWT_SECRET",
+        "AGORA_AUTH__SERVICE_TOKEN",
+    ] {
         assert!(secret.contains_key(key), "the secret sets {key}");
     }
     for (name, port) in services() {
@@ -210,6 +257,7 @@ fn kubernetes_has_a_deployment_and_service_per_service() {
         env.extend(secret.clone());
         let config = effective_config(&env);
         assert_eq!(config["host"].as_str(), Some("0.0.0.0"), "{name}");
+        assert_auth(&name, &env, &config);
         // Drain + grace + closing fit in the pod's termination period.
         let http = &config["http"];
         let stop_secs = http["shutdown_drain_secs"].as_integer().expect("drain")

@@ -65,7 +65,9 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
     assert!(
         said.contains("users: 4 added")
             && said.contains("products: 12 added")
-            && said.contains("orders: 8 added"),
+            && said.contains("orders: 8 added")
+            && said.contains("admin: admin@agora.local")
+            && said.contains("/api/v1/auth/login"),
         "{said}"
     );
 
@@ -106,7 +108,10 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
         .expect("post");
     assert_eq!(response.status(), 201);
     let erin: Value = response.json().await.expect("json");
-    assert_eq!(erin["id"], 5, "new ids continue after the seeded ones");
+    assert_eq!(
+        erin["id"], 6,
+        "new ids continue after the seeded ones (users 1-4, the admin 5)"
+    );
     let fetched: Value = get_json(
         &client,
         format!("http://127.0.0.1:8080/users/id/{}", erin["id"]),
@@ -255,6 +260,116 @@ fn a_bad_setting_is_refused_naming_the_key() {
 }
 
 #[test]
+fn serve_refuses_to_start_without_its_keys() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = agora(dir.path())
+        .args(["serve", "catalog", "--port", "0"])
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("auth.service_token") && err.contains("AGORA_AUTH__SERVICE_TOKEN"),
+        "{err}"
+    );
+    let output = agora(dir.path())
+        .args(["serve", "gateway", "--port", "0"])
+        .env(
+            "AGORA_AUTH__SERVICE_TOKEN",
+            "system-test-service-token-0123456789ab",
+        )
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("auth.jwt_secret") && err.contains("AGORA_AUTH__JWT_SECRET"),
+        "{err}"
+    );
+}
+
+/// Spawns `agora up` on free ports in `dir`; returns the child and the gateway's address, and
+/// the start-up lines read.
+fn up_on_free_ports(dir: &std::path::Path) -> (Child, String, Vec<String>) {
+    use std::io::BufRead as _;
+    let mut child = agora(dir)
+        .arg("up")
+        .env("AGORA_SERVICES__GATEWAY__PORT", "0")
+        .env("AGORA_SERVICES__USERS__PORT", "0")
+        .env("AGORA_SERVICES__CATALOG__PORT", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("up starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
+    let mut gateway = None;
+    for line in lines.by_ref() {
+        let line = line.expect("utf-8");
+        if let Some(addr) = line.trim().strip_prefix("gateway") {
+            gateway = Some(addr.trim().trim_start_matches("http://").to_owned());
+        }
+        let done = line.starts_with("auth:");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (child, gateway.expect("up printed the gateway"), seen)
+}
+
+/// `agora up` keeps its JWT key under data_dir (owner-only), so a token issued before a restart
+/// is still accepted after it; and it announces the open mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_survives_an_up_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, gateway, said) = up_on_free_ports(dir.path());
+    assert!(
+        said.iter().any(|l| l.starts_with("auth: open")),
+        "up announces the mode: {said:?}"
+    );
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("http://{gateway}/api/v1/auth/register"))
+        .json(&json!({"email": "erin@example.com", "name": "Erin", "password": "erin-password"}))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(response.status(), 201);
+    let login: Value = client
+        .post(format!("http://{gateway}/api/v1/auth/login"))
+        .json(&json!({"email": "erin@example.com", "password": "erin-password"}))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("json");
+    let token = login["access_token"].as_str().expect("token").to_owned();
+    assert!(terminate(&mut child).success());
+
+    for secret in ["jwt_secret", "service_token"] {
+        let path = dir.path().join("data/secrets").join(secret);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).expect("kept").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{secret}");
+    }
+    let (mut child, gateway, _) = up_on_free_ports(dir.path());
+    let response = client
+        .get(format!("http://{gateway}/api/v1/users/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("me");
+    assert_eq!(response.status(), 200, "the token outlived the restart");
+    let me: Value = response.json().await.expect("json");
+    assert_eq!(me["email"], "erin@example.com");
+    assert!(terminate(&mut child).success());
+}
+
+#[test]
 fn help_describes_every_command() {
     let output = Command::new(AGORA).arg("--help").output().expect("runs");
     let help = String::from_utf8_lossy(&output.stdout);
@@ -321,6 +436,15 @@ async fn serve_runs_one_service_per_process_on_postgres_redis_and_nats() {
             .env("AGORA_BUS__PREFIX", &settings.bus.prefix)
             .env("AGORA_SERVICES__USERS__SCHEMA", schema("users"))
             .env("AGORA_SERVICES__CATALOG__SCHEMA", schema("catalog"))
+            // The processes share the keys (no mode: `serve` defaults to required).
+            .env(
+                "AGORA_AUTH__JWT_SECRET",
+                "system-test-jwt-secret-0123456789abcdef",
+            )
+            .env(
+                "AGORA_AUTH__SERVICE_TOKEN",
+                "system-test-service-token-0123456789ab",
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
     };
@@ -349,6 +473,43 @@ async fn serve_runs_one_service_per_process_on_postgres_redis_and_nats() {
     let gateway_addr = listening_addr(&mut gateway);
 
     let client = reqwest::Client::new();
+    // Required mode: no token, no write; the admin `agora seed` made can.
+    let response = client
+        .post(format!("http://{gateway_addr}/api/v1/users"))
+        .json(&json!({"name": "Distributed"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 401, "serve defaults to auth required");
+    let mut seed = agora(dir.path());
+    configure(seed.arg("seed"));
+    let seeded = seed.stdout(Stdio::piped()).output().expect("seed runs");
+    assert!(seeded.status.success(), "seed");
+    let password = std::fs::read_to_string(dir.path().join("data/admin-password"))
+        .expect("the admin's password file");
+    let login: Value = client
+        .post(format!("http://{gateway_addr}/api/v1/auth/login"))
+        .json(&json!({"email": "admin@agora.local", "password": password}))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("json");
+    let admin = login["access_token"].as_str().expect("a token").to_owned();
+    let client = reqwest::Client::builder()
+        .default_headers(
+            [(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {admin}").parse().expect("header"),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .build()
+        .expect("client");
+    let me: Value = get_json(&client, format!("http://{gateway_addr}/api/v1/users/me")).await;
+    assert_eq!(me["role"], "admin", "{me}");
     let response = client
         .post(format!("http://{gateway_addr}/api/v1/users"))
         .json(&json!({"name": "Distributed"}))
@@ -572,6 +733,18 @@ fn config_hides_every_secret() {
                 "AGORA_SERVICES__USERS__UPSTREAMS",
                 r#"["http://admin:upp4ss@users.internal:8081"]"#,
             )
+            .env(
+                "AGORA_AUTH__JWT_SECRET",
+                "jwtsecr3t-jwtsecr3t-jwtsecr3t-jwtsecr3t",
+            )
+            .env(
+                "AGORA_AUTH__PREVIOUS_JWT_SECRET",
+                "prevsecr3t-prevsecr3t-prevsecr3t-prev",
+            )
+            .env(
+                "AGORA_AUTH__SERVICE_TOKEN",
+                "svcsecr3t-svcsecr3t-svcsecr3t-svcsecr3t",
+            )
             .output()
             .expect("config runs");
         assert!(
@@ -580,7 +753,15 @@ fn config_hides_every_secret() {
             String::from_utf8_lossy(&output.stderr)
         );
         let printed = String::from_utf8_lossy(&output.stdout);
-        for secret in ["dbp4ss", "r3disp4ss", "n4tsp4ss", "upp4ss"] {
+        for secret in [
+            "dbp4ss",
+            "r3disp4ss",
+            "n4tsp4ss",
+            "upp4ss",
+            "jwtsecr3t",
+            "prevsecr3t",
+            "svcsecr3t",
+        ] {
             assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
         }
         assert!(

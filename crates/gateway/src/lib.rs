@@ -1,5 +1,10 @@
 //! The API gateway: one entry point on 127.0.0.1:8080 that forwards by route table to service
 //! replicas (round-robin), carries `x-request-id` on every hop, and aggregates health.
+//!
+//! Authorization at the edge: a bearer token, when sent, is verified ([`kit::auth::Tokens`]);
+//! the identity headers and the service credential are stripped from every incoming request and
+//! set again from the verified token and `auth.service_token`; [`policy`] decides who may call
+//! what. `/internal/...` is never forwarded.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,11 +20,13 @@ use axum::routing::get;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use kit::auth::{AuthMode, Secret, Tokens};
 use kit::outage::Outage;
 use kit::service::{App, Deps, Service};
 use kit::{ApiError, Settings};
 use url::Url;
 
+pub mod policy;
 pub mod routes;
 
 use routes::{GatewaySettings, RouteTable};
@@ -74,6 +81,11 @@ struct Gateway {
     upstream_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed (load balancers in front of the gateway).
     trusted_proxies: Vec<std::net::IpAddr>,
+    /// Verifies bearer tokens (`auth.jwt_secret`, and the previous key).
+    tokens: Tokens,
+    mode: AuthMode,
+    /// Sent with every forwarded request, so services believe the identity headers.
+    service_token: Secret,
 }
 
 /// The gateway with upstreams as configured (`services.<name>.upstreams`, or each service's
@@ -98,6 +110,8 @@ pub fn app_with_upstreams(
         routes,
         trusted_proxies,
     } = GatewaySettings::load(settings)?;
+    let tokens = Tokens::new(&settings.auth)?;
+    let service_token = settings.auth.require_service_token()?.clone();
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
     connector.set_nodelay(true);
@@ -123,6 +137,9 @@ pub fn app_with_upstreams(
             settings.http.request_timeout_secs.saturating_sub(1).max(1),
         ),
         trusted_proxies,
+        tokens,
+        mode: settings.auth.mode(),
+        service_token,
     });
     let router = Router::new()
         .route("/health", get(get_health))
@@ -175,7 +192,11 @@ fn retryable(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
-async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+async fn forward(State(gateway): State<Arc<Gateway>>, mut request: Request) -> Response {
+    // Whatever a client claims about who it is (or that it is a service) is dropped first.
+    for name in kit::auth::trusted_headers() {
+        request.headers_mut().remove(name);
+    }
     let path = request.uri().path();
     if routes::is_ambiguous(path) {
         return ApiError::new(
@@ -195,10 +216,77 @@ async fn forward(State(gateway): State<Arc<Gateway>>, request: Request) -> Respo
     };
     let service = target.service.to_owned();
     let route = kit::metrics::RouteLabel(target.route.to_owned());
+    // Internal endpoints are for services only, whatever the route table says.
+    if kit::auth::is_internal(&target.path) {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("No route for {} {path}", request.method()),
+        )
+        .into_response();
+    }
+    let caller = match bearer_token(request.headers()) {
+        None => None,
+        Some(Ok(token)) => match gateway.tokens.verify(token) {
+            Ok(identity) => Some(identity),
+            Err(err) => {
+                tracing::debug!(error = %err, "token refused");
+                return kit::auth::unauthorized(
+                    "invalid_token",
+                    "The bearer token is invalid or expired; log in again",
+                );
+            }
+        },
+        Some(Err(())) => {
+            return kit::auth::unauthorized(
+                "invalid_token",
+                "The Authorization header must be `Bearer <token>`",
+            );
+        }
+    };
+    let access = policy::access(&service, request.method(), &target.path);
+    match policy::decide(gateway.mode, access, caller) {
+        policy::Decision::Forward => {}
+        policy::Decision::Unauthenticated => {
+            return kit::auth::unauthorized(
+                "unauthenticated",
+                "Sign in first: send `Authorization: Bearer <token>` (POST /api/v1/auth/login)",
+            );
+        }
+        policy::Decision::Forbidden => {
+            let detail = if access == policy::Access::Admin {
+                "This needs the admin role"
+            } else {
+                "You may only read and change your own account"
+            };
+            return kit::auth::forbidden(detail).into_response();
+        }
+    }
+    let headers = request.headers_mut();
+    // Services get the verified identity instead of the token.
+    headers.remove(header::AUTHORIZATION);
+    if let Some(caller) = caller {
+        caller.write_headers(headers);
+    }
+    if let Ok(value) = HeaderValue::from_str(gateway.service_token.expose()) {
+        headers.insert(kit::auth::SERVICE_TOKEN_HEADER.clone(), value);
+    }
     let mut response = proxy(&gateway, service, target.path, request).await;
     // Metrics label the request by the route table entry (axum matched no template).
     response.extensions_mut().insert(route);
     response
+}
+
+/// The token of `Authorization: Bearer <token>`; `None` without the header, `Err` for any other
+/// form (another scheme, no token, not text).
+fn bearer_token(headers: &HeaderMap) -> Option<Result<&str, ()>> {
+    let value = headers.get(header::AUTHORIZATION)?;
+    let token = value.to_str().ok().and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        let token = token.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    });
+    Some(token.ok_or(()))
 }
 
 /// Sends `request` to a replica of `service` as `path` (and its query), trying the next replica

@@ -175,6 +175,11 @@ mod tests {
             ("/api/users", "/api/v1/users"),
             ("/api/users/1", "/api/v1/users/1"),
             ("/api/users/health", "/health"),
+            ("/api/v1/auth/register", "/api/v1/auth/register"),
+            ("/api/v1/auth/login", "/api/v1/auth/login"),
+            ("/api/users/register", "/api/v1/auth/register"),
+            ("/api/users/login", "/api/v1/auth/login"),
+            ("/api/v1/users/me", "/api/v1/users/me"),
         ];
         assert_routes(&table(), "users", &cases);
     }

@@ -28,6 +28,8 @@ pub struct Settings {
     pub bus: BusSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    /// Accounts and tokens: mode, issuer, audience, keys (see [`crate::auth`]).
+    pub auth: crate::auth::AuthSettings,
     pub services: BTreeMap<String, ServiceSettings>,
 }
 
@@ -274,6 +276,7 @@ impl Settings {
         if self.cache.max_memory_mb == 0 {
             return Err(invalid("cache.max_memory_mb", "must be at least 1".into()));
         }
+        self.auth.validate()?;
         for (name, service) in &self.services {
             if let Some(schema) = &service.schema
                 && !is_identifier(schema)

@@ -1,6 +1,7 @@
 //! Agora's shared infrastructure. Infrastructure only: no service's domain lives here, and no
 //! module imports a service.
 
+pub mod auth;
 pub mod bus;
 pub mod cache;
 pub mod client;

@@ -190,7 +190,9 @@ impl Deps {
     }
 
     /// `router` as a service: `/health` and `/ready` (reporting each dependency it has),
-    /// `/metrics` (with the cache's counters), and the standard layers.
+    /// `/metrics` (with the cache's counters), the standard layers, and the identity guard
+    /// ([`crate::auth::guard`]: identity headers believed only with the service credential,
+    /// `/internal/...` refused without it).
     pub fn app(&self, router: Router) -> App {
         let mut dependencies = Vec::new();
         if let Some(db) = &self.db {
@@ -201,7 +203,16 @@ impl Deps {
             dependencies.push(Dependency::bus(bus));
         }
         self.cache.register_metrics(&self.metrics);
-        let router = router.merge(crate::http::health_routes(self.name, dependencies));
+        let router = router
+            .merge(crate::http::health_routes(self.name, dependencies))
+            // An explicit fallback, so the guard below covers unmatched paths too (an unknown
+            // `/internal/...` path is 403 to an outsider, like a known one: no probing); the
+            // problem layer turns the bare 404 into a problem body.
+            .fallback(|| async { axum::http::StatusCode::NOT_FOUND })
+            .layer(axum::middleware::from_fn_with_state(
+                self.settings.auth.service_token.clone(),
+                crate::auth::guard,
+            ));
         App::new(
             self.name,
             crate::http::with_standard_layers(router, &self.settings.http, &self.metrics),

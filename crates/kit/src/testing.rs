@@ -58,6 +58,11 @@ impl TestEnv {
         settings.database.max_connections = 5;
         settings.http.shutdown_grace_secs = 1;
         let unique = uuid::Uuid::new_v4().simple().to_string();
+        // Keys of this test only. The mode is `open` (that of `agora up`), so suites about
+        // routing, caching or faults send no tokens; auth tests set `required` themselves.
+        settings.auth.jwt_secret = Some(crate::auth::Secret::new(format!("jwt-{unique}")));
+        settings.auth.service_token = Some(crate::auth::Secret::new(format!("svc-{unique}")));
+        settings.auth.mode = Some(crate::auth::AuthMode::Open);
         if backend == Backend::Postgres {
             let url = test_database_url();
             ensure_database(&url)
@@ -164,6 +169,10 @@ pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub shutdown: Shutdown,
     pub client: reqwest::Client,
+    /// The service credential of the test's settings: the request helpers below send it on
+    /// `/internal/...` paths, acting as the service that calls them (tests of the refusal use
+    /// `client` directly).
+    pub service_token: Option<String>,
     running: Option<Running>,
 }
 
@@ -181,12 +190,46 @@ impl TestServer {
             addr: running.addr,
             shutdown,
             client: reqwest::Client::new(),
+            service_token: settings
+                .auth
+                .service_token
+                .as_ref()
+                .map(|s| s.expose().to_owned()),
             running: Some(running),
         }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `method path`, with the service credential when `path` is internal.
+    pub fn builder(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, self.url(path));
+        match &self.service_token {
+            Some(token) if crate::auth::is_internal(path.split('?').next().unwrap_or(path)) => {
+                request.header(&crate::auth::SERVICE_TOKEN_HEADER, token)
+            }
+            _ => request,
+        }
+    }
+
+    /// `method path` as the gateway forwards it for `identity`: the identity headers and the
+    /// service credential (what a service needs to believe them).
+    pub fn as_identity(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        identity: crate::auth::Identity,
+    ) -> reqwest::RequestBuilder {
+        let mut headers = reqwest::header::HeaderMap::new();
+        identity.write_headers(&mut headers);
+        if let Some(token) = &self.service_token
+            && let Ok(value) = token.parse()
+        {
+            headers.insert(crate::auth::SERVICE_TOKEN_HEADER.clone(), value);
+        }
+        self.client.request(method, self.url(path)).headers(headers)
     }
 
     /// Sends `method path` with `body` as JSON when given.
@@ -196,7 +239,7 @@ impl TestServer {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> reqwest::Response {
-        let mut request = self.client.request(method, self.url(path));
+        let mut request = self.builder(method, path);
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -222,7 +265,7 @@ impl TestServer {
         content_type: Option<&str>,
         body: &'static str,
     ) -> reqwest::Response {
-        let mut request = self.client.post(self.url(path)).body(body);
+        let mut request = self.builder(reqwest::Method::POST, path).body(body);
         if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
         }

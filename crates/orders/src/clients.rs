@@ -61,10 +61,15 @@ pub struct Neighbours {
 
 impl Neighbours {
     pub fn new(settings: &Settings, timeout: Duration) -> anyhow::Result<Self> {
-        Ok(Self {
-            users: ServiceClient::new("users", settings.upstreams("users"), timeout)?,
-            catalog: ServiceClient::new("catalog", settings.upstreams("catalog"), timeout)?,
-        })
+        let mut users = ServiceClient::new("users", settings.upstreams("users"), timeout)?;
+        let mut catalog = ServiceClient::new("catalog", settings.upstreams("catalog"), timeout)?;
+        // Internal endpoints (catalog's reservations) answer only callers with the credential.
+        if let Some(token) = &settings.auth.service_token {
+            let header = kit::auth::SERVICE_TOKEN_HEADER.as_str();
+            users = users.with_header(header, token.expose())?;
+            catalog = catalog.with_header(header, token.expose())?;
+        }
+        Ok(Self { users, catalog })
     }
 
     pub async fn user_exists(&self, id: i64) -> Result<bool, CallError> {

@@ -12,9 +12,11 @@ use kit::page::Pagination;
 use kit::{ApiError, Db, FieldError, Ttl};
 use serde::Deserialize;
 
+use kit::auth::Identity;
+
 use crate::AppState;
 use crate::create;
-use crate::domain::{CreateBody, ListQuery, Order, Status, StatusBody};
+use crate::domain::{CreateBody, Id, ListQuery, Order, Status, StatusBody};
 use crate::error::{Error, Result};
 use crate::store::{self, Moved};
 
@@ -54,14 +56,32 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
     }
 }
 
+/// Who may see and change an order: through the gateway a signed-in user sees only their own
+/// orders (another's is a 404, as if it did not exist); an admin, or a caller without an
+/// identity (`open` mode, other services), sees every order.
+fn visible_to(identity: Option<&Identity>, user_id: i64) -> bool {
+    identity.is_none_or(|i| i.is_admin() || i.user_id == user_id)
+}
+
 #[tracing::instrument(skip_all)]
 async fn create_order(
     State(state): State<AppState>,
+    identity: Option<Identity>,
     headers: HeaderMap,
-    Json(body): Json<CreateBody>,
+    Json(mut body): Json<CreateBody>,
 ) -> Result<Response> {
     let key = idempotency_key(&headers)?;
-    let order = body.validate(None).map_err(Error::Invalid)?;
+    // A user orders for themselves (an admin may order for anyone); with a token, `user_id` may
+    // be left out. Keys are the caller's own: two users' "order-1" are two keys.
+    let caller = identity.filter(|i| !i.is_admin()).map(|i| i.user_id);
+    if body.user_id.is_none() {
+        body.user_id = identity.map(|i| Id(i.user_id));
+    }
+    let key = match (key, identity) {
+        (Some(key), Some(identity)) => Some(format!("{}:{key}", identity.user_id)),
+        (key, _) => key,
+    };
+    let order = body.validate(caller).map_err(Error::Invalid)?;
     let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok());
     let answer = create::create(&state, order, key.as_deref(), request_id).await?;
     // A replayed 201 names its order too (the stored body has its id).
@@ -98,12 +118,21 @@ async fn create_order(
 #[tracing::instrument(skip(state))]
 async fn list_orders(
     State(state): State<AppState>,
+    identity: Option<Identity>,
     Query(filter): Query<ListQuery>,
 ) -> Result<Json<kit::page::Page<Order>>> {
     let page = Pagination::new(filter.page, filter.per_page)?;
+    // A user lists their own orders; asking for another's finds none.
+    let user_id = match identity.filter(|i| !i.is_admin()) {
+        Some(me) if filter.user_id.is_some_and(|asked| asked != me.user_id) => {
+            return Ok(Json(page.page(Vec::new(), 0)));
+        }
+        Some(me) => Some(me.user_id),
+        None => filter.user_id,
+    };
     let (orders, total) = store::list(
         &state.db,
-        filter.user_id,
+        user_id,
         filter.status,
         page.limit(),
         page.offset(),
@@ -112,15 +141,30 @@ async fn list_orders(
     Ok(Json(page.page(orders, total)))
 }
 
+#[derive(Deserialize)]
+struct Owner {
+    user_id: i64,
+}
+
 #[tracing::instrument(skip(state))]
-async fn get_order(State(state): State<AppState>, Path(id): Path<i64>) -> Result<RawJson> {
+async fn get_order(
+    State(state): State<AppState>,
+    identity: Option<Identity>,
+    Path(id): Path<i64>,
+) -> Result<RawJson> {
     let db = state.db.clone();
-    state
+    let bytes = state
         .cache
         .get_or_load(&item_key(id), Ttl::Item, move || load(db, id))
         .await?
-        .map(RawJson)
-        .ok_or(Error::NotFound(id))
+        .ok_or(Error::NotFound(id))?;
+    if identity.is_some() {
+        let owner: Owner = serde_json::from_slice(&bytes).map_err(anyhow::Error::from)?;
+        if !visible_to(identity.as_ref(), owner.user_id) {
+            return Err(Error::NotFound(id));
+        }
+    }
+    Ok(RawJson(bytes))
 }
 
 async fn load(db: Db, id: i64) -> anyhow::Result<Option<Bytes>> {
@@ -139,9 +183,11 @@ fn into_anyhow(err: Error) -> anyhow::Error {
 #[tracing::instrument(skip(state))]
 async fn change_status(
     State(state): State<AppState>,
+    identity: Option<Identity>,
     Path(id): Path<i64>,
     Json(body): Json<StatusBody>,
 ) -> Result<Json<Order>> {
+    may_change(&state, identity.as_ref(), id, body.status).await?;
     let reason = body
         .reason
         .as_deref()
@@ -167,9 +213,11 @@ struct CancelBody {
 #[tracing::instrument(skip_all, fields(id))]
 async fn cancel_order(
     State(state): State<AppState>,
+    identity: Option<Identity>,
     Path(id): Path<i64>,
     body: Bytes,
 ) -> Result<Json<Order>> {
+    may_change(&state, identity.as_ref(), id, Status::Cancelled).await?;
     // The body is optional: `{"reason": "..."}` or nothing at all.
     let body: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
         CancelBody::default()
@@ -192,6 +240,33 @@ async fn cancel_order(
     )
     .await?;
     Ok(Json(order))
+}
+
+/// A signed-in user may cancel their own order, and nothing else: moving an order along
+/// (processing, shipped, ...) is for the worker, admins and other services. Another user's order
+/// is a 404.
+async fn may_change(
+    state: &AppState,
+    identity: Option<&Identity>,
+    id: i64,
+    to: Status,
+) -> Result<()> {
+    let Some(me) = identity.filter(|i| !i.is_admin()) else {
+        return Ok(());
+    };
+    let order = store::find(&state.db, id)
+        .await?
+        .ok_or(Error::NotFound(id))?;
+    if order.user_id != me.user_id {
+        return Err(Error::NotFound(id));
+    }
+    if to != Status::Cancelled {
+        return Err(kit::auth::forbidden(
+            "A user may cancel their own order; other changes are for admins",
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Moves the order (its event in the same transaction); the worker settles its stock.

@@ -11,8 +11,18 @@ pub struct User {
     pub username: Option<String>,
     pub email: Option<String>,
     pub name: Option<String>,
+    /// `user` or `admin`.
+    pub role: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// What login reads: never serialised, so the hash cannot reach a response or an event.
+#[derive(sqlx::FromRow)]
+pub struct Account {
+    pub id: i64,
+    pub role: String,
+    pub password_hash: Option<String>,
 }
 
 /// The body of `POST /users`. Every seed's body is accepted: `{name}`, `{username, email}`,

@@ -10,6 +10,9 @@ pub enum Error {
     NotFound(String),
     #[error("invalid fields")]
     Invalid(Vec<FieldError>),
+    /// Wrong password or unknown email: one answer for both.
+    #[error("invalid credentials")]
+    InvalidCredentials,
     #[error("{field} `{value}` is taken")]
     Taken { field: &'static str, value: String },
     #[error(transparent)]
@@ -40,6 +43,11 @@ impl From<Error> for ApiError {
                 format!("No user {what}"),
             ),
             Error::Invalid(errors) => ApiError::validation(errors),
+            Error::InvalidCredentials => ApiError::new(
+                axum::http::StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "The email or the password is wrong",
+            ),
             Error::Taken { field, value } => ApiError::conflict(
                 &format!("{field}_taken"),
                 format!("The {field} `{value}` is already used by another user"),
@@ -58,6 +66,15 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
+        if let Error::InvalidCredentials = self {
+            // A 401 names its scheme (RFC 9110 11.6.1).
+            let mut response = ApiError::from(self).into_response();
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(r#"Bearer realm="agora""#),
+            );
+            return response;
+        }
         ApiError::from(self).into_response()
     }
 }

@@ -48,7 +48,10 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// A 409 naming the field when a write hits a unique constraint.
-fn on_unique<T>(result: sqlx::Result<T>, fields: &crate::domain::UserFields) -> Result<T> {
+pub(crate) fn on_unique<T>(
+    result: sqlx::Result<T>,
+    fields: &crate::domain::UserFields,
+) -> Result<T> {
     let taken = |field: &'static str, value: &Option<String>| Error::Taken {
         field,
         value: value.clone().unwrap_or_default(),
@@ -58,7 +61,7 @@ fn on_unique<T>(result: sqlx::Result<T>, fields: &crate::domain::UserFields) -> 
         .on_constraint("users_email_key", || taken("email", &fields.email))
 }
 
-async fn invalidate_after_write(state: &AppState, id: Option<i64>) {
+pub(crate) async fn invalidate_after_write(state: &AppState, id: Option<i64>) {
     // Item and groups in one call: one atomic round trip on Redis.
     let mut keys = vec![LIST_GROUP.to_owned(), LOOKUP_GROUP.to_owned()];
     keys.extend(id.map(item_key));
@@ -85,6 +88,11 @@ async fn create_user(
 
 #[tracing::instrument(skip(state))]
 async fn get_user(State(state): State<AppState>, Path(id): Path<i64>) -> Result<RawJson> {
+    user_json(&state, id).await
+}
+
+/// User `id` as JSON, through the item cache.
+pub(crate) async fn user_json(state: &AppState, id: i64) -> Result<RawJson> {
     let db = state.db.clone();
     let cached = state
         .cache
@@ -202,6 +210,8 @@ async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Val
         "service": crate::NAME,
         "database": state.db.backend(),
         "users": total,
+        // Every login verifies one hash, whether its email exists or not.
+        "password_verifications": state.hasher.verifications(),
         "cache": state.cache.stats(),
     })))
 }

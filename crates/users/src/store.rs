@@ -4,9 +4,9 @@
 use chrono::{DateTime, SubsecRound as _, Utc};
 use kit::db::{Executor, query};
 
-use crate::domain::{User, UserFields};
+use crate::domain::{Account, User, UserFields};
 
-const COLUMNS: &str = "id, username, email, name, created_at, updated_at";
+const COLUMNS: &str = "id, username, email, name, role, created_at, updated_at";
 
 /// Timestamps at the precision both databases keep (microseconds), so what a write returns is
 /// exactly what a later read returns.
@@ -26,6 +26,38 @@ pub async fn insert(ex: impl Executor<'_>, fields: &UserFields) -> sqlx::Result<
         .bind(&fields.name)
         .bind(now())
         .fetch_one(ex)
+        .await
+}
+
+/// A user with a password (`POST /api/v1/auth/register`, the seeded admin), with `role`.
+#[tracing::instrument(skip_all)]
+pub async fn insert_account(
+    ex: impl Executor<'_>,
+    fields: &UserFields,
+    password_hash: &str,
+    role: kit::auth::Role,
+) -> sqlx::Result<User> {
+    let sql = format!(
+        "insert into users (username, email, name, password_hash, role, created_at, updated_at) \
+         values ($1, $2, $3, $4, $5, $6, $6) returning {COLUMNS}"
+    );
+    query(&sql)
+        .bind(&fields.username)
+        .bind(&fields.email)
+        .bind(&fields.name)
+        .bind(password_hash)
+        .bind(role.as_str())
+        .bind(now())
+        .fetch_one(ex)
+        .await
+}
+
+/// What login needs of the user with this (normalised) email.
+#[tracing::instrument(skip_all)]
+pub async fn find_account(ex: impl Executor<'_>, email: &str) -> sqlx::Result<Option<Account>> {
+    query("select id, role, password_hash from users where email = $1")
+        .bind(email)
+        .fetch_optional(ex)
         .await
 }
 

@@ -439,6 +439,17 @@ impl Agora {
             // info: the state changes (down, back, flushed) are logged; the suite counts lines.
             ("RUST_LOG".to_owned(), "info".to_owned()),
             ("AGORA_LOG__FORMAT".to_owned(), "json".to_owned()),
+            // The faults are about resilience, not identity: the load sends no tokens, so auth is
+            // `open` (as under `agora up`), and the `serve` processes share these keys.
+            ("AGORA_AUTH__MODE".to_owned(), "open".to_owned()),
+            (
+                "AGORA_AUTH__JWT_SECRET".to_owned(),
+                "fault-suite-jwt-secret-0123456789abcdef".to_owned(),
+            ),
+            (
+                "AGORA_AUTH__SERVICE_TOKEN".to_owned(),
+                "fault-suite-service-token-0123456789ab".to_owned(),
+            ),
         ];
         let mut agora = Self {
             gateway: String::new(),

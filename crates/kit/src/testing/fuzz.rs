@@ -148,9 +148,8 @@ pub fn requests(target: &'static Target) -> impl Strategy<Value = Case> {
 
 /// Sends `case` and checks the property.
 pub async fn check(server: &TestServer, case: &Case) -> Result<(), TestCaseError> {
-    let mut request = server
-        .client
-        .request(case.method.clone(), server.url(&case.path));
+    // As the trusted caller on internal paths, so their parsers are fuzzed too.
+    let mut request = server.builder(case.method.clone(), &case.path);
     if let Some(body) = &case.body {
         request = request
             .header("content-type", "application/json")

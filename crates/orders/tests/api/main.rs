@@ -4,4 +4,5 @@
 mod flow;
 mod helpers;
 mod idempotency;
+mod ownership;
 mod rules;

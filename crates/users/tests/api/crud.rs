@@ -15,6 +15,7 @@ kit::on_both_backends!(
     invalid_fields_are_422_with_one_entry_each,
     concurrent_creates_all_succeed_with_distinct_ids,
     seeded_ids_are_kept_and_new_ids_follow_them,
+    seed_never_promotes_an_existing_account,
 );
 
 async fn every_seed_body_creates_a_user(backend: Backend) {
@@ -324,17 +325,65 @@ async fn seeded_ids_are_kept_and_new_ids_follow_them(backend: Backend) {
     let app = spawn_app(backend).await;
     let seed = users::SERVICE.seed.expect("users has seed data");
     let report = seed(app.deps.clone()).await.expect("seed");
-    assert_eq!(report, "users: 4 added, 0 already present");
-    let again = seed(app.deps.clone()).await.expect("seed again");
-    assert_eq!(
-        again, "users: 0 added, 4 already present",
-        "seeding twice keeps the existing rows"
+    let mut lines = report.lines();
+    assert_eq!(lines.next(), Some("users: 4 added, 0 already present"));
+    // The admin account (id 5) with its generated password, kept owner-only under data_dir.
+    let path = app.env.settings.data_dir.join(users::ADMIN_PASSWORD_FILE);
+    let password = std::fs::read_to_string(&path).expect("password file");
+    assert!(
+        lines
+            .next()
+            .is_some_and(|l| l.contains("admin@agora.local") && l.contains(&password)),
+        "{report}"
     );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let again = seed(app.deps.clone()).await.expect("seed again");
+    assert!(
+        again.starts_with("users: 0 added, 4 already present\n") && again.contains(&password),
+        "seeding twice keeps the existing rows and the admin's password: {again}"
+    );
+    let response = app
+        .post(
+            "/api/v1/auth/login",
+            json!({"email": users::ADMIN_EMAIL, "password": password}),
+        )
+        .await;
+    assert_eq!(response.status(), 200, "the admin logs in");
     let (_, alice) = app.get_json("/api/v1/users/1").await;
     assert_eq!(alice["username"], "alice");
+    let (_, admin) = app.get_json("/api/v1/users/5").await;
+    assert_eq!(admin["role"], "admin");
     let created = app.create_user(json!({"name": "Erin"})).await;
     assert_eq!(
-        created["id"], 5,
-        "new ids continue after the largest seeded one"
+        created["id"], 6,
+        "new ids continue after the largest seeded one (and the admin)"
     );
+}
+
+/// Whoever registered admin@agora.local before the seed ran is not made an admin by it.
+async fn seed_never_promotes_an_existing_account(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let response = app
+        .post(
+            "/api/v1/auth/register",
+            json!({"email": users::ADMIN_EMAIL, "name": "Mallory", "password": "mallory-pw-123"}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let mallory: serde_json::Value = response.json().await.expect("json");
+    let seed = users::SERVICE.seed.expect("users has seed data");
+    let report = seed(app.deps.clone()).await.expect("seed");
+    assert!(
+        report.contains("is not an admin; left unchanged"),
+        "{report}"
+    );
+    let (_, after) = app
+        .get_json(&format!("/api/v1/users/{}", mallory["id"]))
+        .await;
+    assert_eq!(after["role"], "user");
 }
