@@ -146,6 +146,7 @@ pub fn app_with_upstreams(
         .route("/api/health", get(get_health))
         .route("/healthz", get(get_health))
         .route("/ready", get(get_ready))
+        .route("/api/v1/stats", get(get_stats))
         .fallback(forward)
         .with_state(gateway);
     let metrics = kit::metrics::Metrics::new(NAME);
@@ -469,6 +470,49 @@ async fn probe(client: &Client<HttpConnector, Body>, base: &Url) -> bool {
         tokio::time::timeout(Duration::from_secs(2), client.request(request)).await,
         Ok(Ok(response)) if response.status().is_success()
     )
+}
+
+/// `/api/v1/stats`: every service's own `/api/v1/stats` (one replica each, in turn), side by
+/// side; a service that does not answer in 2 s shows `{"status": "unavailable"}`, one that has
+/// no stats (the worker) is left out.
+async fn get_stats(State(gateway): State<Arc<Gateway>>) -> Response {
+    let client = &gateway.client;
+    let calls = gateway.upstreams.iter().map(|(name, upstream)| async move {
+        let replica = upstream.rotation().next().unwrap_or_default();
+        let base = &upstream.urls[replica];
+        let stats = async {
+            let uri: Uri = format!("{}/api/v1/stats", base.as_str().trim_end_matches('/'))
+                .parse()
+                .ok()?;
+            let request = Request::get(uri).body(Body::empty()).ok()?;
+            let response = tokio::time::timeout(Duration::from_secs(2), client.request(request))
+                .await
+                .ok()?
+                .ok()?;
+            if response.status() == StatusCode::NOT_FOUND {
+                return Some(None);
+            }
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .ok()?
+                .to_bytes();
+            Some(serde_json::from_slice::<serde_json::Value>(&body).ok())
+        };
+        (name.clone(), stats.await)
+    });
+    let mut services = serde_json::Map::new();
+    for (name, stats) in futures::future::join_all(calls).await {
+        match stats {
+            Some(Some(stats)) => {
+                services.insert(name, stats);
+            }
+            Some(None) => {}
+            None => {
+                services.insert(name, serde_json::json!({ "status": "unavailable" }));
+            }
+        }
+    }
+    axum::Json(serde_json::json!({ "service": NAME, "services": services })).into_response()
 }
 
 /// The gateway's own readiness: it is configured and serving (upstreams are in `/health`).

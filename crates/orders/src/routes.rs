@@ -286,7 +286,7 @@ pub async fn move_to(state: &AppState, id: i64, to: Status, reason: Option<&str>
 }
 
 /// Counts by status, accepted → processed latency over the last 1,000 processed orders, the
-/// worker's jobs and the outbox backlog (`/api/v1/orders/stats`, `/api/v1/stats`).
+/// worker's jobs (queued, running, stock to settle, dead-lettered) and the outbox backlog (`/api/v1/orders/stats`, `/api/v1/stats`).
 #[tracing::instrument(skip(state))]
 async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
     let counts = store::counts(&state.db).await?;
@@ -309,11 +309,26 @@ async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Val
         by_status.insert(status, count.into());
     }
     let backlog = kit::outbox::backlog(&state.db).await?;
+    let dead_lettered: i64 =
+        kit::db::query("select count(*) from dead_letters where consumer = $1")
+            .bind(crate::worker::CONSUMER)
+            .fetch_scalar(&state.db)
+            .await?;
+    let unsettled: i64 = kit::db::query("select count(*) from orders where not stock_settled")
+        .fetch_scalar(&state.db)
+        .await?;
+    let jobs = serde_json::json!({
+        "queued": by_status.get("pending").cloned().unwrap_or_default(),
+        "running": by_status.get("processing").cloned().unwrap_or_default(),
+        "stock_to_settle": unsettled,
+        "dead_lettered": dead_lettered,
+    });
     Ok(Json(serde_json::json!({
         "service": crate::NAME,
         "database": state.db.backend(),
         "orders": total,
         "by_status": by_status,
+        "worker": jobs,
         "processing_latency_ms": {
             "window": latencies.len(),
             "p50": quantile(0.50),

@@ -52,7 +52,24 @@ async fn an_order_is_accepted_at_once_and_processed_by_the_worker(backend: Backe
     assert_eq!(none["total"], 0);
     let (_, stats) = system.get_json("/api/v1/orders/stats").await;
     assert_eq!(stats["by_status"]["processed"], 1, "{stats}");
+    assert_eq!(
+        (
+            &stats["worker"]["queued"],
+            &stats["worker"]["dead_lettered"]
+        ),
+        (&json!(0), &json!(0)),
+        "{stats}"
+    );
     assert!(stats["processing_latency_ms"]["p99"].is_i64(), "{stats}");
+    // The gateway's /api/v1/stats puts every service's side by side.
+    let (status, all) = system.get_json("/api/v1/stats").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        all["services"]["orders"]["by_status"]["processed"], 1,
+        "{all}"
+    );
+    assert_eq!(all["services"]["catalog"]["products"], 1, "{all}");
+    assert!(all["services"]["users"].is_object(), "{all}");
 
     // Shipped and completed by hand, as seed 001 does.
     for next in ["shipped", "completed"] {
