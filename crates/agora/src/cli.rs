@@ -58,10 +58,22 @@ enum Command {
     /// an admin account (admin@agora.local, generated password kept in data_dir/admin-password,
     /// printed with how to log in); rows that exist are kept.
     Seed,
+    /// Measure a running system through its gateway (loopback only, bounded in time).
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Orders accepted per second, and accepted → processed latency at a fixed rate.
+    Orders(crate::bench::OrdersBench),
 }
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
+        if let Command::Bench(Bench::Orders(args)) = self.command {
+            return crate::bench::orders(args).await;
+        }
         let settings = self.settings()?;
         kit::telemetry::init(&settings.log);
         match self.command {
@@ -70,6 +82,7 @@ impl Cli {
             Command::Migrate => migrate(settings).await,
             Command::Seed => seed(settings).await,
             Command::Config => print_config(settings),
+            Command::Bench(_) => unreachable!("handled above, without settings"),
         }
     }
 

@@ -1,6 +1,7 @@
 //! `agora`: the whole system in one process (`up`), one service per process (`serve`),
 //! migrations and seed data. See `agora --help`.
 
+mod bench;
 mod cli;
 mod services;
 
