@@ -242,7 +242,7 @@ async fn place(state: &AppState, order: &CreateOrder, key: Option<&str>) -> Resu
         Err(refusal) => {
             // Nothing was held: the intent has nothing to release.
             store::delete_intent(&state.db, &reservation_id).await?;
-            return Err(refused(order, &lines, refusal));
+            return Err(refused(state, order, &lines, refusal));
         }
     };
     let items: Vec<Item> = reservation
@@ -325,7 +325,12 @@ async fn resolve(state: &AppState, order: &CreateOrder) -> Result<Vec<Option<i64
 }
 
 /// catalog's refusal, in the terms of the client's request.
-fn refused(order: &CreateOrder, lines: &[(i64, i64, usize)], refusal: Refusal) -> Error {
+fn refused(
+    state: &AppState,
+    order: &CreateOrder,
+    lines: &[(i64, i64, usize)],
+    refusal: Refusal,
+) -> Error {
     let field = |sent: usize, name: &str| {
         let line = lines.get(sent).map(|l| &order.lines[l.2]);
         let prefix = line.map(|l| l.field.as_str()).unwrap_or_default();
@@ -357,6 +362,11 @@ fn refused(order: &CreateOrder, lines: &[(i64, i64, usize)], refusal: Refusal) -
                 })
                 .collect(),
         ),
+        // The sweep released this id while the request was slower than the timeout (its
+        // reserve was retried after that). Not a stock shortage: the client should send it again.
+        Refusal::Released => Error::ReservationExpired {
+            timeout_secs: state.settings.reservation_timeout_secs,
+        },
     }
 }
 
