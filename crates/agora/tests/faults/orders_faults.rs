@@ -907,8 +907,9 @@ async fn orders_paused_past_the_reservation_timeout() {
     load.acknowledged(ORDERS / 3).await;
     shop.agora.pause("orders-1");
     let paused = Instant::now();
-    // Past the timeout and the other replica's next sweep (every timeout / 4 s).
-    tokio::time::sleep(RESERVATION_TIMEOUT + Duration::from_secs(3)).await;
+    // Past the timeout and the other replica's next sweep (every timeout / 4 s), and short of
+    // the clients' 10 s request timeout, so that what the frozen replica answers is seen.
+    tokio::time::sleep(RESERVATION_TIMEOUT + Duration::from_secs(2)).await;
     let intents_while_paused = shop
         .scalar(&shop.orders_db, "select count(*) from reservation_intents")
         .await;
