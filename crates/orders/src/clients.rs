@@ -51,6 +51,9 @@ pub enum Refusal {
     Unknown(Vec<usize>),
     /// Lines short of stock, by index, with catalog's message.
     Short(Vec<(usize, String)>),
+    /// The reservation id was released before catalog saw this reserve (a retry arriving after
+    /// the sweep gave up on a slow create): nothing is held.
+    Released,
 }
 
 /// The users and catalog services.
@@ -114,6 +117,14 @@ impl Neighbours {
             .await
         {
             Ok(reservation) => Ok(Ok(reservation)),
+            // Not a shortage (catalog's 409s share a status): this id was released already.
+            Err(CallError::Refused {
+                status,
+                problem: Some(problem),
+                ..
+            }) if status.as_u16() == 409 && problem.code == "reservation_released" => {
+                Ok(Err(Refusal::Released))
+            }
             Err(CallError::Refused {
                 status, problem, ..
             }) if status.as_u16() == 422 || status.as_u16() == 409 => {

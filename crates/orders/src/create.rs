@@ -7,7 +7,9 @@
 //!   the intent is deleted in the order's own transaction. An intent still there after
 //!   `services.orders.reservation_timeout_secs` belongs to an order never stored (a crash, a
 //!   timeout, a failed insert): the sweep releases its reservation (release is idempotent, and
-//!   releasing what was never reserved makes catalog refuse a late reserve of it).
+//!   releasing what was never reserved makes catalog refuse a late reserve of it). The sweep
+//!   claims the intent before releasing, and the order's transaction takes it only unclaimed,
+//!   so a create slower than the timeout fails (503) instead of storing an order without stock.
 //! - A refusal after the reservation (strict total) releases it at once.
 //!
 //! `Idempotency-Key`: the key is claimed (with the normalised request) before anything else and
@@ -240,7 +242,7 @@ async fn place(state: &AppState, order: &CreateOrder, key: Option<&str>) -> Resu
         Err(refusal) => {
             // Nothing was held: the intent has nothing to release.
             store::delete_intent(&state.db, &reservation_id).await?;
-            return Err(refused(order, &lines, refusal));
+            return Err(refused(state, order, &lines, refusal));
         }
     };
     let items: Vec<Item> = reservation
@@ -273,6 +275,14 @@ async fn place(state: &AppState, order: &CreateOrder, key: Option<&str>) -> Resu
     };
 
     let mut tx = state.db.begin().await?;
+    // The intent first: if this request was slower than the reservation timeout, the sweep may
+    // have claimed it and be giving the stock back; storing the order then would sell stock
+    // that is not held. Nothing is stored; the client may send it again (a new reservation).
+    if !store::take_intent(&mut tx, &reservation_id).await? {
+        return Err(Error::ReservationExpired {
+            timeout_secs: state.settings.reservation_timeout_secs,
+        });
+    }
     let stored = store::insert(
         &mut tx,
         &NewOrder {
@@ -288,7 +298,6 @@ async fn place(state: &AppState, order: &CreateOrder, key: Option<&str>) -> Resu
         },
     )
     .await?;
-    store::delete_intent(&mut tx, &reservation_id).await?;
     if let Some(key) = key {
         let body = serde_json::to_string(&stored).map_err(anyhow::Error::from)?;
         query("update idempotency_keys set status_code = 201, body = $1, order_id = $2 where key = $3")
@@ -316,7 +325,12 @@ async fn resolve(state: &AppState, order: &CreateOrder) -> Result<Vec<Option<i64
 }
 
 /// catalog's refusal, in the terms of the client's request.
-fn refused(order: &CreateOrder, lines: &[(i64, i64, usize)], refusal: Refusal) -> Error {
+fn refused(
+    state: &AppState,
+    order: &CreateOrder,
+    lines: &[(i64, i64, usize)],
+    refusal: Refusal,
+) -> Error {
     let field = |sent: usize, name: &str| {
         let line = lines.get(sent).map(|l| &order.lines[l.2]);
         let prefix = line.map(|l| l.field.as_str()).unwrap_or_default();
@@ -348,6 +362,11 @@ fn refused(order: &CreateOrder, lines: &[(i64, i64, usize)], refusal: Refusal) -
                 })
                 .collect(),
         ),
+        // The sweep released this id while the request was slower than the timeout (its
+        // reserve was retried after that). Not a stock shortage: the client should send it again.
+        Refusal::Released => Error::ReservationExpired {
+            timeout_secs: state.settings.reservation_timeout_secs,
+        },
     }
 }
 
@@ -379,6 +398,11 @@ pub async fn sweep_intents(state: &AppState) -> Result<usize> {
     let stale = store::stale_intents(&state.db, age, 100).await?;
     let mut released = 0;
     for reservation_id in stale {
+        // Claimed first, so that its order, if it is still being stored, is refused rather
+        // than stored without its stock; gone means it was stored after all.
+        if !store::claim_intent(&state.db, &reservation_id).await? {
+            continue;
+        }
         match state.neighbours.settle(&reservation_id, "release").await {
             // Released now; or refused, which can only mean there is nothing left to release.
             Ok(_) | Err(kit::client::CallError::Refused { .. }) => {}

@@ -23,6 +23,10 @@ pub enum Error {
     KeyReused,
     #[error("a request with this idempotency key is still being answered")]
     KeyInProgress,
+    /// The create outlived `reservation_timeout_secs`: its stock was (being) released by the
+    /// sweep, so the order was not stored.
+    #[error("the reservation expired before the order was stored")]
+    ReservationExpired { timeout_secs: u64 },
     /// Boxed: a neighbour's problem body is large, and most results never carry one.
     #[error(transparent)]
     Neighbour(Box<CallError>),
@@ -85,6 +89,16 @@ impl From<Error> for ApiError {
             Error::KeyInProgress => ApiError::conflict(
                 "idempotency_key_in_progress",
                 "A request with this Idempotency-Key is still being answered; retry shortly",
+            ),
+            // 503 (with Retry-After): nothing was stored and nothing is held; sending the same
+            // order again makes a new reservation.
+            Error::ReservationExpired { timeout_secs } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "reservation_expired",
+                format!(
+                    "The order could not be stored within {timeout_secs} s of reserving its \
+                     stock, so the stock was released and nothing was ordered; try again"
+                ),
             ),
             Error::Neighbour(err) => (*err).into(),
             Error::Api(err) => err,

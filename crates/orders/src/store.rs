@@ -318,6 +318,34 @@ pub async fn insert_intent(db: &Db, reservation_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// The order being stored takes its intent, in the order's transaction; false when the sweep
+/// has claimed it ([`claim_intent`]): its reservation is being released, so the order must not
+/// be stored. On PostgreSQL the delete waits for a claim in progress and then sees it.
+pub async fn take_intent(tx: &mut Tx, reservation_id: &str) -> Result<bool> {
+    Ok(
+        query("delete from reservation_intents where reservation_id = $1 and releasing_at is null")
+            .bind(reservation_id)
+            .execute(&mut *tx)
+            .await?
+            == 1,
+    )
+}
+
+/// The sweep claims a stale intent before releasing its reservation; false when it is gone (its
+/// order was stored after all). A claim stays, so a release that fails is retried by the next
+/// sweep (claiming again is a no-op).
+pub async fn claim_intent(db: &Db, reservation_id: &str) -> Result<bool> {
+    Ok(query(
+        "update reservation_intents set releasing_at = coalesce(releasing_at, $1) \
+         where reservation_id = $2",
+    )
+    .bind(now())
+    .bind(reservation_id)
+    .execute(db)
+    .await?
+        == 1)
+}
+
 /// The intent is done with (its order is stored, or its reservation released).
 pub async fn delete_intent(ex: impl Executor<'_>, reservation_id: &str) -> Result<()> {
     query("delete from reservation_intents where reservation_id = $1")

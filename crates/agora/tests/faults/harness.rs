@@ -1,4 +1,5 @@
-//! Private servers and processes: a Redis, a PostgreSQL cluster and Agora itself, each started
+//! Private servers and processes: a Redis, a PostgreSQL cluster, a NATS server and Agora itself
+//! (one `agora up`, or `agora serve` processes that can be killed and started again), each started
 //! for one test on loopback, on free ports and in temp directories, and each stopped by its own
 //! pid when the guard is dropped (also when the test panics), so a fault injected into one never
 //! reaches another test or the shared servers of the rest of the suite.
@@ -385,6 +386,117 @@ async fn run(mut command: Command, what: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// NATS
+
+/// A `nats-server` of one test with JetStream on, its store in a temp directory that outlives
+/// restarts: a restarted server (same port, same store) comes back with its streams and
+/// consumers, as a real one does.
+pub struct Nats {
+    pub port: u16,
+    dir: TempDir,
+    child: Mutex<Option<Child>>,
+}
+
+impl Nats {
+    pub async fn start() -> Self {
+        let nats = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: Mutex::new(None),
+        };
+        nats.spawn().await;
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("nats.log")
+    }
+
+    /// Starts the server (again) on the same port and store, and waits until it greets a client.
+    pub async fn spawn(&self) {
+        let bin = require(
+            &which(
+                "nats-server",
+                &["/usr/sbin/nats-server", "/usr/bin/nats-server"],
+            ),
+            "nats-server",
+        );
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("nats log");
+        let child = Command::new(bin)
+            .current_dir(self.dir.path())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path().join("store"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("nats-server starts");
+        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.greets().await {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not answer on port {} within 10 s: {}",
+                self.port,
+                std::fs::read_to_string(self.log()).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the server sends its `INFO` greeting (it listens for clients only once JetStream
+    /// has recovered its store).
+    async fn greets(&self) -> bool {
+        use tokio::io::AsyncReadExt as _;
+        let attempt = async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+            let mut buf = [0u8; 4];
+            stream.read_exact(&mut buf).await?;
+            Ok::<_, std::io::Error>(&buf == b"INFO")
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), attempt).await,
+            Ok(Ok(true))
+        )
+    }
+
+    /// SIGKILL: the server dies without flushing or saying goodbye; connections are reset.
+    pub async fn kill(&self) {
+        let child = self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut child) = child {
+            blocking(move || {
+                let _ = child.kill();
+                let _ = child.wait();
+            })
+            .await;
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Agora
 
 /// How Agora runs: every service in one `agora up`, or one `agora serve` process per service.
@@ -407,6 +519,19 @@ impl Topology {
 struct Process {
     name: String,
     child: Child,
+    /// How to start it again on the same port ([`Agora::restart`]); `None` for `up` and the
+    /// processes of [`Agora::start`].
+    again: Option<Again>,
+    /// SIGKILLed by the test ([`Agora::kill`]): its exit is the fault, not a failure.
+    killed: bool,
+}
+
+/// What [`Agora::serve`] started a process with.
+#[derive(Clone)]
+struct Again {
+    service: String,
+    port: u16,
+    env: Vec<(String, String)>,
 }
 
 impl Drop for Process {
@@ -512,6 +637,102 @@ impl Agora {
         agora
     }
 
+    /// No process yet: the caller starts each one with [`Agora::serve`] (the orders scenarios,
+    /// which choose their own topology). `gateway` and `users` stay empty until it sets them.
+    pub fn empty() -> Self {
+        Self {
+            gateway: String::new(),
+            users: String::new(),
+            processes: Vec::new(),
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// Starts `agora serve <service> --port <port>` (0: any free port) as process `name`, with
+    /// `env` over a clean environment; returns its URL once it prints it.
+    pub async fn serve(
+        &mut self,
+        name: &str,
+        service: &str,
+        port: u16,
+        env: &[(String, String)],
+    ) -> String {
+        let mut command = self.command("serve", env);
+        command.args([service, "--port", &port.to_string()]);
+        let line = self.spawn(name, command, 1).await;
+        let url = listening_url(&line[0]);
+        let bound = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a port in the address");
+        let process = self
+            .processes
+            .iter_mut()
+            .find(|p| p.name == name)
+            .expect("just started");
+        process.again = Some(Again {
+            service: service.to_owned(),
+            port: bound,
+            env: env.to_vec(),
+        });
+        url
+    }
+
+    /// SIGKILL to process `name`, by its pid: it dies at once, mid-request, without cleaning up.
+    pub async fn kill(&mut self, name: &str) {
+        let process = self
+            .processes
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        process.killed = true;
+        assert!(
+            signal(process.child.id(), "KILL"),
+            "SIGKILL to agora {name}"
+        );
+        // Reaped here, so the port is free for `restart` and no zombie is left.
+        let _ = process.child.wait();
+    }
+
+    /// SIGSTOP to process `name`: it freezes mid-whatever (a long GC pause, a frozen VM), its
+    /// connections open, until [`Agora::resume`].
+    pub fn pause(&self, name: &str) {
+        let process = self.process(name);
+        assert!(
+            signal(process.child.id(), "STOP"),
+            "SIGSTOP to agora {name}"
+        );
+    }
+
+    pub fn resume(&self, name: &str) {
+        let process = self.process(name);
+        assert!(
+            signal(process.child.id(), "CONT"),
+            "SIGCONT to agora {name}"
+        );
+    }
+
+    fn process(&self, name: &str) -> &Process {
+        self.processes
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// Starts process `name` (started by [`Agora::serve`], then killed) again, on the port it
+    /// had, so its neighbours' upstreams still point at it; returns its URL.
+    pub async fn restart(&mut self, name: &str) -> String {
+        let again = self
+            .processes
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.again.clone())
+            .unwrap_or_else(|| panic!("{name} was not started by `serve`"));
+        self.serve(name, &again.service, again.port, &again.env)
+            .await
+    }
+
     fn command(&self, subcommand: &str, env: &[(String, String)]) -> Command {
         let mut command = Command::new(AGORA);
         command.current_dir(self.dir.path()).arg(subcommand);
@@ -533,17 +754,30 @@ impl Agora {
     /// Spawns `command` with its logs in a file (a full pipe must never block it) and returns
     /// its first `lines` lines that name an address, read within 30 s.
     async fn spawn(&mut self, name: &str, mut command: Command, lines: usize) -> Vec<String> {
-        let log = File::create(self.log_path(name)).expect("log file");
+        // Appended to: a process started again (`restart`) keeps its earlier lines.
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))
+            .expect("log file");
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("agora {name} starts: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
-        self.processes.push(Process {
-            name: name.to_owned(),
-            child,
-        });
+        match self.processes.iter_mut().find(|p| p.name == name) {
+            Some(process) => {
+                process.child = child;
+                process.killed = false;
+            }
+            None => self.processes.push(Process {
+                name: name.to_owned(),
+                child,
+                again: None,
+                killed: false,
+            }),
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             let mut reader = std::io::BufReader::new(stdout).lines();
@@ -627,6 +861,7 @@ impl Agora {
     pub fn exited(&mut self) -> Vec<String> {
         self.processes
             .iter_mut()
+            .filter(|p| !p.killed)
             .filter_map(|p| match p.child.try_wait() {
                 Ok(Some(status)) => Some(format!("{} exited ({status})", p.name)),
                 _ => None,

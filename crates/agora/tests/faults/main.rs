@@ -3,6 +3,11 @@
 //! noticed: requests sent, succeeded, failed with a problem body, failed without one,
 //! acknowledged-but-lost creates, 500s, and the time to recover once the server is back.
 //!
+//! `orders_faults` (issue 10) does the same for orders as separate processes on PostgreSQL,
+//! Redis and a NATS of its own: a worker, NATS or the orders service killed (or frozen) while
+//! orders go in; every acknowledged order must end processed or failed exactly once, with stock
+//! matching and no event lost.
+//!
 //! The assertions are the required behaviour, not today's: lost = 0 always, no 500 from a
 //! dependency fault, no failure without a problem body, recovery within the stated bound.
 //!
@@ -11,6 +16,7 @@
 
 mod harness;
 mod load;
+mod orders_faults;
 mod postgres_faults;
 mod redis_faults;
 mod report;

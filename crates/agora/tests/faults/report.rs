@@ -20,7 +20,7 @@ pub fn dir() -> PathBuf {
 /// not start, say), it still writes a row saying so, so the table never silently misses a test.
 pub struct Report {
     scenario: &'static str,
-    topology: Topology,
+    topology: &'static str,
     written: bool,
 }
 
@@ -32,11 +32,33 @@ fn secs(d: Option<Duration>) -> Value {
 
 impl Report {
     pub fn new(scenario: &'static str, topology: Topology) -> Self {
+        Self::named(scenario, topology.name())
+    }
+
+    /// A row for a topology of the scenario's own (the orders scenarios: one `agora serve`
+    /// process per service, two workers).
+    pub fn named(scenario: &'static str, topology: &'static str) -> Self {
         Self {
             scenario,
             topology,
             written: false,
         }
+    }
+
+    /// Writes a row of figures that are not the user load's (`figures` holds them all, with
+    /// the columns of the table: `sent`, `ok`, `lost`, ...), and the failed checks.
+    pub fn write_figures(&mut self, figures: Value, violations: &[String]) {
+        let mut row = json!({
+            "scenario": self.scenario,
+            "topology": self.topology,
+            "passed": violations.is_empty(),
+            "violations": violations,
+        });
+        if let (Some(row), Value::Object(figures)) = (row.as_object_mut(), figures) {
+            row.extend(figures);
+        }
+        self.emit(&row);
+        self.written = true;
     }
 
     /// Writes the row; `extra` adds scenario-specific figures, `violations` the failed checks.
@@ -50,7 +72,7 @@ impl Report {
     ) {
         let mut row = json!({
             "scenario": self.scenario,
-            "topology": self.topology.name(),
+            "topology": self.topology,
             "sent": figures.sent,
             "reads": figures.reads,
             "creates": figures.creates,
@@ -77,7 +99,12 @@ impl Report {
     fn emit(&self, row: &Value) {
         println!("fault row: {row}");
         let dir = dir();
-        let path = dir.join(format!("{}-{}.json", self.scenario, self.topology.name()));
+        // The topology may be words ("serve, 2 workers"); the file name keeps to [a-z0-9-].
+        let name: String = format!("{}-{}", self.scenario, self.topology)
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let path = dir.join(format!("{name}.json"));
         if let Err(err) =
             std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, format!("{row}\n")))
         {
@@ -91,7 +118,7 @@ impl Drop for Report {
         if !self.written && std::thread::panicking() {
             self.emit(&json!({
                 "scenario": self.scenario,
-                "topology": self.topology.name(),
+                "topology": self.topology,
                 "passed": false,
                 "violations": ["the test failed before its figures were complete; see its output"],
             }));
