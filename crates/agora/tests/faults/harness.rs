@@ -550,6 +550,25 @@ pub struct Agora {
     dir: TempDir,
 }
 
+/// The service credential every process of the suite shares.
+pub const SERVICE_TOKEN: &str = "fault-suite-service-token-0123456789ab";
+
+/// The faults are about resilience, not identity: the load sends no tokens, so auth is `open`
+/// (as under `agora up`), and every `serve` process shares these keys.
+fn auth_env() -> Vec<(String, String)> {
+    vec![
+        ("AGORA_AUTH__MODE".to_owned(), "open".to_owned()),
+        (
+            "AGORA_AUTH__JWT_SECRET".to_owned(),
+            "fault-suite-jwt-secret-0123456789abcdef".to_owned(),
+        ),
+        (
+            "AGORA_AUTH__SERVICE_TOKEN".to_owned(),
+            SERVICE_TOKEN.to_owned(),
+        ),
+    ]
+}
+
 impl Agora {
     pub async fn start(topology: Topology, pg: &Postgres, redis: &Redis) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -564,18 +583,10 @@ impl Agora {
             // info: the state changes (down, back, flushed) are logged; the suite counts lines.
             ("RUST_LOG".to_owned(), "info".to_owned()),
             ("AGORA_LOG__FORMAT".to_owned(), "json".to_owned()),
-            // The faults are about resilience, not identity: the load sends no tokens, so auth is
-            // `open` (as under `agora up`), and the `serve` processes share these keys.
-            ("AGORA_AUTH__MODE".to_owned(), "open".to_owned()),
-            (
-                "AGORA_AUTH__JWT_SECRET".to_owned(),
-                "fault-suite-jwt-secret-0123456789abcdef".to_owned(),
-            ),
-            (
-                "AGORA_AUTH__SERVICE_TOKEN".to_owned(),
-                "fault-suite-service-token-0123456789ab".to_owned(),
-            ),
-        ];
+        ]
+        .into_iter()
+        .chain(auth_env())
+        .collect::<Vec<_>>();
         let mut agora = Self {
             gateway: String::new(),
             users: String::new(),
@@ -657,7 +668,7 @@ impl Agora {
         port: u16,
         env: &[(String, String)],
     ) -> String {
-        let mut command = self.command("serve", env);
+        let mut command = self.command("serve", &[auth_env(), env.to_vec()].concat());
         command.args([service, "--port", &port.to_string()]);
         let line = self.spawn(name, command, 1).await;
         let url = listening_url(&line[0]);

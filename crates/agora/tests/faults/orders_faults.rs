@@ -807,6 +807,8 @@ async fn orders_killed_between_reserve_and_insert() {
     let response = shop
         .client
         .post(format!("{}/internal/v1/reservations", shop.catalog))
+        // Internal endpoints answer only callers with the service credential.
+        .header("x-agora-service-token", crate::harness::SERVICE_TOKEN)
         .json(&json!({
             "order_id": reservation,
             "items": [{"product_id": shop.product, "quantity": 3}],
