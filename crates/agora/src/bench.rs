@@ -1,8 +1,9 @@
 //! `agora bench orders`: how many orders a running Agora accepts per second, and how long the
 //! worker takes from accepting to processing them, against the gateway on loopback.
 //!
-//! Bounded in time and connections, loopback only. Two phases on a fresh user and a product with
-//! plenty of stock:
+//! Bounded in time and connections, loopback only. Two phases on a fresh user and
+//! [`PRODUCTS`] products with plenty of stock (orders go round them: one product would measure
+//! one row lock, not the system):
 //! 1. throughput: `--connections` clients post orders back to back for `--seconds`;
 //!    reported: accepted per second, request latency p50/p99, refusals and errors;
 //! 2. latency at a fixed rate: `--rate` orders per second for `--seconds`; once the worker has
@@ -18,6 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
+/// Products the orders go round.
+const PRODUCTS: usize = 50;
 /// Most requests in flight in the fixed-rate phase (more are counted as not sent).
 const MAX_IN_FLIGHT: usize = 1024;
 /// Longest wait for the worker to drain.
@@ -59,10 +62,15 @@ pub async fn orders(args: OrdersBench) -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.connections.max(64))
         .timeout(Duration::from_secs(10))
         .build()?;
-    let (user, product) = setup(&client, &base).await?;
-    let body = Arc::new(json!({"user_id": user, "product_id": product, "quantity": 1}));
+    let (user, products) = setup(&client, &base).await?;
+    let bodies: Arc<Vec<Value>> = Arc::new(
+        products
+            .iter()
+            .map(|product| json!({"user_id": user, "product_id": product, "quantity": 1}))
+            .collect(),
+    );
     println!(
-        "agora bench orders: {base}, user {user}, product {product}; {} s per phase",
+        "agora bench orders: {base}, user {user}, {PRODUCTS} products; {} s per phase",
         args.seconds
     );
 
@@ -70,19 +78,22 @@ pub async fn orders(args: OrdersBench) -> anyhow::Result<()> {
     let phase = Duration::from_secs(args.seconds);
     let started = Instant::now();
     let tasks: Vec<_> = (0..args.connections)
-        .map(|_| {
-            let (client, url, body) = (
+        .map(|c| {
+            let (client, url, bodies) = (
                 client.clone(),
                 format!("{base}/api/v1/orders"),
-                body.clone(),
+                bodies.clone(),
             );
             tokio::spawn(async move {
                 let mut tally = Tally::default();
+                let mut i = c;
                 while started.elapsed() < phase {
+                    let body = &bodies[i % bodies.len()];
+                    i += 1;
                     let sent = Instant::now();
                     let status = client
                         .post(&url)
-                        .json(&*body)
+                        .json(body)
                         .send()
                         .await
                         .map(|r| r.status());
@@ -122,22 +133,25 @@ pub async fn orders(args: OrdersBench) -> anyhow::Result<()> {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
     let mut tasks = Vec::new();
+    let mut i = 0;
     while started.elapsed() < phase {
         ticker.tick().await;
+        i += 1;
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
             skipped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let (client, url, body) = (
+        let (client, url, bodies) = (
             client.clone(),
             format!("{base}/api/v1/orders"),
-            body.clone(),
+            bodies.clone(),
         );
         tasks.push(tokio::spawn(async move {
+            let body = &bodies[i % bodies.len()];
             let sent = Instant::now();
             let status = client
                 .post(&url)
-                .json(&*body)
+                .json(body)
                 .send()
                 .await
                 .map(|r| r.status());
@@ -177,7 +191,7 @@ pub async fn orders(args: OrdersBench) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn setup(client: &reqwest::Client, base: &str) -> anyhow::Result<(i64, i64)> {
+async fn setup(client: &reqwest::Client, base: &str) -> anyhow::Result<(i64, Vec<i64>)> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -192,21 +206,23 @@ async fn setup(client: &reqwest::Client, base: &str) -> anyhow::Result<(i64, i64
         "a user",
     )
     .await?;
-    let product: Value = created(
-        client
-            .post(format!("{base}/api/v1/products"))
-            .json(
-                &json!({"name": format!("bench {stamp}"), "price": "1.00", "stock": 1_000_000_000}),
-            )
-            .send()
-            .await?,
-        "a product (in auth `required` mode this needs an admin: run against `agora up`)",
-    )
-    .await?;
-    Ok((
-        user["id"].as_i64().context("user id")?,
-        product["id"].as_i64().context("product id")?,
-    ))
+    let mut products = Vec::with_capacity(PRODUCTS);
+    for n in 0..PRODUCTS {
+        let product: Value = created(
+            client
+                .post(format!("{base}/api/v1/products"))
+                .json(
+                    &json!({"name": format!("bench {stamp} {n}"), "price": "1.00",
+                    "stock": 1_000_000_000}),
+                )
+                .send()
+                .await?,
+            "a product (in auth `required` mode this needs an admin: run against `agora up`)",
+        )
+        .await?;
+        products.push(product["id"].as_i64().context("product id")?);
+    }
+    Ok((user["id"].as_i64().context("user id")?, products))
 }
 
 async fn created(response: reqwest::Response, what: &str) -> anyhow::Result<Value> {

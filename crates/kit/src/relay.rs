@@ -32,6 +32,8 @@ use crate::config::BusSettings;
 use crate::db::{Db, Dialect, Tx, query};
 
 /// Back-off after a failed round: doubles from the first value up to the second.
+/// Publishes in flight at once within a round (each chunk costs about one round trip to NATS).
+const PIPELINE: usize = 32;
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
 /// The next rows to publish; `{lock}` is the dialect's `skip locked` claim.
@@ -310,57 +312,70 @@ impl Relay {
         }
     }
 
-    /// Publishes `rows` in order. A refused row stops the batch (order is kept), unless a healthy
-    /// bus has now refused it `bus.relay_max_attempts` times: then it is set aside and the batch
-    /// goes on.
+    /// Publishes `rows` in order, [`PIPELINE`] at a time in flight, within the round's time. A
+    /// refused row stops the batch (order is kept), unless a healthy bus has now refused it
+    /// `bus.relay_max_attempts` times: then it is set aside and the batch goes on.
     async fn publish(&self, rows: Vec<Row>) -> Outcome {
         let mut outcome = Outcome {
             published: Vec::with_capacity(rows.len()),
             ..Outcome::default()
         };
-        let started = tokio::time::Instant::now();
-        for row in rows {
-            if started.elapsed() >= self.round_limit {
+        let deadline = tokio::time::Instant::now() + self.round_limit;
+        let mut next = 0;
+        while next < rows.len() {
+            if tokio::time::Instant::now() >= deadline {
                 outcome.cut_short = true;
                 break;
             }
-            let message = Message {
-                id: row.id,
-                topic: row.topic,
-                payload: Bytes::from(row.payload),
-            };
-            let Err(error) = self.bus.publish(&message).await else {
-                self.published.inc();
-                outcome.published.push(row.seq);
-                continue;
-            };
-            self.failures.inc();
-            // Whose fault: a bus that is down refuses everything; a bus that answers refused this
-            // row (too large, a topic it cannot take, ...).
-            let bus_healthy = self.bus.ping().await.is_ok();
-            if bus_healthy
-                && u32::try_from(row.attempts + 1).unwrap_or(u32::MAX) >= self.max_attempts
-            {
-                tracing::error!(
-                    outbox.seq = row.seq,
-                    event.id = %message.id,
-                    event.topic = %message.topic,
-                    attempts = row.attempts + 1,
-                    error.message = %format!("{error:#}"),
-                    "outbox row set aside: the bus keeps refusing it"
-                );
-                self.set_aside.inc();
-                outcome
-                    .set_aside
-                    .push((row.seq, crate::error::stored_text(&error)));
-                continue;
+            let chunk = &rows[next..rows.len().min(next + PIPELINE)];
+            let messages: Vec<Message> = chunk
+                .iter()
+                .map(|row| Message {
+                    id: row.id.clone(),
+                    topic: row.topic.clone(),
+                    payload: Bytes::from(row.payload.clone()),
+                })
+                .collect();
+            let results = self.bus.publish_all(&messages, deadline).await;
+            if results.is_empty() {
+                outcome.cut_short = true;
+                break;
             }
-            outcome.failed = Some(Failure {
-                seq: row.seq,
-                error,
-                bus_healthy,
-            });
-            break;
+            next += results.len();
+            for ((row, message), result) in chunk.iter().zip(&messages).zip(results) {
+                let Err(error) = result else {
+                    self.published.inc();
+                    outcome.published.push(row.seq);
+                    continue;
+                };
+                self.failures.inc();
+                // Whose fault: a bus that is down refuses everything; a bus that answers refused
+                // this row (too large, a topic it cannot take, ...).
+                let bus_healthy = self.bus.ping().await.is_ok();
+                if bus_healthy
+                    && u32::try_from(row.attempts + 1).unwrap_or(u32::MAX) >= self.max_attempts
+                {
+                    tracing::error!(
+                        outbox.seq = row.seq,
+                        event.id = %message.id,
+                        event.topic = %message.topic,
+                        attempts = row.attempts + 1,
+                        error.message = %format!("{error:#}"),
+                        "outbox row set aside: the bus keeps refusing it"
+                    );
+                    self.set_aside.inc();
+                    outcome
+                        .set_aside
+                        .push((row.seq, crate::error::stored_text(&error)));
+                    continue;
+                }
+                outcome.failed = Some(Failure {
+                    seq: row.seq,
+                    error,
+                    bus_healthy,
+                });
+                return outcome;
+            }
         }
         outcome
     }

@@ -82,6 +82,29 @@ trait BusBackend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Publishes a message whose topic is valid (no wildcards).
     async fn publish(&self, message: &Message) -> anyhow::Result<()>;
+    /// Publishes `messages` in order, until one fails or `deadline` passes; returns the results
+    /// of those attempted (fewer than `messages`: the rest were not sent, so nothing overtakes a
+    /// message that failed). A backend that can have several publishes in flight (JetStream:
+    /// send all, then await the acks) overrides this.
+    async fn publish_all(
+        &self,
+        messages: &[Message],
+        deadline: tokio::time::Instant,
+    ) -> Vec<anyhow::Result<()>> {
+        let mut results = Vec::with_capacity(messages.len());
+        for message in messages {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            let result = self.publish(message).await;
+            let failed = result.is_err();
+            results.push(result);
+            if failed {
+                break;
+            }
+        }
+        results
+    }
     /// Subscribes as the valid consumer name `consumer` to valid, non-empty `topics`.
     async fn subscribe(
         &self,
@@ -160,6 +183,31 @@ impl Bus {
             message.topic
         );
         self.backend.publish(message).await
+    }
+
+    /// Publishes `messages` in order, several in flight at once where the backend allows, until
+    /// one fails or `deadline` passes; returns the results of those attempted (a message with an
+    /// invalid topic is a failure of its own, the ones before it are published).
+    pub async fn publish_all(
+        &self,
+        messages: &[Message],
+        deadline: tokio::time::Instant,
+    ) -> Vec<anyhow::Result<()>> {
+        let valid = messages
+            .iter()
+            .position(|m| !is_topic(&m.topic))
+            .unwrap_or(messages.len());
+        let mut results = self.backend.publish_all(&messages[..valid], deadline).await;
+        if results.len() == valid
+            && results.iter().all(|r| r.is_ok())
+            && let Some(bad) = messages.get(valid)
+        {
+            results.push(Err(anyhow::anyhow!(
+                "invalid topic `{}`: dot-separated tokens without spaces or wildcards",
+                bad.topic
+            )));
+        }
+        results
     }
 
     /// Subscribes as the durable consumer `consumer` (letters, digits, `_` and `-`) to `topics`,

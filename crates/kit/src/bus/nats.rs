@@ -213,6 +213,59 @@ impl BusBackend for NatsBus {
         result
     }
 
+    /// Pipelined: every message is sent before any ack is awaited (JetStream stores them in the
+    /// order sent), so a batch costs about one round trip instead of one per message.
+    async fn publish_all(
+        &self,
+        messages: &[Message],
+        deadline: tokio::time::Instant,
+    ) -> Vec<anyhow::Result<()>> {
+        if let Err(err) = self.ensure_stream().await {
+            return vec![Err(err)];
+        }
+        // Each publish still has its own limit, as one at a time would.
+        let ack_deadline = deadline.min(tokio::time::Instant::now() + self.publish_timeout);
+        let mut pending = Vec::with_capacity(messages.len());
+        for message in messages {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            let subject = format!("{}{}", self.subjects, message.topic);
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(message.payload.clone())
+                .message_id(&message.id);
+            let sent =
+                tokio::time::timeout_at(ack_deadline, self.js.send_publish(subject, publish))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("not sent within {:?}", self.publish_timeout))
+                    .and_then(|r| r.map_err(|e| anyhow::anyhow!(e)));
+            let failed = sent.is_err();
+            pending.push((message, sent));
+            if failed {
+                break;
+            }
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for (message, sent) in pending {
+            let result = match sent {
+                Err(err) => Err(err),
+                Ok(ack) => tokio::time::timeout_at(ack_deadline, ack)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no ack within {:?}", self.publish_timeout))
+                    .and_then(|r| r.map(|_| ()).map_err(|e| anyhow::anyhow!(e))),
+            }
+            .with_context(|| format!("publishing {} ({})", message.id, message.topic));
+            let failed = result.is_err();
+            results.push(result);
+            if failed {
+                // The stream may be gone (a server that lost its storage): check it next time.
+                self.stream_ready.store(false, Ordering::Release);
+                break;
+            }
+        }
+        results
+    }
+
     async fn subscribe(
         &self,
         name: &str,
