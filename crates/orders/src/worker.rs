@@ -5,13 +5,13 @@
 //!
 //! Each step is one transaction with the order's row locked, so two workers (or a worker and
 //! the sweep) never work on one order at once, and each is safe to repeat:
-//! 1. `pending` → `processing` (`order.processing`);
-//! 2. `processing`: the simulated payment (`services.worker.payment_latency_ms`, a failure rate
-//!    decided per order, so a repeat decides the same) → `processed` (`order.processed`) or
-//!    `failed` with the reason (`order.failed`);
-//! 3. an order whose stock is unsettled (it became processed, failed or cancelled): catalog is
-//!    asked what the reservation is and told what it must become (commit; release; or, once
-//!    sold, return), each call idempotent there; then the order is marked settled.
+//! 1. a `pending` (or `processing`) order: `processing` (`order.processing`), the simulated
+//!    payment (`services.worker.payment_latency_ms`, a failure rate decided per order, so a
+//!    repeat decides the same), the reservation committed (or released) at catalog, then
+//!    `processed` (`order.processed`) or `failed` with the reason (`order.failed`), settled;
+//! 2. an order whose stock is unsettled (cancelled, or a status set by hand): catalog is asked
+//!    what the reservation is and told what it must become (commit; release; or, once sold,
+//!    return), each call idempotent there; then the order is marked settled.
 //!
 //! A sweep every `services.worker.sweep_secs` runs the step of any order left pending,
 //! processing or unsettled for longer than that: messages are never the only record of work
@@ -68,11 +68,13 @@ impl Worker {
         };
         let status = row.status()?;
         match status {
-            Status::Pending => {
-                store::transition(tx, id, Status::Processing, None).await?;
-                Ok(true)
-            }
-            Status::Processing => {
+            Status::Pending | Status::Processing => {
+                // One step from pending to decided: the order's events still tell every state
+                // it went through (processing, then processed or failed), but it costs one
+                // message and one transaction instead of three.
+                if status == Status::Pending {
+                    store::transition(tx, id, Status::Processing, None).await?;
+                }
                 let started = Instant::now();
                 tokio::time::sleep(Duration::from_millis(self.settings.payment_latency_ms)).await;
                 let (to, reason) = if self.payment_fails(id) {
@@ -80,6 +82,10 @@ impl Worker {
                 } else {
                     (Status::Processed, None)
                 };
+                // The stock first (commit the reservation, or release it): idempotent at
+                // catalog, so a crash before this transaction commits only repeats it.
+                self.settle_stock(id, to, row.reservation_id.as_deref())
+                    .await?;
                 if let Moved::Now(_) = store::transition(tx, id, to, reason).await? {
                     let counter = if to == Status::Failed {
                         &self.counters.failed
@@ -90,6 +96,8 @@ impl Worker {
                     let accepted = (store::now() - row.created_at).num_milliseconds().max(0);
                     self.counters.duration.observe(accepted as f64 / 1000.0);
                 }
+                store::mark_settled(tx, id).await?;
+                self.counters.settled.inc();
                 tracing::debug!(
                     order = id,
                     to = to.as_str(),
@@ -99,8 +107,10 @@ impl Worker {
                 Ok(true)
             }
             _ if !row.stock_settled => {
-                self.settle(tx, id, status, row.reservation_id.as_deref())
+                self.settle_stock(id, status, row.reservation_id.as_deref())
                     .await?;
+                store::mark_settled(tx, id).await?;
+                self.counters.settled.inc();
                 Ok(true)
             }
             _ => Ok(false),
@@ -122,41 +132,40 @@ impl Worker {
         (z as f64 / u64::MAX as f64) < rate
     }
 
-    /// Brings the reservation to what `status` needs, then marks the stock settled.
-    async fn settle(
+    /// Brings the order's reservation at catalog to what `status` needs: sold (commit) once
+    /// processed, back on sale (release, or return once sold) once failed or cancelled.
+    async fn settle_stock(
         &self,
-        tx: &mut Tx,
         id: i64,
         status: Status,
         reservation_id: Option<&str>,
     ) -> Result<()> {
-        if let (Some(reservation_id), Some(sold)) = (reservation_id, status.stock_sold()) {
-            let current = self.neighbours.reservation(reservation_id).await?;
-            let state = current.as_ref().map(|r| r.status.as_str());
-            let action = match (sold, state) {
-                (true, Some("reserved")) => Some("commit"),
-                (false, Some("reserved") | None) => Some("release"),
-                (false, Some("committed")) if !current.as_ref().is_some_and(|r| r.returned) => {
-                    Some("return")
-                }
-                (true, Some("released")) => {
-                    // Only the never-stored-order sweep releases a reservation an order did not
-                    // release; the order's stock is gone, so it cannot be sold.
-                    tracing::error!(
-                        order = id,
-                        reservation_id,
-                        "a processed order's reservation was released; its stock is not held"
-                    );
-                    None
-                }
-                _ => None,
-            };
-            if let Some(action) = action {
-                self.neighbours.settle(reservation_id, action).await?;
+        let (Some(reservation_id), Some(sold)) = (reservation_id, status.stock_sold()) else {
+            return Ok(());
+        };
+        let current = self.neighbours.reservation(reservation_id).await?;
+        let state = current.as_ref().map(|r| r.status.as_str());
+        let action = match (sold, state) {
+            (true, Some("reserved")) => Some("commit"),
+            (false, Some("reserved") | None) => Some("release"),
+            (false, Some("committed")) if !current.as_ref().is_some_and(|r| r.returned) => {
+                Some("return")
             }
+            (true, Some("released")) => {
+                // Only the never-stored-order sweep releases a reservation an order did not
+                // release; the order's stock is gone, so it cannot be sold.
+                tracing::error!(
+                    order = id,
+                    reservation_id,
+                    "a processed order's reservation was released; its stock is not held"
+                );
+                None
+            }
+            _ => None,
+        };
+        if let Some(action) = action {
+            self.neighbours.settle(reservation_id, action).await?;
         }
-        store::mark_settled(tx, id).await?;
-        self.counters.settled.inc();
         Ok(())
     }
 
