@@ -188,18 +188,23 @@ pub async fn release(db: &Db, order_id: &str) -> Result<Reservation> {
     settle(db, order_id, ReservationStatus::Released).await
 }
 
-async fn settle(db: &Db, order_id: &str, to: ReservationStatus) -> Result<Reservation> {
-    let now = now();
-    let mut tx = db.begin().await?;
+/// The reservation's status, its row locked for the rest of `tx` (`None`: no such reservation).
+async fn locked_status(tx: &mut Tx, order_id: &str) -> Result<Option<ReservationStatus>> {
     let select = format!(
         "select status from reservations where order_id = $1{}",
         tx.dialect().for_update()
     );
     let status: Option<String> = query(&select)
         .bind(order_id)
-        .fetch_optional_scalar(&mut tx)
+        .fetch_optional_scalar(&mut *tx)
         .await?;
-    match status.as_deref().and_then(ReservationStatus::parse) {
+    Ok(status.as_deref().and_then(ReservationStatus::parse))
+}
+
+async fn settle(db: &Db, order_id: &str, to: ReservationStatus) -> Result<Reservation> {
+    let now = now();
+    let mut tx = db.begin().await?;
+    match locked_status(&mut tx, order_id).await? {
         Some(ReservationStatus::Reserved) => {
             let events = settle_lines(&mut tx, order_id, to, now).await?;
             query("update reservations set status = $1, updated_at = $2 where order_id = $3")
@@ -345,15 +350,7 @@ pub async fn find(db: &Db, order_id: &str) -> Result<Option<Reservation>> {
 pub async fn give_back(db: &Db, order_id: &str) -> Result<Reservation> {
     let now = now();
     let mut tx = db.begin().await?;
-    let select = format!(
-        "select status from reservations where order_id = $1{}",
-        tx.dialect().for_update()
-    );
-    let status: Option<String> = query(&select)
-        .bind(order_id)
-        .fetch_optional_scalar(&mut tx)
-        .await?;
-    match status.as_deref().and_then(ReservationStatus::parse) {
+    match locked_status(&mut tx, order_id).await? {
         Some(ReservationStatus::Committed) => {}
         Some(current) => {
             return Err(Error::ReservationConflict {
