@@ -296,12 +296,14 @@ async fn settle_lines(
 /// The reservation of an order, with its lines.
 #[tracing::instrument(skip(db))]
 pub async fn find(db: &Db, order_id: &str) -> Result<Option<Reservation>> {
-    let head: Option<(String, DateTime<Utc>, DateTime<Utc>)> =
-        query("select status, created_at, updated_at from reservations where order_id = $1")
-            .bind(order_id)
-            .fetch_optional(db)
-            .await?;
-    let Some((status, created_at, updated_at)) = head else {
+    let head: Option<(String, DateTime<Utc>, DateTime<Utc>, bool)> = query(
+        "select status, created_at, updated_at, exists (select 1 from reservation_returns r \
+         where r.order_id = reservations.order_id) from reservations where order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(db)
+    .await?;
+    let Some((status, created_at, updated_at, returned)) = head else {
         return Ok(None);
     };
     let status = ReservationStatus::parse(&status)
@@ -328,11 +330,6 @@ pub async fn find(db: &Db, order_id: &str) -> Result<Option<Reservation>> {
             line_total,
         });
     }
-    let returned = query("select count(*) from reservation_returns where order_id = $1")
-        .bind(order_id)
-        .fetch_scalar::<i64>(db)
-        .await?
-        > 0;
     Ok(Some(Reservation {
         order_id: order_id.to_owned(),
         status,

@@ -41,7 +41,6 @@ const SELECT: &str = "select seq, id, topic, payload, attempts from outbox \
                       where published_at is null and set_aside_at is null order by seq limit $1";
 /// The lock replicas of one service take turns with (it ends with the transaction).
 const TURN: &str = "outbox.relay";
-const MARK_PUBLISHED: &str = "update outbox set published_at = $1 where seq = $2";
 /// A failure while the bus is down: keep the error, count no attempt.
 const MARK_ERROR: &str = "update outbox set last_error = $1 where seq = $2";
 /// A failure of this row while the bus is healthy.
@@ -385,13 +384,21 @@ impl Relay {
 async fn record(tx: &mut Tx, outcome: &Outcome) -> anyhow::Result<()> {
     // Bound from Rust rather than `now()`, so the statement is the same in both dialects.
     let now = Utc::now();
-    for seq in &outcome.published {
-        query(MARK_PUBLISHED)
-            .bind(now)
-            .bind(*seq)
+    // One statement per chunk of rows, not one per row.
+    for chunk in outcome.published.chunks(PIPELINE) {
+        let placeholders: Vec<String> = (2..chunk.len() + 2).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "update outbox set published_at = $1 where seq in ({})",
+            placeholders.join(", ")
+        );
+        let mut statement = query(&sql).bind(now);
+        for seq in chunk {
+            statement = statement.bind(*seq);
+        }
+        statement
             .execute(&mut *tx)
             .await
-            .context("marking an outbox row published")?;
+            .context("marking outbox rows published")?;
     }
     for (seq, error) in &outcome.set_aside {
         query(MARK_SET_ASIDE)
