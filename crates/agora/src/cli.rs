@@ -43,7 +43,8 @@ enum Command {
     /// Run one service in this process (the distributed mode: one process per service, as
     /// many replicas as you like behind the gateway).
     Serve {
-        /// The service to run (see `agora serve --help`): users, catalog or gateway.
+        /// The service to run: users, catalog, orders, worker (the order worker; run as many as
+        /// you like) or gateway.
         service: String,
         /// Listen on this port instead of `services.<name>.port` (0 = any free port).
         #[arg(long)]
@@ -54,7 +55,8 @@ enum Command {
     /// Print the effective configuration (defaults, file and environment merged) as TOML,
     /// with passwords in URLs hidden, and exit.
     Config,
-    /// Load the sample data of seed 001 (4 users with ids 1-4, 10 products with ids 1-10) and
+    /// Load the sample data of seed 001 (4 users with ids 1-4, 10 products with ids 1-10, 8 orders
+    /// with ids 1-8), the products other seeds' walkthroughs order (11 and 123), and
     /// an admin account (admin@agora.local, generated password kept in data_dir/admin-password,
     /// printed with how to log in); rows that exist are kept.
     Seed,
