@@ -108,9 +108,13 @@ impl ServiceClient {
     }
 
     /// Sends `name: value` with every call (a service credential, say).
-    pub fn with_header(mut self, name: &'static str, value: &str) -> anyhow::Result<Self> {
+    pub fn with_header(
+        mut self,
+        name: &reqwest::header::HeaderName,
+        value: &str,
+    ) -> anyhow::Result<Self> {
         self.headers.insert(
-            reqwest::header::HeaderName::from_static(name),
+            name.clone(),
             reqwest::header::HeaderValue::from_str(value).context("header value")?,
         );
         Ok(self)

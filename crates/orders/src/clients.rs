@@ -68,7 +68,7 @@ impl Neighbours {
         let mut catalog = ServiceClient::new("catalog", settings.upstreams("catalog"), timeout)?;
         // Internal endpoints (catalog's reservations) answer only callers with the credential.
         if let Some(token) = &settings.auth.service_token {
-            let header = kit::auth::SERVICE_TOKEN_HEADER.as_str();
+            let header = &kit::auth::SERVICE_TOKEN_HEADER;
             users = users.with_header(header, token.expose())?;
             catalog = catalog.with_header(header, token.expose())?;
         }
