@@ -170,14 +170,26 @@ impl PgDb {
 
     /// Opens a transaction, once more on another connection when the first was lost (nothing
     /// has run in it yet).
+    ///
+    /// The `BEGIN` runs in a task of its own, so a caller dropped while it is on the wire (a
+    /// client that hung up, a timeout) cannot leave the connection inside a transaction: sqlx
+    /// 0.8's `Pool::begin` is not cancel-safe on PostgreSQL (transact-rs/sqlx#4393), and the
+    /// next user of such a connection would run in that transaction, its writes never
+    /// committed. Finished, the task's transaction is dropped, which rolls it back.
     async fn begin(&self) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         let once = async || {
+            let pool = self.pool.clone();
+            let begin = async move {
+                tokio::spawn(async move { pool.begin().await })
+                    .await
+                    .unwrap_or_else(|join| Err(sqlx::Error::Io(std::io::Error::other(join))))
+            };
             if self.health.unreachable.load(Ordering::Relaxed) {
-                tokio::time::timeout(DOWN_WAIT, self.pool.begin())
+                tokio::time::timeout(DOWN_WAIT, begin)
                     .await
                     .unwrap_or(Err(sqlx::Error::PoolTimedOut))
             } else {
-                self.pool.begin().await
+                begin.await
             }
         };
         let mut result = once().await;

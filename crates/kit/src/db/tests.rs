@@ -211,3 +211,38 @@ async fn an_unreachable_database_is_503_and_used_again_when_back() {
     drop(logs);
     env.drop_kit_db("away", db).await;
 }
+
+/// A request dropped while its `BEGIN` is on the wire (a client that hung up, a timeout) must not
+/// leave its connection inside a transaction: the next user of that connection would run in it,
+/// and its writes would never commit (sqlx 0.8's `Pool::begin` is not cancel-safe on
+/// PostgreSQL: transact-rs/sqlx#4393). One connection, so every attempt reuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_cancelled_mid_flight_leaves_no_transaction_behind() {
+    let mut env = TestEnv::new(Backend::Postgres).await;
+    env.settings.database.max_connections = 1;
+    let db = Db::connect(&env.settings, "users", &Migrations::NONE)
+        .await
+        .expect("connects");
+    let mut cancelled = 0;
+    for attempt in 0..400u64 {
+        // Deadlines spread over the time a BEGIN takes on loopback, so some land mid-flight.
+        let deadline = Duration::from_micros(attempt % 40 * 10);
+        if tokio::time::timeout(deadline, db.begin()).await.is_err() {
+            cancelled += 1;
+        }
+        // Outside a transaction, two statements run in two transactions.
+        let xid = async || -> String {
+            query("select pg_current_xact_id()::text")
+                .fetch_scalar(&db)
+                .await
+                .expect("select")
+        };
+        assert_ne!(
+            xid().await,
+            xid().await,
+            "attempt {attempt}: a cancelled begin left the connection inside a transaction"
+        );
+    }
+    assert!(cancelled > 0, "no begin was cancelled");
+    db.close().await;
+}
