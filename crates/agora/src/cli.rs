@@ -170,6 +170,7 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for service in services::ALL {
         let listener = kit::http::bind(settings.bind_addr(service.name)).await?;
+        let metrics = kit::http::bind(settings.metrics_addr(service.name)).await?;
         let addr = listener.local_addr()?;
         let configured = settings
             .services
@@ -178,12 +179,12 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
         if configured.upstreams.is_empty() {
             configured.upstreams = vec![url::Url::parse(&format!("http://{addr}"))?];
         }
-        listeners.push((service, listener));
+        listeners.push((service, listener, metrics));
     }
     // One bus for the whole process: every service's events reach every consumer.
     let shared = Shared::connect(&settings).await?;
     let mut running = Vec::new();
-    for (service, listener) in listeners {
+    for (service, listener, metrics) in listeners {
         let name = service.name;
         let deps = Deps::connect(service, &settings, Some(&shared))
             .await
@@ -193,14 +194,14 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
             .with_context(|| format!("starting {name}"))?;
         let options = ServeOptions::from(&settings.http);
         running.push(if name == gateway::NAME {
-            app.spawn(listener, &shutdown, options)?
+            app.spawn_with_metrics(listener, Some(metrics), &shutdown, options)?
         } else {
             // Their drain already happened in front of them, at the gateway.
             let options = ServeOptions {
                 drain: Duration::ZERO,
                 ..options
             };
-            app.spawn(listener, &behind_gateway, options)?
+            app.spawn_with_metrics(listener, Some(metrics), &behind_gateway, options)?
         });
     }
     let gateway_stopped = running
@@ -221,7 +222,13 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
         describe_backends(&settings)
     );
     for service in &running {
-        println!("  {:<8} http://{}", service.name, service.addr);
+        match service.metrics_addr {
+            Some(metrics) => println!(
+                "  {:<8} http://{}   (metrics http://{metrics}/metrics)",
+                service.name, service.addr
+            ),
+            None => println!("  {:<8} http://{}", service.name, service.addr),
+        }
     }
     println!("{}", describe_auth(&settings));
     let gateway = running
@@ -248,15 +255,26 @@ async fn serve(mut settings: Settings, name: &str, port: Option<u16>) -> anyhow:
     settings.auth.require_service_token()?;
     let shutdown = Shutdown::on_signal();
     let listener = kit::http::bind(settings.bind_addr(name)).await?;
+    let metrics = kit::http::bind(settings.metrics_addr(name)).await?;
     let deps = Deps::connect(service, &settings, None)
         .await
         .with_context(|| format!("starting {name}"))?;
     let app = (service.build)(deps)
         .await
         .with_context(|| format!("starting {name}"))?;
-    let service = app.spawn(listener, &shutdown, ServeOptions::from(&settings.http))?;
-    tracing::info!(service = service.name, addr = %service.addr, backends = %describe_backends(&settings), "listening");
+    let service = app.spawn_with_metrics(
+        listener,
+        Some(metrics),
+        &shutdown,
+        ServeOptions::from(&settings.http),
+    )?;
+    let metrics = service
+        .metrics_addr
+        .map(|addr| format!("http://{addr}/metrics"))
+        .unwrap_or_default();
+    tracing::info!(service = service.name, addr = %service.addr, %metrics, backends = %describe_backends(&settings), "listening");
     println!("{} listening on http://{}", service.name, service.addr);
+    println!("{} metrics on {metrics}", service.name);
     if name == gateway::NAME {
         println!("{}", describe_auth(&settings));
     }

@@ -164,6 +164,28 @@ fn compose_runs_every_service_on_its_port_with_valid_settings() {
         let config = effective_config(&env);
         assert_eq!(config["host"].as_str(), Some("0.0.0.0"));
         assert_auth(&name, &env, &config);
+        // /metrics on the private port (port + offset), reachable in the network, not published.
+        let metrics_port = port + 1000;
+        assert_eq!(
+            config["metrics"]["host"].as_str(),
+            Some("0.0.0.0"),
+            "{name}"
+        );
+        assert_eq!(
+            config["metrics"]["port_offset"].as_integer(),
+            Some(1000),
+            "{name}"
+        );
+        assert!(
+            string_list(&service["expose"]).contains(&metrics_port.to_string()),
+            "{name} exposes its metrics port {metrics_port} to the network"
+        );
+        assert!(
+            !string_list(&service["ports"])
+                .iter()
+                .any(|p| p.contains(&metrics_port.to_string())),
+            "{name}: metrics are never published on the host"
+        );
         assert!(
             env.get("NATS_URL")
                 .is_some_and(|u| u.starts_with("nats://")),
@@ -257,6 +279,32 @@ fn kubernetes_has_a_deployment_and_service_per_service() {
         env.extend(secret.clone());
         let config = effective_config(&env);
         assert_eq!(config["host"].as_str(), Some("0.0.0.0"), "{name}");
+        // Prometheus scrapes the private metrics port, named and annotated.
+        let metrics_port = u64::from(port) + 1000;
+        assert_eq!(
+            config["metrics"]["host"].as_str(),
+            Some("0.0.0.0"),
+            "{name}"
+        );
+        assert_eq!(
+            config["metrics"]["port_offset"].as_integer(),
+            Some(1000),
+            "{name}"
+        );
+        assert_eq!(
+            container["ports"][1]["containerPort"].as_u64(),
+            Some(metrics_port),
+            "{name}"
+        );
+        assert_eq!(container["ports"][1]["name"].as_str(), Some("metrics"));
+        let annotations = &find("Deployment", &name)["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"].as_str(), Some("true"));
+        assert_eq!(
+            annotations["prometheus.io/port"].as_str(),
+            Some(metrics_port.to_string().as_str()),
+            "{name}"
+        );
+        assert_eq!(annotations["prometheus.io/path"].as_str(), Some("/metrics"));
         assert_auth(&name, &env, &config);
         // Drain + grace + closing fit in the pod's termination period.
         let http = &config["http"];

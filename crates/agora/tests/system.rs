@@ -297,6 +297,8 @@ fn up_on_free_ports(dir: &std::path::Path) -> (Child, String, Vec<String>) {
         .env("AGORA_SERVICES__GATEWAY__PORT", "0")
         .env("AGORA_SERVICES__USERS__PORT", "0")
         .env("AGORA_SERVICES__CATALOG__PORT", "0")
+        .env("AGORA_SERVICES__ORDERS__PORT", "0")
+        .env("AGORA_SERVICES__WORKER__PORT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -307,8 +309,10 @@ fn up_on_free_ports(dir: &std::path::Path) -> (Child, String, Vec<String>) {
     let mut gateway = None;
     for line in lines.by_ref() {
         let line = line.expect("utf-8");
-        if let Some(addr) = line.trim().strip_prefix("gateway") {
-            gateway = Some(addr.trim().trim_start_matches("http://").to_owned());
+        // "  gateway  http://127.0.0.1:P   (metrics http://127.0.0.1:M/metrics)"
+        if let Some(rest) = line.trim().strip_prefix("gateway") {
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            gateway = Some(addr.trim_start_matches("http://").to_owned());
         }
         let done = line.starts_with("auth:");
         seen.push(line);
@@ -608,14 +612,15 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("up starts");
-    // "  users    http://127.0.0.1:PORT" for each service.
+    // "  users    http://127.0.0.1:PORT   (metrics http://127.0.0.1:M/metrics)" for each service.
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = std::io::BufReader::new(stdout).lines();
     let mut addrs = std::collections::HashMap::new();
     for line in lines.by_ref() {
         let line = line.expect("utf-8");
-        if let Some((name, addr)) = line.trim().split_once(" http://") {
-            addrs.insert(name.trim().to_owned(), addr.trim().to_owned());
+        if let Some((name, rest)) = line.trim().split_once(" http://") {
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            addrs.insert(name.trim().to_owned(), addr.to_owned());
         }
         if addrs.len() == 5 {
             break;
@@ -690,11 +695,13 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
 
     // Who stopped accepting when, from the JSON logs.
     let logs = logs.join().expect("log reader");
+    // (The private metrics listeners, span "metrics", stop with their service.)
     let stopped: Vec<String> = logs
         .iter()
         .filter(|line| line.contains("stopped accepting connections"))
-        .map(|line| {
-            let entry: Value = serde_json::from_str(line).expect("a JSON log line");
+        .map(|line| serde_json::from_str::<Value>(line).expect("a JSON log line"))
+        .filter(|entry| entry["span"]["name"] == "server")
+        .map(|entry| {
             entry["span"]["service"]
                 .as_str()
                 .expect("the server span names its service")

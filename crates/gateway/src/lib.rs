@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -21,15 +20,19 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kit::auth::{AuthMode, Secret, Tokens};
-use kit::outage::Outage;
 use kit::service::{App, Deps, Service};
 use kit::{ApiError, Settings};
 use url::Url;
 
+pub mod cors;
+pub mod limits;
 pub mod policy;
 pub mod routes;
+pub mod upstream;
 
+use limits::{Class, Limits};
 use routes::{GatewaySettings, RouteTable};
+use upstream::{Upstream, UpstreamMetrics};
 
 pub const NAME: &str = "gateway";
 
@@ -44,38 +47,10 @@ pub static SERVICE: Service = Service {
     seed: None,
 };
 
-/// The replicas of one service.
-struct Upstream {
-    urls: Vec<Url>,
-    /// One per replica: a replica that stops answering is logged once, not per request.
-    outages: Vec<Outage>,
-    next: AtomicUsize,
-}
-
-impl Upstream {
-    fn new(service: &str, urls: Vec<Url>) -> Self {
-        let outages = urls
-            .iter()
-            .map(|url| Outage::new(format!("upstream {service} at {url}")))
-            .collect();
-        Self {
-            urls,
-            outages,
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    /// Round-robin: the replicas to try (by index), starting with the next in turn.
-    fn rotation(&self) -> impl Iterator<Item = usize> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.urls.len();
-        (0..n).map(move |i| (start + i) % n)
-    }
-}
-
 struct Gateway {
     table: RouteTable,
-    upstreams: BTreeMap<String, Upstream>,
+    upstreams: BTreeMap<String, Arc<Upstream>>,
+    limits: Limits,
     client: Client<HttpConnector, Body>,
     /// Longest wait for an upstream's response headers (504 after it).
     upstream_timeout: Duration,
@@ -109,7 +84,16 @@ pub fn app_with_upstreams(
     let GatewaySettings {
         routes,
         trusted_proxies,
+        rate_limit,
+        health_check,
+        circuit_breaker,
+        cors,
     } = GatewaySettings::load(settings)?;
+    let metrics = kit::metrics::Metrics::new(NAME);
+    let upstream_metrics = UpstreamMetrics::default();
+    upstream_metrics.register(&metrics);
+    let limits = Limits::new(&rate_limit, settings)?;
+    limits.register_metrics(&metrics);
     let tokens = Tokens::new(&settings.auth)?;
     let service_token = settings.auth.require_service_token()?.clone();
     let mut connector = HttpConnector::new();
@@ -127,10 +111,11 @@ pub fn app_with_upstreams(
             .into_iter()
             .filter(|(_, urls)| !urls.is_empty())
             .map(|(name, urls)| {
-                let upstream = Upstream::new(&name, urls);
-                (name, upstream)
+                let upstream = Upstream::new(&name, urls, &circuit_breaker, &upstream_metrics);
+                (name, Arc::new(upstream))
             })
             .collect(),
+        limits,
         client,
         // Under the request timeout, so the client sees 504 (the upstream is slow), not 408.
         upstream_timeout: Duration::from_secs(
@@ -141,6 +126,9 @@ pub fn app_with_upstreams(
         mode: settings.auth.mode(),
         service_token,
     });
+    let checked: Arc<Vec<Arc<Upstream>>> = Arc::new(gateway.upstreams.values().cloned().collect());
+    let checks_client = gateway.client.clone();
+    let background = gateway.clone();
     let router = Router::new()
         .route("/health", get(get_health))
         .route("/api/health", get(get_health))
@@ -149,12 +137,36 @@ pub fn app_with_upstreams(
         .route("/api/v1/stats", get(get_stats))
         .fallback(forward)
         .with_state(gateway);
-    let metrics = kit::metrics::Metrics::new(NAME);
-    Ok(App::new(
-        NAME,
-        kit::http::with_standard_layers(router, &settings.http, &metrics),
-        None,
-    ))
+    let mut router = kit::http::with_standard_layers(router, &settings.http, &metrics);
+    // Outermost: preflights are answered before anything else, and every answer (a 429 too)
+    // carries the CORS headers an allowed origin needs to read it.
+    if let Some(cors) = cors.layer()? {
+        router = router.layer(cors);
+    }
+    let mut app = App::new(NAME, router, None).with_metrics(&metrics);
+    if health_check.enabled {
+        app = app.with_task(move |stop| {
+            tokio::spawn(upstream::run_health_checks(
+                checked,
+                checks_client,
+                health_check,
+                stop,
+            ))
+        });
+    }
+    // Local limit state of clients idle for a while is forgotten, so many addresses cannot
+    // grow it without bound.
+    Ok(app.with_task(move |stop| {
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => background.limits.shrink(),
+                    () = stop.cancelled() => return,
+                }
+            }
+        })
+    }))
 }
 
 /// Headers that describe one connection, not the request; never forwarded (RFC 9110 7.6.1).
@@ -245,6 +257,26 @@ async fn forward(State(gateway): State<Arc<Gateway>>, mut request: Request) -> R
             );
         }
     };
+    let class = Class::of(request.method(), &target.path);
+    let verdict = gateway
+        .limits
+        .check(
+            class,
+            client_ip(&gateway, &request),
+            caller.as_ref().map(|c| c.user_id),
+        )
+        .await;
+    if let Some(verdict) = verdict.as_ref().filter(|v| !v.allowed) {
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            verdict.detail(),
+        )
+        .into_response();
+        verdict.write_headers(response.headers_mut());
+        response.extensions_mut().insert(route);
+        return response;
+    }
     let access = policy::access(&service, request.method(), &target.path);
     match policy::decide(gateway.mode, access, caller) {
         policy::Decision::Forward => {}
@@ -272,10 +304,32 @@ async fn forward(State(gateway): State<Arc<Gateway>>, mut request: Request) -> R
     if let Ok(value) = HeaderValue::from_str(gateway.service_token.expose()) {
         headers.insert(kit::auth::SERVICE_TOKEN_HEADER.clone(), value);
     }
-    let mut response = proxy(&gateway, service, target.path, request).await;
+    let mut response = proxy(&gateway, service, &route.0, target.path, request).await;
+    if let Some(verdict) = &verdict {
+        verdict.write_headers(response.headers_mut());
+    }
     // Metrics label the request by the route table entry (axum matched no template).
     response.extensions_mut().insert(route);
     response
+}
+
+/// The client's address: the peer's, or (behind a trusted proxy) the last address that proxy
+/// appended to `X-Forwarded-For`.
+fn client_ip(gateway: &Gateway, request: &Request) -> Option<std::net::IpAddr> {
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip())?;
+    if !gateway.trusted_proxies.contains(&peer) {
+        return Some(peer);
+    }
+    let forwarded = request
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|ip| ip.trim().parse().ok());
+    Some(forwarded.unwrap_or(peer))
 }
 
 /// The token of `Authorization: Bearer <token>`; `None` without the header, `Err` for any other
@@ -291,8 +345,14 @@ fn bearer_token(headers: &HeaderMap) -> Option<Result<&str, ()>> {
 }
 
 /// Sends `request` to a replica of `service` as `path` (and its query), trying the next replica
-/// for idempotent requests.
-async fn proxy(gateway: &Gateway, service: String, path: String, request: Request) -> Response {
+/// for idempotent requests; `route` is the route table entry (for metrics).
+async fn proxy(
+    gateway: &Gateway,
+    service: String,
+    route: &str,
+    path: String,
+    request: Request,
+) -> Response {
     let Some(upstream) = gateway.upstreams.get(&service) else {
         return ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -332,21 +392,40 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
     if let Some(host) = parts.headers.remove(header::HOST) {
         parts.headers.insert("x-forwarded-host", host);
     }
+    // The trace goes on with the gateway's hop as the parent (the standard layers made sure the
+    // request has a context: the client's, or a new trace).
+    let trace = parts
+        .extensions
+        .get::<kit::trace::TraceContext>()
+        .copied()
+        .unwrap_or_else(kit::trace::TraceContext::generate);
+    parts.headers.insert(
+        kit::trace::TRACEPARENT.clone(),
+        trace.child().header_value(),
+    );
 
-    let attempts: Vec<usize> = if retryable(&parts.method) {
-        upstream.rotation().collect()
+    let order: Vec<usize> = upstream.rotation().collect();
+    let max_attempts = if retryable(&parts.method) {
+        order.len()
     } else {
-        upstream.rotation().take(1).collect()
+        1
     };
+    let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
     let mut body = Some(body);
     let mut last_error = None;
-    let last = attempts.len().saturating_sub(1);
-    for (attempt, replica) in attempts.into_iter().enumerate() {
-        let (base, outage) = (&upstream.urls[replica], &upstream.outages[replica]);
+    while tried.len() < max_attempts {
+        let Some(replica) = upstream.pick(&order, &tried) else {
+            break;
+        };
+        tried.push(replica);
+        let last = tried.len() == max_attempts;
+        let target = &upstream.replicas[replica];
+        let (base, outage) = (&target.url, &target.outage);
         let uri: Uri =
             match format!("{}{}", base.as_str().trim_end_matches('/'), path_and_query).parse() {
                 Ok(uri) => uri,
                 Err(err) => {
+                    upstream.record(replica, route, "error", false);
                     last_error = Some(anyhow::Error::from(err));
                     continue;
                 }
@@ -355,7 +434,7 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
         *outgoing.method_mut() = parts.method.clone();
         *outgoing.uri_mut() = uri;
         // Writes (one attempt) and the last retry take the headers instead of copying them.
-        *outgoing.headers_mut() = if attempt == last {
+        *outgoing.headers_mut() = if last {
             std::mem::take(&mut parts.headers)
         } else {
             parts.headers.clone()
@@ -367,6 +446,7 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
             {
                 Ok(result) => result,
                 Err(_) => {
+                    upstream.record(replica, route, "timeout", false);
                     outage.failed(&format_args!(
                         "no response within {:?}",
                         gateway.upstream_timeout
@@ -381,6 +461,7 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
             };
         match result {
             Ok(response) => {
+                upstream.record(replica, route, response.status().as_str(), true);
                 outage.succeeded();
                 tracing::debug!(
                     service = %service,
@@ -394,11 +475,28 @@ async fn proxy(gateway: &Gateway, service: String, path: String, request: Reques
                 return Response::from_parts(parts, Body::new(body));
             }
             Err(err) => {
+                upstream.record(replica, route, "error", false);
                 // Logged once per outage of this replica; each request's detail at debug.
                 outage.failed(&err);
                 last_error = Some(err.into());
             }
         }
+    }
+    if tried.is_empty() {
+        // Every replica's circuit is open: refused at once, without waiting on a dead replica.
+        upstream.rejected();
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_unavailable",
+            format!(
+                "The {service} service is unavailable (every replica failed recently); try again shortly"
+            ),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
     }
     ApiError::new(
         StatusCode::BAD_GATEWAY,
@@ -414,12 +512,13 @@ async fn get_health(State(gateway): State<Arc<Gateway>>) -> Response {
     let client = &gateway.client;
     let probes = gateway.upstreams.iter().flat_map(|(name, upstream)| {
         upstream
-            .urls
+            .replicas
             .iter()
             .enumerate()
-            .map(move |(i, url)| async move {
+            .map(move |(i, replica)| async move {
                 let started = Instant::now();
-                let up = probe(client, url).await;
+                let up =
+                    upstream::probe(client, &replica.url, "/health", Duration::from_secs(2)).await;
                 let url = i + 1;
                 (name.clone(), url, up, started.elapsed())
             })
@@ -460,18 +559,6 @@ async fn get_health(State(gateway): State<Arc<Gateway>>) -> Response {
         .into_response()
 }
 
-async fn probe(client: &Client<HttpConnector, Body>, base: &Url) -> bool {
-    let Ok(uri) = format!("{}/health", base.as_str().trim_end_matches('/')).parse::<Uri>() else {
-        return false;
-    };
-    let request = Request::get(uri).body(Body::empty());
-    let Ok(request) = request else { return false };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), client.request(request)).await,
-        Ok(Ok(response)) if response.status().is_success()
-    )
-}
-
 /// `/api/v1/stats`: every service's own `/api/v1/stats` (one replica each, in turn), side by
 /// side; a service that does not answer in 2 s shows `{"status": "unavailable"}`, one that has
 /// no stats (the worker) is left out.
@@ -479,7 +566,7 @@ async fn get_stats(State(gateway): State<Arc<Gateway>>) -> Response {
     let client = &gateway.client;
     let calls = gateway.upstreams.iter().map(|(name, upstream)| async move {
         let replica = upstream.rotation().next().unwrap_or_default();
-        let base = &upstream.urls[replica];
+        let base = &upstream.replicas[replica].url;
         let stats = async {
             let uri: Uri = format!("{}/api/v1/stats", base.as_str().trim_end_matches('/'))
                 .parse()

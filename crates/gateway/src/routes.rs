@@ -14,6 +14,14 @@ pub struct GatewaySettings {
     /// Peers (load balancers) whose `X-Forwarded-For` is kept and appended to; from anyone else
     /// it is replaced by the peer's address.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Requests per window per client address and per user, by route class.
+    pub rate_limit: crate::limits::RateLimitSettings,
+    /// Active checks of every replica.
+    pub health_check: crate::upstream::HealthCheckSettings,
+    /// The breaker of every replica.
+    pub circuit_breaker: crate::upstream::BreakerSettings,
+    /// Browsers on other origins.
+    pub cors: crate::cors::CorsSettings,
 }
 
 /// One entry of the route table.
@@ -32,6 +40,9 @@ impl GatewaySettings {
     /// Reads `[services.gateway]` and checks every route; errors name the key.
     pub fn load(settings: &Settings) -> Result<Self, ConfigError> {
         let gateway: GatewaySettings = settings.section(crate::NAME)?;
+        gateway.rate_limit.validate()?;
+        gateway.health_check.validate()?;
+        gateway.cors.layer()?;
         let invalid = |i: usize, field: &str, message: String| ConfigError::Invalid {
             key: format!("services.gateway.routes[{i}].{field}"),
             message,

@@ -388,12 +388,7 @@ async fn gateway_metrics_label_requests_by_route_table_entry() {
     let (_, _, _) = stack
         .send(reqwest::Method::GET, "/nowhere/at/all", None)
         .await;
-    let text = reqwest::get(stack.gateway.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = stack.gateway.metrics_text().await;
     assert!(
         text.contains("route=\"/users\""),
         "labelled by the matched prefix: {text}"
@@ -454,8 +449,8 @@ async fn forwarded_for_is_the_real_peer_unless_a_trusted_proxy_sent_it() {
     }
 }
 
-/// A replica that is gone fails many requests, but is logged once when it goes away (and once
-/// when it is back), not once per request.
+/// A replica that is gone fails a few writes (writes are not retried) until its circuit opens,
+/// then none; it is logged when it goes away (and when its circuit opens), not once per request.
 #[tokio::test]
 async fn a_dead_replica_is_logged_once_not_per_request() {
     let stack = spawn_stack(1, &["http://127.0.0.1:1"]).await;
@@ -473,14 +468,18 @@ async fn a_dead_replica_is_logged_once_not_per_request() {
         failed += usize::from(status == 502);
     }
     assert!(
-        failed >= 50,
-        "half the writes reach the dead replica: {failed}"
+        (1..=5).contains(&failed),
+        "writes reach the dead replica until its circuit opens (5 failures): {failed}"
     );
     let lines = logs.lines();
     let warnings: Vec<&String> = lines.iter().filter(|l| l.contains("WARN")).collect();
     let errors = lines.iter().filter(|l| l.contains("ERROR")).count();
+    // Down once, its circuit opened once, and (if a health check ran meanwhile) out of the
+    // rotation once: each about the dead replica.
     assert!(
-        warnings.len() == 1 && warnings[0].contains("127.0.0.1:1") && errors == 0,
+        (1..=3).contains(&warnings.len())
+            && warnings.iter().all(|w| w.contains("127.0.0.1:1"))
+            && errors == 0,
         "{failed} failed requests:\n{}",
         lines.join("\n")
     );

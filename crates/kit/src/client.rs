@@ -6,18 +6,19 @@
 //! - Replicas taken round-robin; a call that may be repeated (a read, or a write the neighbour
 //!   makes idempotent, like a reservation by order id) is tried once more on the next replica
 //!   after a failure that says nothing happened or may be repeated (no answer, 502/503/504).
-//! - A circuit breaker per neighbour: after [`BREAKER_FAILURES`] failures in a row it opens and
+//! - A circuit breaker per neighbour ([`crate::breaker`]): after [`BREAKER_FAILURES`] failures in a row it opens and
 //!   calls fail at once for [`BREAKER_OPEN`]; then one call is let through to probe, and a success
 //!   closes it. So a dead neighbour costs nothing per request and is found again by itself.
 //! - Outages are logged by state change ([`crate::outage`]).
+//! - The `traceparent` of the request being served is sent on, as a child span
+//!   ([`crate::trace`]), so one trace id follows a request across services.
 //!
 //! Failures come back as [`CallError`]: `Unavailable` (the neighbour is down or slow: answer 503
 //! `dependency_unavailable`), or `Refused` with the neighbour's status and problem body (a 4xx
 //! the caller turns into its own error).
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::http::StatusCode;
@@ -25,6 +26,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
+use crate::breaker::{Breaker, BreakerPolicy};
 use crate::error::Problem;
 use crate::outage::Outage;
 
@@ -101,7 +103,10 @@ impl ServiceClient {
             urls,
             next: AtomicUsize::new(0),
             http,
-            breaker: Breaker::default(),
+            breaker: Breaker::new(BreakerPolicy {
+                failures: BREAKER_FAILURES,
+                open_for: BREAKER_OPEN,
+            }),
             outage: Outage::new(format!("{service} service (called)")),
             headers: reqwest::header::HeaderMap::new(),
         })
@@ -212,6 +217,10 @@ impl ServiceClient {
             .http
             .request(method.clone(), &url)
             .headers(self.headers.clone());
+        // The trace of the request being served goes on, with this call as a new span.
+        if let Some(ctx) = crate::trace::TraceContext::current() {
+            request = request.header(&crate::trace::TRACEPARENT, ctx.child().header_value());
+        }
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -234,84 +243,11 @@ enum Answer {
     Refused(StatusCode, Option<Problem>),
 }
 
-/// Closed → (N failures in a row) → open for [`BREAKER_OPEN`] → one probe → closed or open again.
-#[derive(Debug, Default)]
-struct Breaker {
-    state: Mutex<BreakerState>,
-}
-
-#[derive(Debug, Default)]
-struct BreakerState {
-    failures: u32,
-    open_until: Option<Instant>,
-    probing: bool,
-}
-
-impl Breaker {
-    fn allow(&self) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match state.open_until {
-            None => true,
-            Some(until) if Instant::now() < until => false,
-            // Half-open: one call probes; the others wait for its verdict.
-            Some(_) if state.probing => false,
-            Some(_) => {
-                state.probing = true;
-                true
-            }
-        }
-    }
-
-    fn record(&self, success: bool) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.probing = false;
-        if success {
-            state.failures = 0;
-            state.open_until = None;
-            return;
-        }
-        state.failures = state.failures.saturating_add(1);
-        if state.failures >= BREAKER_FAILURES {
-            state.open_until = Some(Instant::now() + BREAKER_OPEN);
-        }
-    }
-
-    #[cfg(test)]
-    fn is_open(&self) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .open_until
-            .is_some()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_breaker_opens_after_failures_in_a_row_and_a_probe_closes_it() {
-        let breaker = Breaker::default();
-        for _ in 0..BREAKER_FAILURES - 1 {
-            assert!(breaker.allow());
-            breaker.record(false);
-        }
-        breaker.record(true);
-        assert!(!breaker.is_open(), "a success resets the count");
-        for _ in 0..BREAKER_FAILURES {
-            breaker.record(false);
-        }
-        assert!(
-            breaker.is_open() && !breaker.allow(),
-            "open: refused at once"
-        );
-        breaker.state.lock().expect("lock").open_until = Some(Instant::now());
-        assert!(breaker.allow(), "after the pause one probe goes through");
-        assert!(!breaker.allow(), "only one");
-        breaker.record(true);
-        assert!(!breaker.is_open() && breaker.allow(), "the probe closed it");
-    }
+    use crate::breaker::Circuit;
+    use std::time::Instant;
 
     #[tokio::test]
     async fn a_dead_neighbour_is_unavailable_and_then_refused_at_once() {
@@ -326,7 +262,7 @@ mod tests {
             assert!(matches!(err, CallError::Unavailable { .. }), "{err}");
         }
         assert!(
-            client.breaker.is_open(),
+            client.breaker.state() == Circuit::Open,
             "3 reads tried twice each opened it"
         );
         let started = Instant::now();

@@ -28,6 +28,8 @@ pub struct Settings {
     pub bus: BusSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    /// Where `/metrics` is served: a private listener per service, not the public port.
+    pub metrics: MetricsSettings,
     /// Accounts and tokens: mode, issuer, audience, keys (see [`crate::auth`]).
     pub auth: crate::auth::AuthSettings,
     pub services: BTreeMap<String, ServiceSettings>,
@@ -111,6 +113,18 @@ pub struct HttpSettings {
     pub shutdown_grace_secs: u64,
 }
 
+/// The private listener of `/metrics` (one per service process).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Interface of the metrics listeners (loopback by default: only the machine itself, or a
+    /// Prometheus beside it, scrapes).
+    pub host: IpAddr,
+    /// A service's metrics port is its port plus this, unless `services.<name>.metrics_port`
+    /// says otherwise; a service on port 0 (a free one) gets a free metrics port too.
+    pub port_offset: u16,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
@@ -137,6 +151,10 @@ pub struct ServiceSettings {
     /// PostgreSQL schema (default: the service name). Tests give each run its own.
     #[serde(default)]
     pub schema: Option<String>,
+    /// Where its `/metrics` is served (default: `port` + `metrics.port_offset`, on
+    /// `metrics.host`).
+    #[serde(default)]
+    pub metrics_port: Option<u16>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, figment::value::Value>,
 }
@@ -276,8 +294,21 @@ impl Settings {
         if self.cache.max_memory_mb == 0 {
             return Err(invalid("cache.max_memory_mb", "must be at least 1".into()));
         }
+        if self.metrics.port_offset == 0 {
+            return Err(invalid(
+                "metrics.port_offset",
+                "must be at least 1 (0 would put /metrics on the public port)".into(),
+            ));
+        }
         self.auth.validate()?;
         for (name, service) in &self.services {
+            let metrics = self.metrics_addr(name).port();
+            if metrics != 0 && metrics == service.port {
+                return Err(invalid(
+                    &format!("services.{name}.metrics_port"),
+                    format!("{metrics} is the service's public port"),
+                ));
+            }
             if let Some(schema) = &service.schema
                 && !is_identifier(schema)
             {
@@ -321,6 +352,19 @@ impl Settings {
     /// Where the service listens.
     pub fn bind_addr(&self, service: &str) -> SocketAddr {
         SocketAddr::new(self.host, self.service(service).port)
+    }
+
+    /// Where the service serves `/metrics`: `metrics.host`, and `services.<name>.metrics_port`
+    /// or its port plus `metrics.port_offset` (port 0, a free port, stays 0).
+    pub fn metrics_addr(&self, service: &str) -> SocketAddr {
+        let settings = self.service(service);
+        let port = settings
+            .metrics_port
+            .unwrap_or_else(|| match settings.port {
+                0 => 0,
+                port => port.saturating_add(self.metrics.port_offset),
+            });
+        SocketAddr::new(self.metrics.host, port)
     }
 
     /// The URLs the gateway (or another service) uses to reach `service`.
@@ -393,6 +437,11 @@ mod tests {
         assert!(settings.redis.url.is_none());
         assert_eq!(settings.cache.item_ttl_secs, 300);
         assert_eq!(settings.cache.list_ttl_secs, 60);
+        assert_eq!(
+            settings.metrics_addr("users"),
+            "127.0.0.1:9081".parse().expect("addr"),
+            "metrics on a private port: the service's plus metrics.port_offset"
+        );
     }
 
     #[test]

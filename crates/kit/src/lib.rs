@@ -2,6 +2,7 @@
 //! module imports a service.
 
 pub mod auth;
+pub mod breaker;
 pub mod bus;
 pub mod cache;
 pub mod client;
@@ -22,6 +23,7 @@ pub mod shutdown;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod trace;
 
 pub use cache::{Cache, Ttl};
 pub use config::Settings;

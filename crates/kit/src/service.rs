@@ -218,6 +218,7 @@ impl Deps {
             crate::http::with_standard_layers(router, &self.settings.http, &self.metrics),
             self.db.clone(),
         )
+        .with_metrics(&self.metrics)
     }
 }
 
@@ -233,12 +234,17 @@ pub struct App {
     /// Closed after the server and the tasks have stopped.
     pub db: Option<Db>,
     pub tasks: Vec<Task>,
+    /// `/metrics`, served on the private metrics listener when one is given
+    /// ([`App::spawn_with_metrics`]).
+    pub metrics: Option<Router>,
 }
 
 /// A service listening on a socket.
 pub struct Running {
     pub name: &'static str,
     pub addr: SocketAddr,
+    /// Where `/metrics` is served (the private listener), if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
     pub handle: JoinHandle<std::io::Result<()>>,
     /// Cancelled once the server has closed its listener and connections.
     pub stopped: CancellationToken,
@@ -256,7 +262,14 @@ impl App {
             router,
             db,
             tasks: Vec::new(),
+            metrics: None,
         }
+    }
+
+    /// Serves `metrics` at `/metrics` on the metrics listener.
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
+        self.metrics = Some(metrics.routes());
+        self
     }
 
     /// Runs `task` beside the server.
@@ -277,13 +290,55 @@ impl App {
         shutdown: &Shutdown,
         options: ServeOptions,
     ) -> std::io::Result<Running> {
+        self.spawn_with_metrics(listener, None, shutdown, options)
+    }
+
+    /// [`App::spawn`], and `/metrics` on `metrics` (a private listener: loopback, another port)
+    /// until the server has stopped.
+    pub fn spawn_with_metrics(
+        self,
+        listener: TcpListener,
+        metrics: Option<TcpListener>,
+        shutdown: &Shutdown,
+        options: ServeOptions,
+    ) -> std::io::Result<Running> {
         let addr = listener.local_addr()?;
         let App {
             name,
             router,
             db,
             tasks,
+            metrics: metrics_router,
         } = self;
+        let metrics_addr = match &metrics {
+            Some(listener) if metrics_router.is_some() => Some(listener.local_addr()?),
+            _ => None,
+        };
+        // The metrics listener lives as long as the service: it stops when the server has.
+        let metrics_stop = Shutdown::new();
+        if let (Some(listener), Some(router)) = (metrics, metrics_router) {
+            let stop = metrics_stop.clone();
+            let forced = shutdown.clone();
+            let options = ServeOptions {
+                drain: Duration::ZERO,
+                grace: Duration::from_secs(1),
+                ..options.clone()
+            };
+            let router = router.fallback(|| async { axum::http::StatusCode::NOT_FOUND });
+            tokio::spawn(
+                async move {
+                    tokio::select! {
+                        result = crate::http::serve(listener, router, stop, options) => {
+                            if let Err(err) = result {
+                                tracing::warn!(error.message = %err, "the metrics listener failed");
+                            }
+                        }
+                        () = forced.forced() => {}
+                    }
+                }
+                .instrument(tracing::info_span!("metrics", service = name)),
+            );
+        }
         // Tasks (relay, consumers) run until the server has finished its requests, so what
         // those requests wrote to the outbox is still published.
         let tasks_stop = CancellationToken::new();
@@ -300,6 +355,7 @@ impl App {
             async move {
                 let server_stopped = stopped.drop_guard();
                 let result = crate::http::serve(listener, router, shutdown.clone(), options).await;
+                metrics_stop.begin();
                 drop(server_stopped);
                 tasks_stop.cancel();
                 let tasks = futures::future::join_all(tasks);
@@ -323,6 +379,7 @@ impl App {
         Ok(Running {
             name,
             addr,
+            metrics_addr,
             handle,
             stopped,
         })

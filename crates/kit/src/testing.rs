@@ -167,6 +167,8 @@ impl KitFixture {
 /// A service serving on `127.0.0.1:<random port>` for one test; stops when dropped.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
+    /// The private listener of `/metrics` (another free loopback port), when the app has one.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub shutdown: Shutdown,
     pub client: reqwest::Client,
     /// The service credential of the test's settings: the request helpers below send it on
@@ -177,17 +179,30 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Serves `app` on a free loopback port.
+    /// Serves `app` on a free loopback port, and its `/metrics` on another.
     pub async fn start(app: App, settings: &Settings) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_on(app, settings, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Serves `app` on `addr` (a port of a server that was stopped, say), its `/metrics` on a
+    /// free loopback port.
+    pub async fn start_on(app: App, settings: &Settings, addr: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .expect("bind");
+            .expect("bind metrics");
         let shutdown = Shutdown::new();
         let running = app
-            .spawn(listener, &shutdown, ServeOptions::from(&settings.http))
+            .spawn_with_metrics(
+                listener,
+                Some(metrics),
+                &shutdown,
+                ServeOptions::from(&settings.http),
+            )
             .expect("serve");
         Self {
             addr: running.addr,
+            metrics_addr: running.metrics_addr,
             shutdown,
             client: reqwest::Client::new(),
             service_token: settings
@@ -201,6 +216,24 @@ impl TestServer {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `path` on the private metrics listener (`/metrics`).
+    pub fn metrics_url(&self, path: &str) -> String {
+        let addr = self.metrics_addr.expect("the app serves metrics");
+        format!("http://{addr}{path}")
+    }
+
+    /// The text of `/metrics` (from the private listener).
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.metrics_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics answered")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     /// `method path`, with the service credential when `path` is internal.
@@ -277,6 +310,16 @@ impl TestServer {
         let response = self.get(path).await;
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or_default())
+    }
+
+    /// Stops the server at once, as a crash would: the listener and every open connection are
+    /// dropped mid-request, nothing drains. Returns the address it served, free again.
+    pub async fn kill(mut self) -> std::net::SocketAddr {
+        if let Some(running) = self.running.take() {
+            running.handle.abort();
+            let _ = running.handle.await;
+        }
+        self.addr
     }
 
     /// Stops accepting, drains, and waits for the server to end.

@@ -542,10 +542,13 @@ impl Drop for Process {
 }
 
 /// Agora on PostgreSQL and Redis: the gateway the load goes through, and the users service
-/// whose `/metrics` tells whether the cache is in service.
+/// whose `/metrics` (on its private metrics listener, `users_metrics`) tells whether the cache
+/// is in service.
 pub struct Agora {
     pub gateway: String,
     pub users: String,
+    /// The users service's metrics listener (`/metrics` is not on its public port).
+    pub users_metrics: String,
     processes: Vec<Process>,
     dir: TempDir,
 }
@@ -590,6 +593,7 @@ impl Agora {
         let mut agora = Self {
             gateway: String::new(),
             users: String::new(),
+            users_metrics: String::new(),
             processes: Vec::new(),
             dir,
         };
@@ -601,11 +605,21 @@ impl Agora {
                     command.env(format!("AGORA_SERVICES__{service}__PORT"), "0");
                 }
                 let lines = agora.spawn("up", command, 5).await;
+                // `  users    http://127.0.0.1:P   (metrics http://127.0.0.1:M/metrics)`
                 for line in lines {
-                    if let Some((name, addr)) = line.trim().split_once(" http://") {
+                    if let Some((name, rest)) = line.trim().split_once(" http://") {
+                        let addr = rest.split_whitespace().next().unwrap_or_default();
+                        let metrics = rest
+                            .split_once("(metrics http://")
+                            .map(|(_, m)| m.trim_end_matches(')').trim_end_matches("/metrics"));
                         match name.trim() {
-                            "gateway" => agora.gateway = format!("http://{}", addr.trim()),
-                            "users" => agora.users = format!("http://{}", addr.trim()),
+                            "gateway" => agora.gateway = format!("http://{addr}"),
+                            "users" => {
+                                agora.users = format!("http://{addr}");
+                                if let Some(metrics) = metrics {
+                                    agora.users_metrics = format!("http://{metrics}");
+                                }
+                            }
                             _ => {}
                         }
                     }
@@ -614,8 +628,12 @@ impl Agora {
             Topology::Serve => {
                 let mut command = agora.command("serve", &env);
                 command.args(["users", "--port", "0"]);
-                let line = agora.spawn("users", command, 1).await;
-                agora.users = listening_url(&line[0]);
+                // "users listening on http://…", then "users metrics on http://…/metrics".
+                let lines = agora.spawn("users", command, 2).await;
+                agora.users = listening_url(&lines[0]);
+                agora.users_metrics = listening_url(&lines[1])
+                    .trim_end_matches("/metrics")
+                    .to_owned();
                 let mut command = agora.command("serve", &env);
                 command
                     .args(["gateway", "--port", "0"])
@@ -642,7 +660,7 @@ impl Agora {
             }
         }
         assert!(
-            !agora.gateway.is_empty() && !agora.users.is_empty(),
+            !agora.gateway.is_empty() && !agora.users.is_empty() && !agora.users_metrics.is_empty(),
             "agora printed the gateway's and the users service's addresses"
         );
         agora
@@ -654,6 +672,7 @@ impl Agora {
         Self {
             gateway: String::new(),
             users: String::new(),
+            users_metrics: String::new(),
             processes: Vec::new(),
             dir: tempfile::tempdir().expect("temp dir"),
         }
@@ -753,6 +772,11 @@ impl Agora {
             {
                 command.env_remove(key);
             }
+        }
+        // Metrics listeners on free ports: a service's port plus the offset (the default) could
+        // be another test's, or out of range.
+        for service in ["GATEWAY", "USERS", "CATALOG", "ORDERS", "WORKER"] {
+            command.env(format!("AGORA_SERVICES__{service}__METRICS_PORT"), "0");
         }
         command.envs(env.iter().map(|(k, v)| (k, v)));
         command

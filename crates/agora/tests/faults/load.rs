@@ -157,7 +157,7 @@ pub async fn classify(response: reqwest::Result<reqwest::Response>) -> (Outcome,
 
 impl Load {
     /// Starts the clients against `gateway`, reading user `known` (3 reads to 1 create), and
-    /// the sampler of `users`'s `/metrics`.
+    /// the sampler of the users service's `/metrics` (`users`: its metrics listener).
     pub fn start(gateway: &str, users: &str, known: i64) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::default());

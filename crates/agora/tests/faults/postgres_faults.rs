@@ -42,7 +42,7 @@ async fn postgres_fault(fault: Fault, topology: Topology) {
     let known = system.cached_user("Known").await;
     let load = Load::start(
         &system.agora.gateway,
-        &system.agora.users,
+        &system.agora.users_metrics,
         known["id"].as_i64().expect("an id"),
     );
     tokio::time::sleep(WARM).await;

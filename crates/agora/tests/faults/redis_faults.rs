@@ -52,7 +52,7 @@ async fn redis_fault(fault: Fault, topology: Topology) {
 
     let load = Load::start(
         &system.agora.gateway,
-        &system.agora.users,
+        &system.agora.users_metrics,
         known["id"].as_i64().expect("an id"),
     );
     tokio::time::sleep(WARM).await;

@@ -33,13 +33,14 @@ use crate::metrics::Metrics;
 /// The request id header, generated when absent and forwarded on every hop.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Adds `/metrics` and wraps `router` in the standard stack, outermost first: `/ready` while
-/// stopping → request id → trace span → request id on the response → problem bodies → `%00`
-/// refused → metrics → panic → timeout (408) → body limit (413).
+/// Wraps `router` in the standard stack, outermost first: `/ready` while stopping → request id →
+/// trace context (`traceparent`, [`crate::trace`]) → trace span → request id on the response →
+/// problem bodies → `%00` refused → metrics → panic → timeout (408) → body limit (413).
+/// `/metrics` is not among the routes: it is served on the private metrics listener
+/// ([`crate::service::App::with_metrics`]).
 pub fn with_standard_layers(router: Router, http: &HttpSettings, metrics: &Metrics) -> Router {
     // `Router::layer` wraps what came before, so the last call is the outermost layer.
     router
-        .merge(metrics.routes())
         .layer(axum::extract::DefaultBodyLimit::max(http.body_limit_bytes))
         .layer(RequestBodyLimitLayer::new(http.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(
@@ -62,17 +63,24 @@ pub fn with_standard_layers(router: Router, http: &HttpSettings, metrics: &Metri
                         .get(&X_REQUEST_ID)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default();
+                    let trace_id = req
+                        .extensions()
+                        .get::<crate::trace::TraceContext>()
+                        .map(crate::trace::TraceContext::trace_id_hex)
+                        .unwrap_or_default();
                     tracing::info_span!(
                         "request",
                         method = %req.method(),
                         path = %req.uri().path(),
                         request_id = %request_id,
+                        trace_id = %trace_id,
                     )
                 })
                 // The problem layer logs every server error once, at the level it deserves (a
                 // dependency's outage is not an error per request); this would repeat each one.
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
+        .layer(middleware::from_fn(crate::trace::layer))
         .layer(SetRequestIdLayer::new(
             X_REQUEST_ID.clone(),
             MakeRequestUuid,

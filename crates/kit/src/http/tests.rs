@@ -336,3 +336,67 @@ async fn an_encoded_nul_in_the_path_or_query_is_400() {
         assert!(problem["request_id"].is_string(), "{problem}");
     }
 }
+
+/// A service calling another with [`crate::client::ServiceClient`] sends the trace of the
+/// request it serves on: same trace id, its own span as the parent.
+#[tokio::test]
+async fn a_service_to_service_call_carries_the_trace_on() {
+    // The neighbour answers with the traceparent it received.
+    let neighbour = Router::new().route(
+        "/seen",
+        get(|headers: axum::http::HeaderMap| async move {
+            let value = headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            axum::Json(serde_json::json!({ "traceparent": value }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let shutdown = Shutdown::new();
+    let neighbour = App::new("neighbour", neighbour, None)
+        .spawn(listener, &shutdown, options(Duration::from_secs(5)))
+        .expect("serve");
+    let url = url::Url::parse(&format!("http://{}", neighbour.addr)).expect("url");
+    let client = std::sync::Arc::new(
+        crate::client::ServiceClient::new("neighbour", vec![url], Duration::from_secs(2))
+            .expect("client"),
+    );
+    let caller = Router::new().route(
+        "/call",
+        get(move || {
+            let client = client.clone();
+            async move {
+                let seen: Option<serde_json::Value> =
+                    client.get_json("/seen").await.expect("answered");
+                axum::Json(seen.unwrap_or_default())
+            }
+        }),
+    );
+    let settings = crate::config::Settings::defaults();
+    let caller = crate::http::with_standard_layers(caller, &settings.http, &Metrics::new("c"));
+    let sent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let response = tower::ServiceExt::oneshot(
+        caller,
+        axum::http::Request::get("/call")
+            .header("traceparent", sent)
+            .body(axum::body::Body::empty())
+            .expect("request"),
+    )
+    .await
+    .expect("response");
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let forwarded = crate::trace::TraceContext::parse(seen["traceparent"].as_str().expect("text"))
+        .expect("a valid traceparent reached the neighbour");
+    let original = crate::trace::TraceContext::parse(sent).expect("valid");
+    assert_eq!(forwarded.trace_id, original.trace_id);
+    assert_ne!(forwarded.parent_id, original.parent_id);
+    shutdown.force();
+}

@@ -172,7 +172,8 @@ async fn readiness_reports_each_dependency(backend: Backend) {
     assert_eq!(ready["checks"]["database"]["status"], "down");
 }
 
-/// `/metrics` counts requests by matched route (not raw path) and status, and the cache.
+/// `/metrics` (on the private metrics listener, not the public port) counts requests by matched
+/// route (not raw path) and status, and the cache.
 #[tokio::test]
 async fn metrics_count_requests_by_route_and_the_cache() {
     let app = spawn_app(Backend::Sqlite).await;
@@ -181,7 +182,14 @@ async fn metrics_count_requests_by_route_and_the_cache() {
         app.get(&format!("/api/v1/users/{}", user["id"])).await;
     }
     app.get("/api/v1/users/999999").await;
-    let response = app.get("/metrics").await;
+    let public = app.get("/metrics").await;
+    assert_eq!(public.status(), 404, "not on the public port");
+    let response = app
+        .client
+        .get(app.metrics_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics");
     assert_eq!(response.status(), 200);
     let text = response.text().await.expect("text");
     let line = |needle: &[&str]| {

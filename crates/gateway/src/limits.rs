@@ -1,0 +1,689 @@
+//! Rate limits per client address and per signed-in user, per route class (`auth`: register and
+//! login; `read`: GET, HEAD, OPTIONS; `write`: the rest).
+//!
+//! - Embedded (no Redis): local limits, a keyed GCRA per class and scope ([`governor`]), so a
+//!   client gets `limit` requests per window with the budget refilling smoothly.
+//! - With Redis (`redis.url`): one fixed window per key shared by every gateway replica (`INCR`
+//!   and `PEXPIRE` in one script, keys `<redis.prefix>gateway:rl:<class>:<scope>:<who>`), so N
+//!   replicas do not give a client N budgets.
+//! - Redis down or slower than `redis.timeout_ms`: the local limits decide, never a 5xx; the
+//!   outage is logged when it starts and ends ([`kit::outage`]), and a background task tries
+//!   Redis again every `redis.retry_after_ms` while requests skip it.
+//!
+//! A refused request is 429 `rate_limited` with `Retry-After`, and every limited response carries
+//! `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers, structured fields:
+//! `"read-ip";q=1000;w=1` and `"read-ip";r=0;t=1`).
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
+use governor::clock::{Clock as _, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use kit::outage::Outage;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
+/// `[services.gateway.rate_limit]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// false: no limits at all.
+    pub enabled: bool,
+    /// Register and login (`/api/v1/auth/...` after rewriting): guessing passwords is slow.
+    pub auth: ClassLimits,
+    /// GET, HEAD and OPTIONS.
+    pub read: ClassLimits,
+    /// Every other method.
+    pub write: ClassLimits,
+}
+
+/// The budget of one route class: requests per window, per client address and per user (0 =
+/// no limit of that scope).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassLimits {
+    pub per_ip: u32,
+    pub per_user: u32,
+    pub window_secs: u64,
+}
+
+impl Default for RateLimitSettings {
+    // Generous: a client of the seeds' walkthroughs, a test suite or `agora bench` from one
+    // address never meets them; a flood from one address or one account does.
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            auth: ClassLimits {
+                per_ip: 300,
+                per_user: 300,
+                window_secs: 60,
+            },
+            read: ClassLimits {
+                per_ip: 20_000,
+                per_user: 20_000,
+                window_secs: 1,
+            },
+            write: ClassLimits {
+                per_ip: 10_000,
+                per_user: 10_000,
+                window_secs: 1,
+            },
+        }
+    }
+}
+
+impl RateLimitSettings {
+    pub fn validate(&self) -> Result<(), kit::config::ConfigError> {
+        for (name, class) in [
+            ("auth", &self.auth),
+            ("read", &self.read),
+            ("write", &self.write),
+        ] {
+            if class.window_secs == 0 || class.window_secs > 86_400 {
+                return Err(kit::config::ConfigError::Invalid {
+                    key: format!("services.gateway.rate_limit.{name}.window_secs"),
+                    message: "must be 1 to 86400".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which budget a request draws on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    Auth,
+    Read,
+    Write,
+}
+
+impl Class {
+    /// By the canonical path (after the route table's rewrite) and the method.
+    pub fn of(method: &Method, path: &str) -> Self {
+        if path == "/api/v1/auth" || path.starts_with("/api/v1/auth/") {
+            Class::Auth
+        } else if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+            Class::Read
+        } else {
+            Class::Write
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Class::Auth => "auth",
+            Class::Read => "read",
+            Class::Write => "write",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Whose budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Ip,
+    User,
+}
+
+impl Scope {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scope::Ip => "ip",
+            Scope::User => "user",
+        }
+    }
+}
+
+/// What the limits said about one request.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// The policy closest to its limit (the one refused, if any).
+    policy: String,
+    limit: u32,
+    window_secs: u64,
+    remaining: u32,
+    /// Seconds until the budget is back (refused) or the window resets (allowed).
+    reset_secs: u64,
+    pub allowed: bool,
+    /// "address" or "account", for the problem's detail.
+    pub scope: &'static str,
+}
+
+impl Verdict {
+    pub fn retry_after_secs(&self) -> u64 {
+        self.reset_secs.max(1)
+    }
+
+    pub fn detail(&self) -> String {
+        format!(
+            "Too many requests from this {}: {} per {} s; retry in {} s",
+            self.scope,
+            self.limit,
+            self.window_secs,
+            self.retry_after_secs()
+        )
+    }
+
+    /// Adds `RateLimit-Policy` and `RateLimit` (and `Retry-After` when refused).
+    pub fn write_headers(&self, headers: &mut HeaderMap) {
+        let policy = format!(
+            "\"{}\";q={};w={}",
+            self.policy, self.limit, self.window_secs
+        );
+        let state = format!(
+            "\"{}\";r={};t={}",
+            self.policy, self.remaining, self.reset_secs
+        );
+        if let (Ok(policy), Ok(state)) = (
+            HeaderValue::from_str(&policy),
+            HeaderValue::from_str(&state),
+        ) {
+            headers.insert(RATELIMIT_POLICY.clone(), policy);
+            headers.insert(RATELIMIT.clone(), state);
+        }
+        if !self.allowed {
+            headers.insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from(self.retry_after_secs()),
+            );
+        }
+    }
+}
+
+type Local<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
+
+/// The local limiters of one class.
+struct LocalClass {
+    limits: ClassLimits,
+    ip: Option<Local<IpAddr>>,
+    user: Option<Local<i64>>,
+}
+
+fn quota(limit: u32, window: Duration) -> Option<Quota> {
+    let burst = NonZeroU32::new(limit)?;
+    // `limit` requests per window, refilled one by one: one every window / limit.
+    let period = (window / limit).max(Duration::from_nanos(1));
+    Some(Quota::with_period(period)?.allow_burst(burst))
+}
+
+impl LocalClass {
+    fn new(limits: ClassLimits) -> Self {
+        let window = Duration::from_secs(limits.window_secs);
+        Self {
+            limits,
+            ip: quota(limits.per_ip, window)
+                .map(|q| RateLimiter::keyed(q).with_middleware::<StateInformationMiddleware>()),
+            user: quota(limits.per_user, window)
+                .map(|q| RateLimiter::keyed(q).with_middleware::<StateInformationMiddleware>()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitedLabels {
+    class: String,
+    scope: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    backend: String,
+}
+
+/// The gateway's rate limits.
+pub struct Limits {
+    enabled: bool,
+    local: [LocalClass; 3],
+    redis: Option<Arc<SharedLimits>>,
+    limited: Family<LimitedLabels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
+}
+
+impl Limits {
+    pub fn new(settings: &RateLimitSettings, kit: &kit::Settings) -> anyhow::Result<Self> {
+        let redis = match &kit.redis.url {
+            Some(url) if settings.enabled => Some(Arc::new(SharedLimits::new(url, kit)?)),
+            _ => None,
+        };
+        Ok(Self {
+            enabled: settings.enabled,
+            local: [
+                LocalClass::new(settings.auth),
+                LocalClass::new(settings.read),
+                LocalClass::new(settings.write),
+            ],
+            redis,
+            limited: Family::default(),
+            decisions: Family::default(),
+        })
+    }
+
+    pub fn register_metrics(&self, metrics: &kit::metrics::Metrics) {
+        metrics.register(
+            "gateway_rate_limited",
+            "Requests refused with 429, by route class and scope (ip or user)",
+            self.limited.clone(),
+        );
+        metrics.register(
+            "gateway_rate_limit_decisions",
+            "Rate-limit decisions by where they were made (redis: shared; local: this process)",
+            self.decisions.clone(),
+        );
+    }
+
+    /// Forgets the local state of clients idle for a window (bounded memory under many
+    /// addresses); run periodically.
+    pub fn shrink(&self) {
+        for class in &self.local {
+            if let Some(ip) = &class.ip {
+                ip.retain_recent();
+            }
+            if let Some(user) = &class.user {
+                user.retain_recent();
+            }
+        }
+    }
+
+    /// Draws one request of `class` from `ip`'s and `user`'s budgets; `None` when no limit
+    /// applies.
+    pub async fn check(
+        &self,
+        class: Class,
+        ip: Option<IpAddr>,
+        user: Option<i64>,
+    ) -> Option<Verdict> {
+        if !self.enabled {
+            return None;
+        }
+        let local = &self.local[class.index()];
+        let ip = ip.filter(|_| local.ip.is_some());
+        let user = user.filter(|_| local.user.is_some());
+        if ip.is_none() && user.is_none() {
+            return None;
+        }
+        if let Some(redis) = &self.redis
+            && let Some(verdict) = redis.check(class, local.limits, ip, user).await
+        {
+            self.count(&verdict, class, "redis");
+            return Some(verdict);
+        }
+        let verdict = self.check_local(class, ip, user);
+        if let Some(verdict) = &verdict {
+            self.count(verdict, class, "local");
+        }
+        verdict
+    }
+
+    fn count(&self, verdict: &Verdict, class: Class, backend: &str) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                backend: backend.to_owned(),
+            })
+            .inc();
+        if !verdict.allowed {
+            let scope = if verdict.scope == "account" {
+                "user"
+            } else {
+                "ip"
+            };
+            self.limited
+                .get_or_create(&LimitedLabels {
+                    class: class.as_str().to_owned(),
+                    scope: scope.to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    fn check_local(&self, class: Class, ip: Option<IpAddr>, user: Option<i64>) -> Option<Verdict> {
+        let local = &self.local[class.index()];
+        let mut verdicts = Vec::with_capacity(2);
+        if let (Some(limiter), Some(ip)) = (&local.ip, ip) {
+            verdicts.push(local_verdict(limiter, &ip, class, Scope::Ip, local.limits));
+        }
+        if let (Some(limiter), Some(user)) = (&local.user, user) {
+            verdicts.push(local_verdict(
+                limiter,
+                &user,
+                class,
+                Scope::User,
+                local.limits,
+            ));
+        }
+        tightest(verdicts)
+    }
+}
+
+fn limit_of(limits: ClassLimits, scope: Scope) -> u32 {
+    match scope {
+        Scope::Ip => limits.per_ip,
+        Scope::User => limits.per_user,
+    }
+}
+
+fn policy_name(class: Class, scope: Scope) -> String {
+    format!("{}-{}", class.as_str(), scope.as_str())
+}
+
+fn scope_word(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Ip => "address",
+        Scope::User => "account",
+    }
+}
+
+fn local_verdict<K: Clone + std::hash::Hash + Eq>(
+    limiter: &Local<K>,
+    key: &K,
+    class: Class,
+    scope: Scope,
+    limits: ClassLimits,
+) -> Verdict {
+    let limit = limit_of(limits, scope);
+    let window = Duration::from_secs(limits.window_secs);
+    let per_request = (window / limit.max(1)).max(Duration::from_nanos(1));
+    let (allowed, remaining, reset) = match limiter.check_key(key) {
+        Ok(snapshot) => {
+            let remaining = snapshot.remaining_burst_capacity();
+            // Until the budget is full again.
+            (
+                true,
+                remaining,
+                per_request * (limit - remaining.min(limit)),
+            )
+        }
+        Err(not_until) => (false, 0, not_until.wait_time_from(limiter.clock().now())),
+    };
+    Verdict {
+        policy: policy_name(class, scope),
+        limit,
+        window_secs: limits.window_secs,
+        remaining,
+        reset_secs: reset.as_secs_f64().ceil() as u64,
+        allowed,
+        scope: scope_word(scope),
+    }
+}
+
+/// A refusal wins; otherwise the policy with the least left.
+fn tightest(verdicts: Vec<Verdict>) -> Option<Verdict> {
+    verdicts
+        .into_iter()
+        .min_by_key(|v| (v.allowed, v.remaining))
+}
+
+/// Fixed windows in Redis: every key's count and how long its window has left, in one round trip.
+const WINDOW_SCRIPT: &str = r"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local n = redis.call('INCR', key)
+  local ttl = redis.call('PTTL', key)
+  if n == 1 or ttl < 0 then
+    redis.call('PEXPIRE', key, ARGV[i])
+    ttl = tonumber(ARGV[i])
+  end
+  out[#out + 1] = n
+  out[#out + 1] = ttl
+end
+return out
+";
+
+/// Limits shared by the gateway replicas through Redis.
+struct SharedLimits {
+    client: redis::Client,
+    script: redis::Script,
+    prefix: String,
+    timeout: Duration,
+    retry_after: Duration,
+    live: RwLock<Option<MultiplexedConnection>>,
+    first: tokio::sync::OnceCell<()>,
+    recovering: AtomicBool,
+    outage: Outage,
+}
+
+impl SharedLimits {
+    fn new(url: &str, settings: &kit::Settings) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        Ok(Self {
+            client: redis::Client::open(url).context("parsing redis.url")?,
+            script: redis::Script::new(WINDOW_SCRIPT),
+            prefix: format!("{}gateway:rl:", settings.redis.prefix),
+            timeout: Duration::from_millis(settings.redis.timeout_ms.max(1)),
+            retry_after: Duration::from_millis(settings.redis.retry_after_ms.max(1)),
+            live: RwLock::new(None),
+            first: tokio::sync::OnceCell::new(),
+            recovering: AtomicBool::new(false),
+            outage: Outage::new("rate limits (redis; local limits meanwhile)"),
+        })
+    }
+
+    fn live(&self) -> Option<MultiplexedConnection> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
+        use anyhow::Context as _;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let mut conn = tokio::time::timeout(
+            self.timeout * 2,
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .context("connecting to redis timed out")?
+        .context("connecting to redis")?;
+        tokio::time::timeout(
+            self.timeout,
+            redis::cmd("PING").query_async::<()>(&mut conn),
+        )
+        .await
+        .context("redis did not answer PING in time")?
+        .context("redis PING failed")?;
+        Ok(conn)
+    }
+
+    /// Out of service after `err`: requests use the local limits while one task reconnects.
+    fn went_down(self: &Arc<Self>, err: &dyn std::fmt::Display) {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.outage.failed(err);
+        if self.recovering.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(this.retry_after).await;
+                match this.connect().await {
+                    Ok(conn) => {
+                        *this.live.write().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+                        this.recovering.store(false, Ordering::SeqCst);
+                        this.outage.succeeded();
+                        return;
+                    }
+                    Err(err) => {
+                        this.outage.failed(&format_args!("{err:#}"));
+                    }
+                }
+            }
+        });
+    }
+
+    async fn check(
+        self: &Arc<Self>,
+        class: Class,
+        limits: ClassLimits,
+        ip: Option<IpAddr>,
+        user: Option<i64>,
+    ) -> Option<Verdict> {
+        if self.live().is_none() && !self.recovering.load(Ordering::SeqCst) {
+            // The first request waits for the first connection (one attempt, shared).
+            self.first
+                .get_or_init(|| async {
+                    match self.connect().await {
+                        Ok(conn) => {
+                            *self.live.write().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+                        }
+                        Err(err) => self.went_down(&format_args!("{err:#}")),
+                    }
+                })
+                .await;
+        }
+        let mut conn = self.live()?;
+        let window_ms = limits.window_secs * 1000;
+        let mut scopes = Vec::with_capacity(2);
+        let mut invocation = self.script.prepare_invoke();
+        if let Some(ip) = ip {
+            scopes.push(Scope::Ip);
+            invocation
+                .key(format!("{}{}:ip:{ip}", self.prefix, class.as_str()))
+                .arg(window_ms);
+        }
+        if let Some(user) = user {
+            scopes.push(Scope::User);
+            invocation
+                .key(format!("{}{}:user:{user}", self.prefix, class.as_str()))
+                .arg(window_ms);
+        }
+        let result =
+            tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut conn))
+                .await;
+        let counts = match result {
+            Ok(Ok(counts)) if counts.len() == scopes.len() * 2 => counts,
+            Ok(Ok(counts)) => {
+                self.went_down(&format_args!("unexpected answer {counts:?}"));
+                return None;
+            }
+            Ok(Err(err)) => {
+                self.went_down(&err);
+                return None;
+            }
+            Err(_) => {
+                self.went_down(&format_args!("no answer within {:?}", self.timeout));
+                return None;
+            }
+        };
+        self.outage.succeeded();
+        let verdicts = scopes
+            .iter()
+            .zip(counts.chunks(2))
+            .map(|(scope, pair)| {
+                let limit = limit_of(limits, *scope);
+                let count = u64::try_from(pair[0]).unwrap_or(u64::MAX);
+                let ttl_ms = u64::try_from(pair[1]).unwrap_or(window_ms);
+                Verdict {
+                    policy: policy_name(class, *scope),
+                    limit,
+                    window_secs: limits.window_secs,
+                    remaining: u32::try_from(u64::from(limit).saturating_sub(count)).unwrap_or(0),
+                    reset_secs: ttl_ms.div_ceil(1000),
+                    allowed: count <= u64::from(limit),
+                    scope: scope_word(*scope),
+                }
+            })
+            .collect();
+        tightest(verdicts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(per_ip: u32) -> RateLimitSettings {
+        let class = ClassLimits {
+            per_ip,
+            per_user: per_ip,
+            window_secs: 60,
+        };
+        RateLimitSettings {
+            enabled: true,
+            auth: class,
+            read: class,
+            write: class,
+        }
+    }
+
+    #[tokio::test]
+    async fn local_limits_refuse_the_request_past_the_budget_with_a_retry_time() {
+        let limits = Limits::new(&settings(3), &kit::Settings::defaults()).expect("limits");
+        let ip = Some("192.0.2.1".parse().expect("ip"));
+        for i in 0..3 {
+            let verdict = limits.check(Class::Read, ip, None).await.expect("limited");
+            assert!(verdict.allowed, "request {i}");
+            assert_eq!(verdict.remaining, 2 - i);
+        }
+        let refused = limits.check(Class::Read, ip, None).await.expect("limited");
+        assert!(!refused.allowed);
+        assert!(
+            (1..=20).contains(&refused.retry_after_secs()),
+            "{refused:?}"
+        );
+        let other = Some("192.0.2.2".parse().expect("ip"));
+        assert!(
+            limits
+                .check(Class::Read, other, None)
+                .await
+                .expect("v")
+                .allowed,
+            "per address"
+        );
+        assert!(
+            limits
+                .check(Class::Write, ip, None)
+                .await
+                .expect("v")
+                .allowed,
+            "per class"
+        );
+        let mut headers = HeaderMap::new();
+        refused.write_headers(&mut headers);
+        assert_eq!(headers["ratelimit-policy"], "\"read-ip\";q=3;w=60");
+        assert!(
+            headers["ratelimit"]
+                .to_str()
+                .expect("text")
+                .starts_with("\"read-ip\";r=0;t=")
+        );
+        assert!(headers.contains_key("retry-after"));
+    }
+
+    #[tokio::test]
+    async fn disabled_or_zero_limits_never_refuse() {
+        let mut off = settings(1);
+        off.enabled = false;
+        let limits = Limits::new(&off, &kit::Settings::defaults()).expect("limits");
+        let ip = Some("192.0.2.1".parse().expect("ip"));
+        assert!(limits.check(Class::Read, ip, Some(1)).await.is_none());
+        let limits = Limits::new(&settings(0), &kit::Settings::defaults()).expect("limits");
+        for _ in 0..10 {
+            assert!(limits.check(Class::Read, ip, Some(1)).await.is_none());
+        }
+    }
+
+    #[test]
+    fn classes_follow_the_canonical_path_and_method() {
+        assert_eq!(Class::of(&Method::POST, "/api/v1/auth/login"), Class::Auth);
+        assert_eq!(Class::of(&Method::GET, "/api/v1/users/1"), Class::Read);
+        assert_eq!(Class::of(&Method::DELETE, "/api/v1/users/1"), Class::Write);
+        assert_eq!(Class::of(&Method::POST, "/api/v1/authx"), Class::Write);
+    }
+}

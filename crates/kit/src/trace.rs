@@ -1,0 +1,189 @@
+//! W3C Trace Context (`traceparent`, <https://www.w3.org/TR/trace-context/>) on every hop.
+//!
+//! Every service's standard layers ([`crate::http::with_standard_layers`]) read the incoming
+//! `traceparent` (or start a trace when it is absent or invalid), put the trace id in the request
+//! span (so every log line of the request carries it), and keep the context for the request's
+//! task; the gateway and [`crate::client::ServiceClient`] send [`TraceContext::child`] of it on
+//! the calls they make, so one trace id follows a request gateway → service → service, and each
+//! hop names its own span as the parent of the next.
+
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::http::header::HeaderName;
+use axum::middleware::Next;
+use axum::response::Response;
+
+/// The header.
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// One hop's trace context: the trace it belongs to, the span that sent it, and the flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    /// The span of the caller (the parent of the receiver's span).
+    pub parent_id: [u8; 8],
+    pub flags: u8,
+}
+
+tokio::task_local! {
+    /// The context of the request this task serves (set by [`layer`]).
+    static CURRENT: TraceContext;
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    loop {
+        let random = uuid::Uuid::new_v4().into_bytes();
+        out.copy_from_slice(&random[..N]);
+        // All zeros is invalid in both fields.
+        if out.iter().any(|b| *b != 0) {
+            return out;
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != N * 2
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[i * 2..i * 2 + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+impl TraceContext {
+    /// A new trace (sampled), as the first hop starts it.
+    pub fn generate() -> Self {
+        Self {
+            trace_id: random_bytes(),
+            parent_id: random_bytes(),
+            flags: 0x01,
+        }
+    }
+
+    /// Parses a `traceparent` value; `None` for anything the spec says to ignore (another
+    /// length for version 00, upper-case hex, all-zero ids, version ff).
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.trim().split('-');
+        let version = parts.next()?;
+        let trace_id = unhex::<16>(parts.next()?)?;
+        let parent_id = unhex::<8>(parts.next()?)?;
+        let flags = unhex::<1>(parts.next()?)?[0];
+        let version = unhex::<1>(version)?[0];
+        // Version 00 has exactly four fields; later versions may add some.
+        if version == 0xff || (version == 0 && parts.next().is_some()) {
+            return None;
+        }
+        if trace_id.iter().all(|b| *b == 0) || parent_id.iter().all(|b| *b == 0) {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            parent_id,
+            flags,
+        })
+    }
+
+    /// The same trace, with a new span of this hop as the parent of the next.
+    pub fn child(&self) -> Self {
+        Self {
+            parent_id: random_bytes(),
+            ..*self
+        }
+    }
+
+    pub fn trace_id_hex(&self) -> String {
+        hex(&self.trace_id)
+    }
+
+    /// The `traceparent` value (version 00).
+    pub fn header_value(&self) -> HeaderValue {
+        let text = format!(
+            "00-{}-{}-{:02x}",
+            hex(&self.trace_id),
+            hex(&self.parent_id),
+            self.flags
+        );
+        HeaderValue::from_str(&text).expect("hex and dashes are a valid header value")
+    }
+
+    /// The context of the request the current task serves, if any.
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(|ctx| *ctx).ok()
+    }
+
+    /// The request's context: its valid `traceparent`, or a new trace.
+    pub fn of_request(headers: &axum::http::HeaderMap) -> Self {
+        headers
+            .get(&TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Self::parse)
+            .unwrap_or_else(Self::generate)
+    }
+}
+
+/// Middleware: makes sure the request carries a valid `traceparent` (a new trace when it had
+/// none or an invalid one), puts its context in the request's extensions and runs the rest of
+/// the request with it as [`TraceContext::current`].
+pub async fn layer(mut req: Request, next: Next) -> Response {
+    let ctx = TraceContext::of_request(req.headers());
+    req.headers_mut()
+        .insert(TRACEPARENT.clone(), ctx.header_value());
+    req.extensions_mut().insert(ctx);
+    CURRENT.scope(ctx, next.run(req)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_traceparent_round_trips_and_its_child_keeps_the_trace() {
+        let text = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ctx = TraceContext::parse(text).expect("valid");
+        assert_eq!(ctx.header_value(), text);
+        let child = ctx.child();
+        assert_eq!(child.trace_id, ctx.trace_id);
+        assert_ne!(child.parent_id, ctx.parent_id);
+        assert_eq!(child.flags, 1);
+        let generated = TraceContext::generate();
+        let parsed = TraceContext::parse(generated.header_value().to_str().expect("text"));
+        assert_eq!(parsed, Some(generated));
+    }
+
+    #[test]
+    fn invalid_traceparents_are_ignored() {
+        for bad in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+        ] {
+            assert_eq!(TraceContext::parse(bad), None, "{bad}");
+        }
+        assert!(
+            TraceContext::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra")
+                .is_some(),
+            "a later version may carry more fields"
+        );
+    }
+}
