@@ -18,8 +18,9 @@
 //! durable in the embedded mode too (the in-process bus keeps nothing), specific to the consumer
 //! that failed (a retry reaches no other consumer), and listable and retryable from any replica.
 //!
-//! The handler runs inside the transaction, which on SQLite holds the database's write lock: do
-//! slow remote calls before writing, and keep them idempotent (a failed attempt is retried).
+//! The handler runs inside the transaction, which holds a database connection (and on SQLite
+//! the database's write lock): slow remote calls belong in [`Handler::prepare`], which runs
+//! before the transaction opens, and must be idempotent (a failed attempt is retried).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +46,22 @@ pub trait Handler: Send + Sync + 'static {
     /// Applies `event`'s effects on `tx`; they commit together with the record that the message
     /// was handled. An error rolls both back and the message is retried.
     async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()>;
+
+    /// The slow part of handling `event`, before its transaction opens: remote calls, waits.
+    /// It must be safe to repeat (it runs again for a redelivery, and for a retry after the
+    /// transaction failed) and must not rely on running only once; the transaction that follows
+    /// re-reads what it needs under its locks. Keeping it outside means a database connection
+    /// is held only for the writes. Nothing by default.
+    async fn prepare(&self, _event: &Event) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Whether `event` can have an effect at all. An event that cannot (one the handler would
+    /// read and leave alone) is acked without a transaction and without recording it, so a
+    /// consumer of a busy topic pays nothing for the events it ignores. Every event by default.
+    fn wants(&self, _event: &Event) -> bool {
+        true
+    }
 
     /// Runs after the effects of `event` committed: what must follow a commit and may be lost
     /// without harm (waking the outbox relay for the events the handler wrote, invalidating a
@@ -76,6 +93,7 @@ struct ConsumerLabel {
 struct Counters {
     handled: Family<ConsumerLabel, Counter>,
     duplicates: Family<ConsumerLabel, Counter>,
+    ignored: Family<ConsumerLabel, Counter>,
     retried: Family<ConsumerLabel, Counter>,
     dead_lettered: Family<ConsumerLabel, Counter>,
 }
@@ -110,6 +128,8 @@ pub enum Outcome {
     Handled,
     /// Handled before: skipped.
     Duplicate,
+    /// Not wanted by the handler ([`Handler::wants`]): acked, nothing recorded.
+    Ignored,
     /// The handler failed; the message comes back after the back-off.
     Retry,
     /// Moved to the dead letters.
@@ -171,7 +191,7 @@ impl Consumer {
         }
     }
 
-    /// Exposes `agora_consumer_{handled,duplicates,retried,dead_lettered}_total{consumer}`.
+    /// Exposes `agora_consumer_{handled,duplicates,ignored,retried,dead_lettered}_total{consumer}`.
     pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
         let c = &self.inner.counters;
         metrics.register(
@@ -183,6 +203,11 @@ impl Consumer {
             "consumer_duplicates",
             "Redelivered messages skipped because they were handled before",
             c.duplicates.clone(),
+        );
+        metrics.register(
+            "consumer_ignored",
+            "Messages acked unhandled because the handler cannot act on them",
+            c.ignored.clone(),
         );
         metrics.register(
             "consumer_retried",
@@ -298,11 +323,11 @@ impl Inner {
             Err(Failure::Handler(err)) => (Outcome::Retry, Some(err)),
         };
         match outcome {
-            Outcome::Handled | Outcome::Duplicate => {
-                let counter = if outcome == Outcome::Handled {
-                    &self.counters.handled
-                } else {
-                    &self.counters.duplicates
+            Outcome::Handled | Outcome::Duplicate | Outcome::Ignored => {
+                let counter = match outcome {
+                    Outcome::Handled => &self.counters.handled,
+                    Outcome::Duplicate => &self.counters.duplicates,
+                    _ => &self.counters.ignored,
                 };
                 counter.get_or_create(&self.label).inc();
                 delivery.ack().await?;
@@ -342,6 +367,13 @@ impl Inner {
     /// Records and handles `message` in one transaction.
     async fn handle(&self, message: &Message) -> Result<Outcome, Failure> {
         let event = message.event().map_err(Failure::Poison)?;
+        if !self.handler.wants(&event) {
+            return Ok(Outcome::Ignored);
+        }
+        self.handler
+            .prepare(&event)
+            .await
+            .map_err(Failure::Handler)?;
         let mut tx = self
             .db
             .begin()

@@ -20,11 +20,8 @@ pub struct ReservedItem {
 /// A catalog reservation.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Reservation {
-    pub status: String,
     pub items: Vec<ReservedItem>,
     pub total: Money,
-    #[serde(default)]
-    pub returned: bool,
 }
 
 #[derive(Serialize)]
@@ -156,16 +153,6 @@ impl Neighbours {
             }
             Err(err) => Err(err),
         }
-    }
-
-    /// The reservation `reservation_id`, if catalog has one.
-    pub async fn reservation(
-        &self,
-        reservation_id: &str,
-    ) -> Result<Option<Reservation>, CallError> {
-        self.catalog
-            .get_json(&format!("/internal/v1/reservations/{reservation_id}"))
-            .await
     }
 
     /// `commit`, `release` or `return` the reservation (each idempotent at catalog).

@@ -108,7 +108,7 @@ struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
-            concurrency: 8,
+            concurrency: 32,
             payment_latency_ms: 5,
             payment_failure_rate: 0.0,
             sweep_secs: 5,

@@ -143,9 +143,10 @@ pub async fn insert(tx: &mut Tx, new: &NewOrder<'_>) -> Result<Order> {
         .iter()
         .map(|i| (i.product_id, i.quantity, i.unit_price.cents()))
         .collect();
+    let settled = row.stock_settled;
     let order = row.into_order(lines)?;
     if new.announce {
-        kit::outbox::enqueue(tx, &[events::changed(&order, None)?]).await?;
+        kit::outbox::enqueue(tx, &[events::changed(&order, None, settled)?]).await?;
     }
     Ok(order)
 }
@@ -267,9 +268,59 @@ pub async fn transition(tx: &mut Tx, id: i64, to: Status, reason: Option<&str>) 
         .fetch_one(&mut *tx)
         .await?;
     let lines = lines_of(&mut *tx, id).await?;
+    let settled = row.stock_settled;
     let order = row.into_order(lines)?;
-    kit::outbox::enqueue(tx, &[events::changed(&order, Some(from))?]).await?;
+    kit::outbox::enqueue(tx, &[events::changed(&order, Some(from), settled)?]).await?;
     Ok(Moved::Now(Box::new(order)))
+}
+
+/// The worker's decision on order `row` (locked in `tx`, pending or processing): it becomes
+/// `to` (processed or failed, with `reason`), its stock already brought in line at catalog.
+/// One update, and the events of every state it passed: `order.processing` first when it was
+/// still pending, then the decision's.
+pub async fn decide(tx: &mut Tx, row: Row, to: Status, reason: Option<&str>) -> Result<Order> {
+    let id = row.id;
+    let from = row.status()?;
+    if !matches!(from, Status::Pending | Status::Processing)
+        || !matches!(to, Status::Processed | Status::Failed)
+    {
+        return Err(Error::Transition { id, from, to });
+    }
+    let now = now();
+    let sql = format!(
+        "update orders set status = $1, updated_at = $2, failure_reason = $3, \
+         processed_at = case when $4 then $2 else processed_at end, stock_settled = true \
+         where id = $5 returning {COLUMNS}"
+    );
+    let updated: Row = query(&sql)
+        .bind(to.as_str())
+        .bind(now)
+        .bind(reason)
+        .bind(to == Status::Processed)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let lines = lines_of(&mut *tx, id).await?;
+    let order = updated.into_order(lines)?;
+    let mut announced = Vec::with_capacity(2);
+    if from == Status::Pending {
+        let processing = Order {
+            status: Status::Processing,
+            failure_reason: None,
+            processed_at: None,
+            ..order.clone()
+        };
+        announced.push(events::changed(&processing, Some(Status::Pending), true)?);
+    }
+    announced.push(events::changed(&order, Some(Status::Processing), true)?);
+    kit::outbox::enqueue(tx, &announced).await?;
+    Ok(order)
+}
+
+/// The order's row as it is now (not locked).
+pub async fn row(db: &Db, id: i64) -> Result<Option<Row>> {
+    let sql = format!("select {COLUMNS} from orders where id = $1");
+    Ok(query(&sql).bind(id).fetch_optional(db).await?)
 }
 
 /// The order's row, locked for the rest of `tx`.

@@ -3,24 +3,31 @@
 //! status. It consumes the orders service's own events through kit's consumer (a redelivery is
 //! skipped, a failure retried with back-off, dead-lettered after `bus.consumer_max_attempts`).
 //!
-//! Each step is one transaction with the order's row locked, so two workers (or a worker and
-//! the sweep) never work on one order at once, and each is safe to repeat:
-//! 1. a `pending` (or `processing`) order: `processing` (`order.processing`), the simulated
-//!    payment (`services.worker.payment_latency_ms`, a failure rate decided per order, so a
-//!    repeat decides the same), the reservation committed (or released) at catalog, then
-//!    `processed` (`order.processed`) or `failed` with the reason (`order.failed`), settled;
-//! 2. an order whose stock is unsettled (cancelled, or a status set by hand): catalog is asked
-//!    what the reservation is and told what it must become (commit; release; or, once sold,
-//!    return), each call idempotent there; then the order is marked settled.
+//! Each step writes in one transaction with the order's row locked, so two workers (or a
+//! worker and the sweep) never change one order at once, and each is safe to repeat:
+//! 1. a `pending` (or `processing`) order: first, with no transaction open (kit's
+//!    `Handler::prepare`, so a slow payment holds no database connection), the simulated
+//!    payment (`services.worker.payment_latency_ms`; a failure rate decided by the order id,
+//!    so a repeat decides the same) and the reservation committed (or, failed, released) at
+//!    catalog, idempotent there; then one update to `processed` or `failed` with the reason,
+//!    announcing `order.processing` and `order.processed` (or `order.failed`), settled;
+//! 2. an order whose stock is unsettled (cancelled, or a status set by hand): catalog is told
+//!    what the reservation must become (commit; release; or, once sold, return), each call
+//!    idempotent there; then the order is marked settled.
+//!
+//! Events whose stock is settled already (`stock_settled` in the data: the worker's own) are
+//! acked without a transaction (`Handler::wants`).
 //!
 //! A sweep every `services.worker.sweep_secs` runs the step of any order left pending,
 //! processing or unsettled for longer than that: messages are never the only record of work
 //! (the in-process bus of `agora up` keeps nothing across a restart).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use axum::http::StatusCode;
+use kit::client::CallError;
 use kit::consumer::{Consumer, Handler};
 use kit::db::Tx;
 use kit::event::Event;
@@ -35,7 +42,7 @@ use crate::clients::Neighbours;
 use crate::domain::Status;
 use crate::error::{Error, Result};
 use crate::routes::item_key;
-use crate::store::{self, Moved};
+use crate::store;
 use crate::{WorkerSettings, load_settings};
 
 /// The durable consumer name every worker shares (so they share the work).
@@ -61,49 +68,59 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Runs the step order `id` is due, in `tx`; returns whether it changed anything.
-    async fn step(&self, tx: &mut Tx, id: i64) -> Result<bool> {
+    /// Before the step's transaction: the slow, repeatable part of deciding a pending order —
+    /// the simulated payment, then its stock brought in line at catalog (commit, or release
+    /// when the payment fails; idempotent there). The step then only writes. An order past
+    /// pending or processing needs nothing here.
+    async fn prepare(&self, id: i64) -> Result<Prepared> {
+        if let Some(row) = store::row(&self.db, id).await?
+            && matches!(row.status()?, Status::Pending | Status::Processing)
+        {
+            tokio::time::sleep(Duration::from_millis(self.settings.payment_latency_ms)).await;
+            let (to, _) = self.decision(id);
+            self.settle_stock(id, to, row.reservation_id.as_deref())
+                .await?;
+        }
+        Ok(Prepared(id))
+    }
+
+    /// The outcome of order `id`'s payment, and the failure's reason: decided by the id alone,
+    /// so every attempt at one order decides the same.
+    fn decision(&self, id: i64) -> (Status, Option<&'static str>) {
+        if self.payment_fails(id) {
+            (Status::Failed, Some("payment declined (simulated)"))
+        } else {
+            (Status::Processed, None)
+        }
+    }
+
+    /// Runs the step order `id` is due, in `tx`, after [`Worker::prepare`]; returns whether
+    /// it changed anything.
+    async fn step(&self, tx: &mut Tx, Prepared(id): Prepared) -> Result<bool> {
         let Some(row) = store::lock(tx, id).await? else {
             return Ok(false);
         };
         let status = row.status()?;
         match status {
             Status::Pending | Status::Processing => {
-                // One step from pending to decided: the order's events still tell every state
-                // it went through (processing, then processed or failed), but it costs one
-                // message and one transaction instead of three.
-                if status == Status::Pending {
-                    store::transition(tx, id, Status::Processing, None).await?;
-                }
-                let started = Instant::now();
-                tokio::time::sleep(Duration::from_millis(self.settings.payment_latency_ms)).await;
-                let (to, reason) = if self.payment_fails(id) {
-                    (Status::Failed, Some("payment declined (simulated)"))
+                // Still undecided now that the row is locked, so it was undecided when
+                // `prepare` read it (an order's status never goes back): its stock is settled
+                // for the decision. One update from pending to decided: the order's events
+                // still tell every state it went through (processing, then processed or
+                // failed), but it costs one message and one transaction instead of three.
+                let (to, reason) = self.decision(id);
+                let created_at = row.created_at;
+                store::decide(tx, row, to, reason).await?;
+                let counter = if to == Status::Failed {
+                    &self.counters.failed
                 } else {
-                    (Status::Processed, None)
+                    &self.counters.processed
                 };
-                // The stock first (commit the reservation, or release it): idempotent at
-                // catalog, so a crash before this transaction commits only repeats it.
-                self.settle_stock(id, to, row.reservation_id.as_deref())
-                    .await?;
-                if let Moved::Now(_) = store::transition(tx, id, to, reason).await? {
-                    let counter = if to == Status::Failed {
-                        &self.counters.failed
-                    } else {
-                        &self.counters.processed
-                    };
-                    counter.inc();
-                    let accepted = (store::now() - row.created_at).num_milliseconds().max(0);
-                    self.counters.duration.observe(accepted as f64 / 1000.0);
-                }
-                store::mark_settled(tx, id).await?;
+                counter.inc();
+                let accepted = (store::now() - created_at).num_milliseconds().max(0);
+                self.counters.duration.observe(accepted as f64 / 1000.0);
                 self.counters.settled.inc();
-                tracing::debug!(
-                    order = id,
-                    to = to.as_str(),
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "order processed"
-                );
+                tracing::debug!(order = id, to = to.as_str(), "order decided");
                 Ok(true)
             }
             _ if !row.stock_settled => {
@@ -117,8 +134,8 @@ impl Worker {
         }
     }
 
-    /// Whether the simulated payment of order `id` fails: decided by the order id alone, so
-    /// every attempt at one order decides the same.
+    /// Whether the simulated payment of order `id` fails (splitmix64 of the id against
+    /// `services.worker.payment_failure_rate`).
     fn payment_fails(&self, id: i64) -> bool {
         let rate = self.settings.payment_failure_rate;
         if rate <= 0.0 {
@@ -143,15 +160,25 @@ impl Worker {
         let (Some(reservation_id), Some(sold)) = (reservation_id, status.stock_sold()) else {
             return Ok(());
         };
-        let current = self.neighbours.reservation(reservation_id).await?;
-        let state = current.as_ref().map(|r| r.status.as_str());
-        let action = match (sold, state) {
-            (true, Some("reserved")) => Some("commit"),
-            (false, Some("reserved") | None) => Some("release"),
-            (false, Some("committed")) if !current.as_ref().is_some_and(|r| r.returned) => {
-                Some("return")
+        // Straight to what the status needs (each call idempotent at catalog); the answer
+        // tells when the reservation is elsewhere already.
+        let first = if sold { "commit" } else { "release" };
+        let Err(err) = self.neighbours.settle(reservation_id, first).await else {
+            return Ok(());
+        };
+        let refusal = match &err {
+            CallError::Refused {
+                status, problem, ..
+            } => Some((*status, problem.as_ref().map(|p| p.code.as_str()))),
+            _ => None,
+        };
+        match (sold, refusal) {
+            // Sold, then the order failed or was cancelled: give the units back (once).
+            (false, Some((StatusCode::CONFLICT, Some("reservation_committed")))) => {
+                self.neighbours.settle(reservation_id, "return").await?;
+                Ok(())
             }
-            (true, Some("released")) => {
+            (true, Some((StatusCode::CONFLICT, Some("reservation_released")))) => {
                 // Only the never-stored-order sweep releases a reservation an order did not
                 // release; the order's stock is gone, so it cannot be sold.
                 tracing::error!(
@@ -159,14 +186,12 @@ impl Worker {
                     reservation_id,
                     "a processed order's reservation was released; its stock is not held"
                 );
-                None
+                Ok(())
             }
-            _ => None,
-        };
-        if let Some(action) = action {
-            self.neighbours.settle(reservation_id, action).await?;
+            // No reservation at catalog: nothing to sell (a release records one instead).
+            (true, Some((StatusCode::NOT_FOUND, _))) => Ok(()),
+            _ => Err(err.into()),
         }
-        Ok(())
     }
 
     /// One sweep: the step of every order left waiting longer than the sweep period.
@@ -175,8 +200,9 @@ impl Worker {
         let due = store::needing_work(&self.db, age, 100).await?;
         let mut done = 0;
         for (id, _) in due {
+            let prepared = self.prepare(id).await?;
             let mut tx = self.db.begin().await?;
-            if self.step(&mut tx, id).await? {
+            if self.step(&mut tx, prepared).await? {
                 tx.commit().await?;
                 self.after(id).await;
                 done += 1;
@@ -191,6 +217,16 @@ impl Worker {
     }
 }
 
+/// Proof that [`Worker::prepare`] ran for an order (its id) before the step's transaction.
+struct Prepared(i64);
+
+fn failure(id: i64, err: Error) -> anyhow::Error {
+    match err {
+        Error::Internal(err) => err,
+        err => anyhow::anyhow!("order {id}: {}", kit::ApiError::from(err)),
+    }
+}
+
 fn order_id(event: &Event) -> anyhow::Result<i64> {
     event.data["id"]
         .as_i64()
@@ -199,12 +235,32 @@ fn order_id(event: &Event) -> anyhow::Result<i64> {
 
 #[async_trait]
 impl Handler for Worker {
+    /// A new order, or a change that leaves its stock to settle (a cancel, a status set by
+    /// hand). The worker's own events say their stock is settled: nothing to do for them, and
+    /// a `processing` set by hand is moved on by the order's `order.created` (or the sweep).
+    fn wants(&self, event: &Event) -> bool {
+        event.topic == Status::Pending.topic()
+            || event
+                .data
+                .get("stock_settled")
+                .and_then(serde_json::Value::as_bool)
+                != Some(true)
+    }
+
+    async fn prepare(&self, event: &Event) -> anyhow::Result<()> {
+        let id = order_id(event)?;
+        self.prepare(id)
+            .await
+            .map(drop)
+            .map_err(|err| failure(id, err))
+    }
+
     async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()> {
         let id = order_id(event)?;
-        match self.step(tx, id).await {
+        // kit's consumer ran `prepare` for this event before opening `tx`.
+        match self.step(tx, Prepared(id)).await {
             Ok(_) => Ok(()),
-            Err(Error::Internal(err)) => Err(err),
-            Err(err) => Err(anyhow::anyhow!("order {id}: {}", kit::ApiError::from(err))),
+            Err(err) => Err(failure(id, err)),
         }
     }
 

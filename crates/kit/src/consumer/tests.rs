@@ -322,3 +322,72 @@ async fn backoff_doubles_up_to_the_maximum() {
         .collect();
     assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
 }
+
+/// Takes only even-numbered events.
+#[derive(Clone, Default)]
+struct EvenOnly(Recorder);
+
+#[async_trait]
+impl Handler for EvenOnly {
+    async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()> {
+        self.0.handle(tx, event).await
+    }
+
+    fn wants(&self, event: &Event) -> bool {
+        event.data["n"].as_u64().is_some_and(|n| n % 2 == 0)
+    }
+}
+
+/// Events the handler cannot act on are acked unhandled: no transaction, nothing recorded; the
+/// wanted ones are handled as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwanted_events_are_acked_without_being_handled_or_recorded() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let s = setup(backend).await;
+        let what = s.bus.backend();
+        let handler = EvenOnly::default();
+        let consumer = Consumer::new(
+            "mailer",
+            &["order.*"],
+            s.db.clone(),
+            s.bus.clone(),
+            &s.env.settings.bus,
+            handler.clone(),
+        );
+        let metrics = crate::metrics::Metrics::new("consumertest");
+        consumer.register_metrics(&metrics);
+        let mut sub = s.bus.subscribe("mailer", &["order.*"]).await.expect("sub");
+        for n in 1..=6 {
+            publish(&s.bus, &event(n)).await;
+        }
+        for n in 1..=6u32 {
+            let delivery = tokio::time::timeout(SOON, sub.next())
+                .await
+                .expect("delivered")
+                .expect("open")
+                .expect("delivery");
+            let want = if n % 2 == 0 {
+                Outcome::Handled
+            } else {
+                Outcome::Ignored
+            };
+            assert_eq!(
+                consumer.process(delivery).await.expect("process"),
+                want,
+                "{what}: event {n}"
+            );
+        }
+        assert_eq!(counter(&metrics, "handled"), 3, "{what}");
+        assert_eq!(counter(&metrics, "ignored"), 3, "{what}");
+        assert_eq!(effects(&s.db).await, 3, "{what}");
+        assert_eq!(handler.0.calls.load(Ordering::SeqCst), 3, "{what}");
+        let recorded: i64 = query("select count(*) from consumed_messages where consumer = $1")
+            .bind("mailer")
+            .fetch_scalar(&s.db)
+            .await
+            .expect("count");
+        assert_eq!(recorded, 3, "{what}: only handled messages are recorded");
+        drop(sub);
+        teardown(s).await;
+    }
+}
