@@ -777,3 +777,197 @@ fn config_hides_every_secret() {
         );
     }
 }
+
+/// Reads the child's stdout until its "listening on" and "metrics on" lines; returns both
+/// addresses (host:port).
+fn listening_and_metrics(child: &mut Child) -> (String, String) {
+    use std::io::BufRead as _;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut next_addr = || {
+        let line = lines.next().expect("a line").expect("utf-8");
+        line.rsplit("http://")
+            .next()
+            .expect("an address")
+            .trim()
+            .trim_end_matches("/metrics")
+            .to_owned()
+    };
+    let (addr, metrics) = (next_addr(), next_addr());
+    std::thread::spawn(move || for _ in lines {});
+    (addr, metrics)
+}
+
+/// The value of the first series of `name` whose labels contain every one of `labels`.
+fn series(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Issue 11's replica rule with real processes: two `agora serve users` behind one `agora serve
+/// gateway`, on PostgreSQL. SIGKILL one while 500 GETs run: none fails (a GET is retried on the
+/// other replica), the dead replica's circuit opens; started again on its port, it is probed
+/// back into service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_process_killed_by_sigkill_during_500_gets_fails_none_and_comes_back() {
+    let env = kit::testing::TestEnv::new(kit::testing::Backend::Postgres).await;
+    let settings = &env.settings;
+    let users_schema = settings.service("users").schema.expect("a test schema");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let command = |args: &[&str]| {
+        let mut command = agora(dir.path());
+        command
+            .args(args)
+            .env(
+                "DATABASE_URL",
+                settings.database.url.as_deref().expect("pg url"),
+            )
+            .env("AGORA_SERVICES__USERS__SCHEMA", &users_schema)
+            .env("AGORA_SERVICES__USERS__METRICS_PORT", "0")
+            .env("AGORA_SERVICES__GATEWAY__METRICS_PORT", "0")
+            .env("AGORA_AUTH__MODE", "open")
+            .env(
+                "AGORA_AUTH__JWT_SECRET",
+                "replica-test-jwt-secret-0123456789abcdef",
+            )
+            .env(
+                "AGORA_AUTH__SERVICE_TOKEN",
+                "replica-test-service-token-0123456789ab",
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        command
+    };
+    let start_users = |port: &str| {
+        let mut child = command(&["serve", "users", "--port", port])
+            .spawn()
+            .expect("users starts");
+        let (addr, _) = listening_and_metrics(&mut child);
+        (child, addr)
+    };
+    let (mut survivor, survivor_addr) = start_users("0");
+    let (mut victim, victim_addr) = start_users("0");
+    let mut gateway = command(&["serve", "gateway", "--port", "0"])
+        .env(
+            "AGORA_SERVICES__USERS__UPSTREAMS",
+            format!("[\"http://{survivor_addr}\", \"http://{victim_addr}\"]"),
+        )
+        .env("AGORA_SERVICES__GATEWAY__HEALTH_CHECK__INTERVAL_MS", "1000")
+        .env("AGORA_SERVICES__GATEWAY__CIRCUIT_BREAKER__FAILURES", "3")
+        .env("AGORA_SERVICES__GATEWAY__CIRCUIT_BREAKER__OPEN_MS", "500")
+        .spawn()
+        .expect("gateway starts");
+    let (gateway_addr, gateway_metrics) = listening_and_metrics(&mut gateway);
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("http://{gateway_addr}/api/v1/users"))
+        .json(&json!({"name": "Replicated"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 201);
+    let user: Value = response.json().await.expect("json");
+    let url = format!("http://{gateway_addr}/api/v1/users/{}", user["id"]);
+
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (url, sent) = (url.clone(), sent.clone());
+        clients.spawn(async move {
+            let client = reqwest::Client::new();
+            let mut failures = Vec::new();
+            for _ in 0..125 {
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    Ok(r) => failures.push(r.status().to_string()),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            failures
+        });
+    }
+    while sent.load(std::sync::atomic::Ordering::SeqCst) < 100 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-KILL", &victim.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "SIGKILL was delivered");
+    victim.wait().expect("the victim is reaped");
+    let mut failures = Vec::new();
+    while let Some(result) = clients.join_next().await {
+        failures.extend(result.expect("client"));
+    }
+    assert!(
+        sent.load(std::sync::atomic::Ordering::SeqCst) == 500,
+        "500 GETs sent"
+    );
+    assert!(failures.is_empty(), "failed GETs: {failures:?}");
+    let metrics_url = format!("http://{gateway_metrics}/metrics");
+    let label = format!("upstream=\"http://{victim_addr}\"");
+    let metrics = || async {
+        client
+            .get(&metrics_url)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    };
+    // The dead replica is taken out: its circuit opened (forwards failed), or the health check
+    // marked it down first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics().await;
+        let opened = series(&text, "agora_gateway_circuit_opened_total", &[&label])
+            .is_some_and(|n| n >= 1.0);
+        if opened {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead replica's circuit opened:\n{text}"
+        );
+        assert_eq!(client.get(&url).send().await.expect("get").status(), 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Back on its port: healthy again, circuit closed, serving.
+    let served_before = series(
+        &metrics().await,
+        "agora_gateway_upstream_requests_total",
+        &[&label, "status=\"200\""],
+    )
+    .unwrap_or(0.0);
+    let port = victim_addr.rsplit(':').next().expect("a port").to_owned();
+    let (mut back, _) = start_users(&port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert_eq!(client.get(&url).send().await.expect("get").status(), 200);
+        let text = metrics().await;
+        let closed = series(&text, "agora_gateway_circuit_state", &[&label]) == Some(0.0);
+        let healthy = series(&text, "agora_gateway_upstream_healthy", &[&label]) == Some(1.0);
+        let served = series(
+            &text,
+            "agora_gateway_upstream_requests_total",
+            &[&label, "status=\"200\""],
+        );
+        if closed && healthy && served.is_some_and(|n| n > served_before) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica is back in service:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for child in [&mut gateway, &mut back, &mut survivor] {
+        let status = terminate(child);
+        assert!(status.success(), "clean exit: {status}");
+    }
+}

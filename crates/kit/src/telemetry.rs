@@ -11,9 +11,19 @@ use crate::config::{LogFormat, LogSettings};
 
 /// Installs the global subscriber. Call it from `main` only; tests use [`init_for_tests`].
 pub fn init(log: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|spec| !spec.trim().is_empty())
+        .unwrap_or_else(|| log.level.clone());
+    let mut filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    if !spec.contains("sqlx") {
+        // sqlx warns, once per request, of a pooled connection found broken when it is given
+        // back (the database went away): kit's outage log says that once per outage. Shown
+        // when a filter names sqlx.
+        if let Ok(quiet) = "sqlx_core::pool::connection=error".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     let json = match log.format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,

@@ -436,6 +436,9 @@ impl Db {
                 let pool = PgPoolOptions::new()
                     .max_connections(max)
                     .acquire_timeout(timeout)
+                    // A slow acquire is a symptom of a busy or absent database, which the
+                    // outage log reports once per state change: not a warning per request.
+                    .acquire_slow_level(log::LevelFilter::Debug)
                     .test_before_acquire(false)
                     .before_acquire(move |conn, meta| {
                         let ping = suspect.is_suspect(meta.idle_for);
