@@ -224,6 +224,14 @@ fn check_key(key: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+fn key_not_found(key: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "key_not_found",
+        format!("No cached value under `{key}`"),
+    )
+}
+
 fn unavailable(err: anyhow::Error) -> ApiError {
     ApiError::unavailable("cache store", err)
 }
@@ -236,7 +244,7 @@ async fn read(state: &AppState, key: &str) -> Result<Response, ApiError> {
     check_key(key)?;
     let Some(found) = state.store.get(key).await.map_err(unavailable)? else {
         state.counters.misses.inc();
-        return Err(ApiError::not_found("cache key", key));
+        return Err(key_not_found(key));
     };
     state.counters.hits.inc();
     let value: serde_json::Value = serde_json::from_slice(&found.value)
@@ -433,7 +441,7 @@ async fn remove(state: &AppState, key: &str) -> Result<Response, ApiError> {
     if state.store.delete(key).await.map_err(unavailable)? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
-        Err(ApiError::not_found("cache key", key))
+        Err(key_not_found(key))
     }
 }
 
