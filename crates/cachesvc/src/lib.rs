@@ -215,11 +215,13 @@ fn check_key(key: &str) -> Result<(), ApiError> {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_key",
-            format!(
-                "A key is 1 to {MAX_KEY_CHARS} characters of letters, digits, _ - . and :"
-            ),
+            format!("A key is 1 to {MAX_KEY_CHARS} characters of letters, digits, _ - . and :"),
         )
-        .with_field_error(FieldError::new("key", "invalid", "bad length or characters")));
+        .with_field_error(FieldError::new(
+            "key",
+            "invalid",
+            "bad length or characters",
+        )));
     }
     Ok(())
 }
@@ -298,9 +300,7 @@ fn parse_set(query: Option<&str>, body: &[u8]) -> Result<(Bytes, Option<u64>), A
         ApiError::validation(vec![FieldError::new(field, "invalid", message)])
     };
     let from_query: Option<SetQuery> = match query.filter(|q| !q.is_empty()) {
-        Some(q) => Some(
-            serde_urlencoded_like(q).map_err(|m| invalid("query", m))?,
-        ),
+        Some(q) => Some(serde_urlencoded_like(q).map_err(|m| invalid("query", m))?),
         None => None,
     };
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -309,9 +309,10 @@ fn parse_set(query: Option<&str>, body: &[u8]) -> Result<(Bytes, Option<u64>), A
                 value: Some(value),
                 ttl_secs,
             }) => Ok((
-                Bytes::from(serde_json::to_vec(&serde_json::Value::String(value)).map_err(
-                    |e| ApiError::internal(e.into()),
-                )?),
+                Bytes::from(
+                    serde_json::to_vec(&serde_json::Value::String(value))
+                        .map_err(|e| ApiError::internal(e.into()))?,
+                ),
                 ttl_secs,
             )),
             _ => Err(invalid(
@@ -386,7 +387,10 @@ async fn write(
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "value_too_large",
-            format!("The value is {} bytes; at most {max} are stored", value.len()),
+            format!(
+                "The value is {} bytes; at most {max} are stored",
+                value.len()
+            ),
         ));
     }
     let ttl = ttl
@@ -399,11 +403,7 @@ async fn write(
     let used = state.store.used().await.map_err(unavailable)?;
     let mut flushed = false;
     if used >= threshold {
-        flushed = state
-            .store
-            .flush_if(threshold)
-            .await
-            .map_err(unavailable)?;
+        flushed = state.store.flush_if(threshold).await.map_err(unavailable)?;
         if flushed {
             state.counters.flushes.inc();
             tracing::info!(
@@ -465,7 +465,11 @@ async fn memory_report(state: &AppState) -> Result<serde_json::Value, ApiError> 
 }
 
 async fn get_memory(State(state): State<AppState>) -> Response {
-    respond(memory_report(&state).await.map(|r| axum::Json(r).into_response()))
+    respond(
+        memory_report(&state)
+            .await
+            .map(|r| axum::Json(r).into_response()),
+    )
 }
 
 async fn get_stats(State(state): State<AppState>) -> Response {
@@ -499,15 +503,29 @@ mod tests {
     #[test]
     fn both_body_shapes_and_the_query_form() {
         let cases: [(Option<&str>, &str, &str, Option<u64>); 5] = [
-            (None, r#"{"value": {"a": 1}, "ttl_secs": 5}"#, r#"{"a":1}"#, Some(5)),
+            (
+                None,
+                r#"{"value": {"a": 1}, "ttl_secs": 5}"#,
+                r#"{"a":1}"#,
+                Some(5),
+            ),
             (None, r#"{"value": "x", "ttl": 7}"#, r#""x""#, Some(7)),
             (None, r#"{"value": 3, "expire": 9}"#, "3", Some(9)),
-            (Some("value=hello%20there&ttl=4"), "", r#""hello there""#, Some(4)),
+            (
+                Some("value=hello%20there&ttl=4"),
+                "",
+                r#""hello there""#,
+                Some(4),
+            ),
             (Some("value=v"), "", r#""v""#, None),
         ];
         for (query, body, stored, ttl) in cases {
             let (value, got_ttl) = parse_set(query, body.as_bytes()).expect(body);
-            assert_eq!((&value[..], got_ttl), (stored.as_bytes(), ttl), "{query:?} {body}");
+            assert_eq!(
+                (&value[..], got_ttl),
+                (stored.as_bytes(), ttl),
+                "{query:?} {body}"
+            );
         }
         for (query, body) in [
             (None, ""),
@@ -516,7 +534,11 @@ mod tests {
             (Some("value=x&ttl=soon"), ""),
         ] {
             let err = parse_set(query, body.as_bytes()).expect_err(body);
-            assert_eq!(err.status(), StatusCode::UNPROCESSABLE_ENTITY, "{query:?} {body}");
+            assert_eq!(
+                err.status(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{query:?} {body}"
+            );
         }
     }
 
@@ -533,6 +555,9 @@ mod tests {
             .extra
             .insert("threshold_mb".into(), 200.0.into());
         let err = CacheSettings::load(&settings).expect_err("over the limit");
-        assert!(err.to_string().contains("services.cache.threshold_mb"), "{err}");
+        assert!(
+            err.to_string().contains("services.cache.threshold_mb"),
+            "{err}"
+        );
     }
 }

@@ -170,7 +170,10 @@ impl RedisStore {
     async fn info_memory(&self) -> anyhow::Result<(u64, u64)> {
         let info: String = self
             .run("INFO memory", |mut conn| async move {
-                redis::cmd("INFO").arg("memory").query_async(&mut conn).await
+                redis::cmd("INFO")
+                    .arg("memory")
+                    .query_async(&mut conn)
+                    .await
             })
             .await?;
         let field = |name: &str| {

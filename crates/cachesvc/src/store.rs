@@ -189,12 +189,22 @@ mod tests {
     #[tokio::test]
     async fn sizes_are_accounted_through_replace_delete_and_expiry() {
         let store = MemoryStore::default();
-        store.set("a", Bytes::from_static(b"12345"), None).await.expect("set");
+        store
+            .set("a", Bytes::from_static(b"12345"), None)
+            .await
+            .expect("set");
         assert_eq!(store.used().await.expect("used"), entry_size("a", b"12345"));
-        store.set("a", Bytes::from_static(b"1"), None).await.expect("replace");
+        store
+            .set("a", Bytes::from_static(b"1"), None)
+            .await
+            .expect("replace");
         assert_eq!(store.used().await.expect("used"), entry_size("a", b"1"));
         store
-            .set("b", Bytes::from_static(b"x"), Some(Duration::from_millis(1)))
+            .set(
+                "b",
+                Bytes::from_static(b"x"),
+                Some(Duration::from_millis(1)),
+            )
             .await
             .expect("set");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -213,7 +223,10 @@ mod tests {
     #[tokio::test]
     async fn flush_only_when_still_over() {
         let store = MemoryStore::default();
-        store.set("a", Bytes::from_static(b"1"), None).await.expect("set");
+        store
+            .set("a", Bytes::from_static(b"1"), None)
+            .await
+            .expect("set");
         assert!(!store.flush_if(10_000).await.expect("flush"));
         assert!(store.flush_if(1).await.expect("flush"));
         let usage = store.usage().await.expect("usage");

@@ -137,7 +137,12 @@ mod tests {
             ("cache", Method::POST, "/api/v1/cache/k", SignedIn),
             ("cache", Method::DELETE, "/api/v1/cache/k", SignedIn),
             ("notify", Method::GET, "/api/v1/notifications", SignedIn),
-            ("notify", Method::POST, "/api/v1/notifications/1/retry", SignedIn),
+            (
+                "notify",
+                Method::POST,
+                "/api/v1/notifications/1/retry",
+                SignedIn,
+            ),
         ];
         for (service, method, path, expected) in cases {
             assert_eq!(access(service, &method, path), expected, "{method} {path}");

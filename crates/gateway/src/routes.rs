@@ -209,7 +209,10 @@ mod tests {
         assert_routes(&table(), "cache", &cache);
         let notify = [
             ("/api/v1/notifications", "/api/v1/notifications"),
-            ("/api/v1/notifications/3/retry", "/api/v1/notifications/3/retry"),
+            (
+                "/api/v1/notifications/3/retry",
+                "/api/v1/notifications/3/retry",
+            ),
             ("/api/notifications/3", "/api/v1/notifications/3"),
         ];
         assert_routes(&table(), "notify", &notify);

@@ -111,7 +111,12 @@ impl Handler for Recorder {
                     )),
                 },
                 Channel::Webhook => {
-                    for hook in self.settings.webhooks.iter().filter(|h| h.takes(&event.topic)) {
+                    for hook in self
+                        .settings
+                        .webhooks
+                        .iter()
+                        .filter(|h| h.takes(&event.topic))
+                    {
                         deliveries.push((Channel::Webhook, hook.name.clone(), None));
                     }
                 }

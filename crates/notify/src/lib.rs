@@ -67,7 +67,9 @@ struct AppState {
 /// templates are checked here: a mistake in either stops the start with the key or file named.
 pub async fn app(deps: Deps) -> anyhow::Result<App> {
     let settings = Arc::new(settings::NotifySettings::load(&deps.settings)?);
-    let templates = Arc::new(templates::Templates::load(settings.templates_dir.as_deref())?);
+    let templates = Arc::new(templates::Templates::load(
+        settings.templates_dir.as_deref(),
+    )?);
     let channels = Arc::new(deliver::Channels::new(&settings)?);
     let db = deps.db()?;
     let bus = deps.bus()?;

@@ -164,8 +164,9 @@ async fn get_stats(
     });
     if scope.is_none() {
         let oldest = store::oldest_pending(&state.db).await?;
-        body["oldest_pending_secs"] =
-            oldest.map(|t| (store::now() - t).num_seconds().max(0)).into();
+        body["oldest_pending_secs"] = oldest
+            .map(|t| (store::now() - t).num_seconds().max(0))
+            .into();
         body["dead_letters"] = state.dead_letters.count().await?.into();
     }
     Ok(Json(body))

@@ -221,7 +221,12 @@ impl NotifySettings {
                 "username and password go together",
             ));
         }
-        if notify.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
+        if notify
+            .smtp
+            .from
+            .parse::<lettre::message::Mailbox>()
+            .is_err()
+        {
             return Err(invalid("smtp.from", "not an email address"));
         }
         if notify.ops_email.parse::<lettre::Address>().is_err() {
@@ -306,13 +311,34 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let value = |json: serde_json::Value| figment::value::Value::serialize(json).expect("value");
+        let value =
+            |json: serde_json::Value| figment::value::Value::serialize(json).expect("value");
         let cases = [
-            ("channels", value(serde_json::json!({"order_shipped": ["log"]})), "services.notify.channels.order_shipped"),
-            ("max_attempts", value(serde_json::json!(0)), "services.notify.max_attempts"),
-            ("default_channels", value(serde_json::json!(["webhook"])), "services.notify.webhooks"),
-            ("default_channels", value(serde_json::json!(["pigeon"])), "services.notify.default_channels"),
-            ("ops_email", value(serde_json::json!("nobody")), "services.notify.ops_email"),
+            (
+                "channels",
+                value(serde_json::json!({"order_shipped": ["log"]})),
+                "services.notify.channels.order_shipped",
+            ),
+            (
+                "max_attempts",
+                value(serde_json::json!(0)),
+                "services.notify.max_attempts",
+            ),
+            (
+                "default_channels",
+                value(serde_json::json!(["webhook"])),
+                "services.notify.webhooks",
+            ),
+            (
+                "default_channels",
+                value(serde_json::json!(["pigeon"])),
+                "services.notify.default_channels",
+            ),
+            (
+                "ops_email",
+                value(serde_json::json!("nobody")),
+                "services.notify.ops_email",
+            ),
         ];
         for (key, value, named) in cases {
             let err = NotifySettings::load(&with(&[(key, value)])).expect_err(key);

@@ -82,10 +82,12 @@ pub async fn insert(ex: impl Executor<'_>, new: &NewNotification<'_>) -> sqlx::R
 }
 
 pub async fn find(ex: impl Executor<'_>, id: i64) -> sqlx::Result<Option<Notification>> {
-    query(&format!("select {COLUMNS} from notifications where id = $1"))
-        .bind(id)
-        .fetch_optional(ex)
-        .await
+    query(&format!(
+        "select {COLUMNS} from notifications where id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(ex)
+    .await
 }
 
 /// A page of deliveries, newest first, with the count of all that match.
@@ -106,11 +108,13 @@ pub async fn list(
     .bind(offset)
     .fetch_all(db)
     .await?;
-    let total = query(&format!("select count(*) from notifications where {filter}"))
-        .bind(user_id)
-        .bind(status)
-        .fetch_scalar(db)
-        .await?;
+    let total = query(&format!(
+        "select count(*) from notifications where {filter}"
+    ))
+    .bind(user_id)
+    .bind(status)
+    .fetch_scalar(db)
+    .await?;
     Ok((rows, total))
 }
 

@@ -24,12 +24,18 @@ const SHIPPED: [(&str, &str); 6] = [
         "user.registered",
         include_str!("../templates/user.registered.txt"),
     ),
-    ("order.created", include_str!("../templates/order.created.txt")),
+    (
+        "order.created",
+        include_str!("../templates/order.created.txt"),
+    ),
     (
         "order.processed",
         include_str!("../templates/order.processed.txt"),
     ),
-    ("order.failed", include_str!("../templates/order.failed.txt")),
+    (
+        "order.failed",
+        include_str!("../templates/order.failed.txt"),
+    ),
     (
         "order.cancelled",
         include_str!("../templates/order.cancelled.txt"),
@@ -227,8 +233,16 @@ mod tests {
     #[test]
     fn template_mistakes_are_start_up_errors_naming_the_file() {
         let cases = [
-            ("order.failed.txt", "Subject: {{ data.id \n", "order.failed.txt"),
-            ("order.failed.txt", "Subject: {{ data.totl }}\n\nx", "order.failed.txt"),
+            (
+                "order.failed.txt",
+                "Subject: {{ data.id \n",
+                "order.failed.txt",
+            ),
+            (
+                "order.failed.txt",
+                "Subject: {{ data.totl }}\n\nx",
+                "order.failed.txt",
+            ),
             ("order.failed.txt", "no subject line\n", "Subject"),
             ("order.shipped.txt", "Subject: x\n", "order.shipped"),
         ];

@@ -80,7 +80,10 @@ async fn filling_past_the_threshold_flushes_once_and_stores_the_new_value(backen
         "the figure dropped: {before} -> {after}"
     );
     let (status, value) = app.get_json(&format!("/cache/fill:{i}")).await;
-    assert_eq!((status, value["value"].as_str().map(str::len)), (200, Some(40_000)));
+    assert_eq!(
+        (status, value["value"].as_str().map(str::len)),
+        (200, Some(40_000))
+    );
     let (status, _) = app.get_json("/cache/fill:0").await;
     assert_eq!(status, 404, "flushed");
     let response = app.post("/cache/after", json!({"value": 1})).await;
@@ -155,7 +158,10 @@ async fn values_expire_after_their_ttl(backend: Backend) {
     assert_eq!(response.status(), 200);
     let (status, value) = app.get_json("/cache/short").await;
     assert_eq!((status, &value["value"]), (200, &json!({"a": 1})));
-    assert!(value["ttl_secs"].as_u64().is_some_and(|t| t <= 1), "{value}");
+    assert!(
+        value["ttl_secs"].as_u64().is_some_and(|t| t <= 1),
+        "{value}"
+    );
     app.post("/cache/long", json!({"value": 2})).await;
 
     // Poll (bounded) until it is gone.
@@ -170,14 +176,26 @@ async fn values_expire_after_their_ttl(backend: Backend) {
     }
     let (status, value) = app.get_json("/cache/long").await;
     assert_eq!((status, &value["ttl_secs"]), (200, &json!(null)), "no TTL");
-    assert_eq!(app.memory().await["keys"], 1, "the expired one is not counted");
+    assert_eq!(
+        app.memory().await["keys"],
+        1,
+        "the expired one is not counted"
+    );
 }
 
 async fn both_body_shapes_are_accepted(backend: Backend) {
     let app = spawn(backend, false, |_| {}).await;
     let cases = [
-        ("/cache/a", Some(json!({"value": "x", "ttl_secs": 60})), json!("x")),
-        ("/cache/b", Some(json!({"value": {"id": 1}, "ttl": 60})), json!({"id": 1})),
+        (
+            "/cache/a",
+            Some(json!({"value": "x", "ttl_secs": 60})),
+            json!("x"),
+        ),
+        (
+            "/cache/b",
+            Some(json!({"value": {"id": 1}, "ttl": 60})),
+            json!({"id": 1}),
+        ),
         ("/cache/c?value=plain&ttl=60", None, json!("plain")),
     ];
     for (path, body, stored) in cases {
@@ -186,12 +204,21 @@ async fn both_body_shapes_are_accepted(backend: Backend) {
             None => app.post_raw(path, None, "").await,
         };
         assert_eq!(response.status(), 200, "{path}");
-        let key = path.trim_start_matches("/cache/").split('?').next().unwrap_or("");
+        let key = path
+            .trim_start_matches("/cache/")
+            .split('?')
+            .next()
+            .unwrap_or("");
         let (status, value) = app.get_json(&format!("/cache/{key}")).await;
         assert_eq!((status, &value["value"]), (200, &stored), "{path}");
-        assert!(value["ttl_secs"].as_u64().is_some_and(|t| t <= 60), "{value}");
+        assert!(
+            value["ttl_secs"].as_u64().is_some_and(|t| t <= 60),
+            "{value}"
+        );
     }
-    let response = app.post_raw("/cache/d", Some("application/json"), "{\"valu\": 1}").await;
+    let response = app
+        .post_raw("/cache/d", Some("application/json"), "{\"valu\": 1}")
+        .await;
     assert_problem(response, 422, "validation_failed").await;
 }
 
@@ -238,6 +265,8 @@ async fn through_the_gateway_only_signed_in_users_write_in_required_mode(backend
     assert_eq!((status, &value["value"]), (200, &json!(1)));
     let (status, report) = gateway.get_json("/cache/memory").await;
     assert_eq!((status, &report["keys"]), (200, &json!(1)));
-    let response = gateway.request(reqwest::Method::DELETE, "/cache/k", None).await;
+    let response = gateway
+        .request(reqwest::Method::DELETE, "/cache/k", None)
+        .await;
     assert_problem(response, 401, "unauthenticated").await;
 }

@@ -70,14 +70,19 @@ async fn an_order_produces_one_notification_per_channel_even_when_its_event_is_d
     system.bus.publish(&copy).await.expect("publish a copy");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !system.handled(&copy.id).await {
-        assert!(std::time::Instant::now() < deadline, "the copy was not handled");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy was not handled"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 
     // Assert: one delivery per channel, each sent once.
     let (_, page) = system
         .notify
-        .get_json(&format!("/api/v1/notifications?user_id={user}&per_page=100"))
+        .get_json(&format!(
+            "/api/v1/notifications?user_id={user}&per_page=100"
+        ))
         .await;
     let again = created(page["items"].as_array().expect("items"));
     assert_eq!(again.len(), 3, "{again:?}");
@@ -85,15 +90,30 @@ async fn an_order_produces_one_notification_per_channel_even_when_its_event_is_d
     channels.sort_unstable();
     assert_eq!(channels, ["log", "smtp", "webhook"]);
     for n in &again {
-        assert_eq!((&n["status"], &n["attempts"]), (&json!("sent"), &json!(1)), "{n}");
+        assert_eq!(
+            (&n["status"], &n["attempts"]),
+            (&json!("sent"), &json!(1)),
+            "{n}"
+        );
         assert_eq!(n["event_id"], event.id.to_string());
     }
     let recipients: Vec<(&str, &str)> = again
         .iter()
-        .map(|n| (n["channel"].as_str().unwrap_or(""), n["recipient"].as_str().unwrap_or("")))
+        .map(|n| {
+            (
+                n["channel"].as_str().unwrap_or(""),
+                n["recipient"].as_str().unwrap_or(""),
+            )
+        })
         .collect();
-    assert!(recipients.contains(&("smtp", "bea@example.com")), "{recipients:?}");
-    assert!(recipients.contains(&("log", "bea@example.com")), "{recipients:?}");
+    assert!(
+        recipients.contains(&("smtp", "bea@example.com")),
+        "{recipients:?}"
+    );
+    assert!(
+        recipients.contains(&("log", "bea@example.com")),
+        "{recipients:?}"
+    );
     assert!(recipients.contains(&("webhook", "ops")), "{recipients:?}");
     let order_hooks: Vec<_> = hook
         .hooks()
@@ -109,7 +129,11 @@ async fn an_order_produces_one_notification_per_channel_even_when_its_event_is_d
         mails[0].header("Subject").as_deref(),
         Some(format!("Order #{} received", order["id"]).as_str())
     );
-    assert!(mails[0].body().contains("Hello Bea Buyer,"), "{}", mails[0].body());
+    assert!(
+        mails[0].body().contains("Hello Bea Buyer,"),
+        "{}",
+        mails[0].body()
+    );
 }
 
 async fn a_registration_is_emailed_through_smtp_with_its_subject_recipient_and_body(
@@ -150,8 +174,16 @@ async fn a_registration_is_emailed_through_smtp_with_its_subject_recipient_and_b
         .notifications_until("status=sent", |items| items.len() == 1)
         .await;
     assert_eq!(
-        (&sent[0]["channel"], &sent[0]["recipient"], &sent[0]["event_type"]),
-        (&json!("smtp"), &json!("alice@example.com"), &json!("user.registered"))
+        (
+            &sent[0]["channel"],
+            &sent[0]["recipient"],
+            &sent[0]["event_type"]
+        ),
+        (
+            &json!("smtp"),
+            &json!("alice@example.com"),
+            &json!("user.registered")
+        )
     );
     assert!(sent[0]["sent_at"].is_string(), "{}", sent[0]);
 }
@@ -167,7 +199,9 @@ async fn a_user_without_an_email_gets_a_failed_email_delivery_saying_why(backend
         None,
     )
     .await;
-    let response = system.post("/api/v1/users", json!({"name": "No Mail"})).await;
+    let response = system
+        .post("/api/v1/users", json!({"name": "No Mail"}))
+        .await;
     assert_eq!(response.status(), 201);
     let user: Value = response.json().await.expect("user");
     let product = system.product("Pen", "1.00", 5).await;

@@ -10,7 +10,6 @@ use kit::service::Deps;
 use kit::testing::{Backend, TestEnv, TestServer};
 use serde_json::{Value, json};
 
-
 pub struct System {
     pub gateway: TestServer,
     /// Notify itself (no identity: sees everything).
@@ -71,13 +70,25 @@ pub async fn spawn_system(
     let (users, _) = start(&users::SERVICE, env.settings.clone()).await;
     let (catalog, _) = start(&catalog::SERVICE, env.settings.clone()).await;
     for (name, server) in [("users", &users), ("catalog", &catalog)] {
-        env.settings.services.entry(name.into()).or_default().upstreams = vec![url(server)];
+        env.settings
+            .services
+            .entry(name.into())
+            .or_default()
+            .upstreams = vec![url(server)];
     }
     let (orders, _) = start(&orders::SERVICE, env.settings.clone()).await;
     let (worker, _) = start(&orders::WORKER, env.settings.clone()).await;
     let (notify, db) = start(&notify::SERVICE, env.settings.clone()).await;
-    for (name, server) in [("orders", &orders), ("worker", &worker), ("notify", &notify)] {
-        env.settings.services.entry(name.into()).or_default().upstreams = vec![url(server)];
+    for (name, server) in [
+        ("orders", &orders),
+        ("worker", &worker),
+        ("notify", &notify),
+    ] {
+        env.settings
+            .services
+            .entry(name.into())
+            .or_default()
+            .upstreams = vec![url(server)];
     }
     let (gateway, _) = start(&gateway::SERVICE, env.settings.clone()).await;
     System {
@@ -125,7 +136,11 @@ impl System {
 
     /// Notify's deliveries matching `query` (straight to the service), polled every 20 ms for at
     /// most 20 s until `done` holds; returns the last page.
-    pub async fn notifications_until(&self, query: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    pub async fn notifications_until(
+        &self,
+        query: &str,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let (status, page) = self
@@ -147,12 +162,14 @@ impl System {
 
     /// Whether notify's consumer has handled message `id`.
     pub async fn handled(&self, id: &str) -> bool {
-        kit::db::query("select count(*) from consumed_messages where consumer = $1 and message_id = $2")
-            .bind(notify::CONSUMER)
-            .bind(id)
-            .fetch_scalar::<i64>(&self.db)
-            .await
-            .expect("query")
+        kit::db::query(
+            "select count(*) from consumed_messages where consumer = $1 and message_id = $2",
+        )
+        .bind(notify::CONSUMER)
+        .bind(id)
+        .fetch_scalar::<i64>(&self.db)
+        .await
+        .expect("query")
             == 1
     }
 }

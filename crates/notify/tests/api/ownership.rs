@@ -20,7 +20,10 @@ async fn register(system: &crate::helpers::System, name: &str, email: &str) -> (
     assert_eq!(response.status(), 201, "registering {name}");
     let user: Value = response.json().await.expect("user");
     let response = system
-        .post("/api/v1/auth/login", json!({"email": email, "password": password}))
+        .post(
+            "/api/v1/auth/login",
+            json!({"email": email, "password": password}),
+        )
         .await;
     assert_eq!(response.status(), 200, "login {name}");
     let token: Value = response.json().await.expect("token");

@@ -84,7 +84,10 @@ impl SmtpSink {
     }
 }
 
-async fn session(stream: tokio::net::TcpStream, store: Arc<Mutex<Vec<Mail>>>) -> std::io::Result<()> {
+async fn session(
+    stream: tokio::net::TcpStream,
+    store: Arc<Mutex<Vec<Mail>>>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
     write.write_all(b"220 sink ESMTP ready\r\n").await?;
@@ -189,7 +192,8 @@ impl Drop for WebhookReceiver {
 pub fn verify(secret: &str, headers: &HeaderMap, body: &[u8]) -> bool {
     use hmac::Mac as _;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let (Some(timestamp), Some(signature)) = (header("x-agora-timestamp"), header("x-agora-signature"))
+    let (Some(timestamp), Some(signature)) =
+        (header("x-agora-timestamp"), header("x-agora-signature"))
     else {
         return false;
     };
@@ -237,8 +241,13 @@ async fn receive(State(receiver): State<Receiver>, headers: HeaderMap, body: Byt
 
 impl WebhookReceiver {
     pub async fn start(secret: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind webhook");
-        let url = format!("http://{}/hooks/agora", listener.local_addr().expect("addr"));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind webhook");
+        let url = format!(
+            "http://{}/hooks/agora",
+            listener.local_addr().expect("addr")
+        );
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let hooks = Arc::new(Mutex::new(Vec::new()));
         let state = Receiver {

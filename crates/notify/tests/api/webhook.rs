@@ -48,8 +48,18 @@ async fn a_failing_webhook_is_retried_with_backoff_then_failed_then_retried_thro
         .await;
     let n = &failed[0];
     assert_eq!(
-        (&n["channel"], &n["recipient"], &n["event_type"], &n["attempts"]),
-        (&json!("webhook"), &json!("inventory"), &json!("stock.low"), &json!(3)),
+        (
+            &n["channel"],
+            &n["recipient"],
+            &n["event_type"],
+            &n["attempts"]
+        ),
+        (
+            &json!("webhook"),
+            &json!("inventory"),
+            &json!("stock.low"),
+            &json!(3)
+        ),
         "{n}"
     );
     assert!(
@@ -58,9 +68,17 @@ async fn a_failing_webhook_is_retried_with_backoff_then_failed_then_retried_thro
     );
     let tries = hook.hooks();
     assert_eq!(tries.len(), 3, "{tries:?}");
-    assert!(tries.iter().all(|t| t.verified && t.status == 500), "{tries:?}");
-    assert!(tries.iter().all(|t| t.delivery == n["id"].to_string()));
-    assert!(tries[0].body["data"]["stock"] == 3, "the event as JSON: {:?}", tries[0].body);
+    assert!(
+        tries.iter().all(|t| t.verified && t.status == 500),
+        "{tries:?}"
+    );
+    let delivery = n["id"].to_string();
+    assert!(tries.iter().all(|t| t.delivery == delivery));
+    assert!(
+        tries[0].body["data"]["stock"] == 3,
+        "the event as JSON: {:?}",
+        tries[0].body
+    );
     // Lower bounds only: a try is never early, however slow the machine.
     let gap = |i: usize| tries[i].at.duration_since(tries[i - 1].at).as_millis();
     assert!(gap(1) >= 100, "first back-off {} ms", gap(1));
@@ -77,10 +95,17 @@ async fn a_failing_webhook_is_retried_with_backoff_then_failed_then_retried_thro
         .notifications_until("status=sent", |items| !items.is_empty())
         .await;
     assert_eq!(sent[0]["id"], id);
-    assert_eq!((&sent[0]["retries"], &sent[0]["attempts"]), (&json!(1), &json!(1)));
+    assert_eq!(
+        (&sent[0]["retries"], &sent[0]["attempts"]),
+        (&json!(1), &json!(1))
+    );
     let tries = hook.until(4).await;
     assert_eq!(tries.len(), 4);
-    assert!(tries[3].verified && tries[3].status == 204, "{:?}", tries[3]);
+    assert!(
+        tries[3].verified && tries[3].status == 204,
+        "{:?}",
+        tries[3]
+    );
 
     // Only a failed one can be retried; an unknown one is a 404.
     let response = system
