@@ -69,12 +69,17 @@ enum Command {
 enum Bench {
     /// Orders accepted per second, and accepted → processed latency at a fixed rate.
     Orders(crate::bench::OrdersBench),
+    /// Seed 000's cache service: SET and GET per second through the gateway, beside a bare
+    /// axum handler doing one Redis GET (`--redis-url`).
+    Cache(crate::bench_cache::CacheBench),
 }
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
-        if let Command::Bench(Bench::Orders(args)) = self.command {
-            return crate::bench::orders(args).await;
+        match self.command {
+            Command::Bench(Bench::Orders(args)) => return crate::bench::orders(args).await,
+            Command::Bench(Bench::Cache(args)) => return crate::bench_cache::cache(args).await,
+            _ => {}
         }
         let settings = self.settings()?;
         kit::telemetry::init(&settings.log);

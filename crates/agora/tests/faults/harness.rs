@@ -597,10 +597,12 @@ impl Agora {
             Topology::Up => {
                 let mut command = agora.command("up", &env);
                 // Port 0 everywhere: `up` prints the ports it bound, so tests never collide.
-                for service in ["GATEWAY", "USERS", "CATALOG", "ORDERS", "WORKER"] {
+                for service in [
+                    "GATEWAY", "USERS", "CATALOG", "ORDERS", "WORKER", "NOTIFY", "CACHE",
+                ] {
                     command.env(format!("AGORA_SERVICES__{service}__PORT"), "0");
                 }
-                let lines = agora.spawn("up", command, 5).await;
+                let lines = agora.spawn("up", command, 7).await;
                 for line in lines {
                     if let Some((name, addr)) = line.trim().split_once(" http://") {
                         match name.trim() {
