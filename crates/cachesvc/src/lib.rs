@@ -108,6 +108,13 @@ impl CacheSettings {
         if cache.max_value_bytes == 0 {
             return Err(invalid("max_value_bytes", "must be 1 or more"));
         }
+        // Below the threshold after the guard, plus one value at most: within the limit.
+        if cache.threshold_bytes() + cache.max_value_bytes as u64 > cache.limit_bytes() {
+            return Err(invalid(
+                "max_value_bytes",
+                "threshold_mb plus max_value_bytes must fit in limit_mb",
+            ));
+        }
         Ok(cache)
     }
 
@@ -142,8 +149,7 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
         Some(url) => Arc::new(redis_store::RedisStore::new(
             url,
             format!("{}{NAME}:", deps.settings.redis.prefix),
-            // A SET's guard and write are a few round trips; give each the configured limit, and
-            // a flush's SCAN steps the same.
+            // Every round trip (and each step of a flush) gets the configured time limit.
             Duration::from_millis(deps.settings.redis.timeout_ms.max(100)),
             match settings.memory_source {
                 MemorySource::Keyspace => redis_store::Source::Keyspace,

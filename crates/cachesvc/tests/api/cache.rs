@@ -24,6 +24,7 @@ async fn filling_past_the_threshold_flushes_once_and_stores_the_new_value(backen
     let app = spawn(backend, false, |s| {
         set(s, "limit_mb", 1.0);
         set(s, "threshold_mb", 0.25);
+        set(s, "max_value_bytes", 100_000);
     })
     .await;
     let foreign = [
@@ -269,4 +270,21 @@ async fn through_the_gateway_only_signed_in_users_write_in_required_mode(backend
         .request(reqwest::Method::DELETE, "/cache/k", None)
         .await;
     assert_problem(response, 401, "unauthenticated").await;
+}
+
+/// Redis is this service's store, not a cache in front of one: when it is unreachable the answer
+/// is a 503 `dependency_unavailable` problem, never a 500 or a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_is_a_503_not_a_500() {
+    let env = kit::testing::TestEnv::new(Backend::Sqlite)
+        .await
+        .with_unreachable_redis();
+    let app = cachesvc::app(env.deps(&cachesvc::SERVICE).await)
+        .await
+        .expect("starts with Redis down");
+    let server = kit::testing::TestServer::start(app, &env.settings).await;
+    let response = server.post("/cache/k", json!({"value": 1})).await;
+    assert_problem(response, 503, "dependency_unavailable").await;
+    assert_problem(server.get("/cache/k").await, 503, "dependency_unavailable").await;
+    assert_problem(server.get("/cache/memory").await, 503, "dependency_unavailable").await;
 }

@@ -225,3 +225,32 @@ async fn a_user_without_an_email_gets_a_failed_email_delivery_saying_why(backend
     );
     assert!(smtp.mails().is_empty());
 }
+
+/// A template mistake is found when the service is built, with the file named, not when an
+/// event arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_template_override_stops_the_start_naming_the_file() {
+    let mut env = kit::testing::TestEnv::new(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("order.created.txt"),
+        "Subject: Order {{ data.id }\n\nbody\n",
+    )
+    .expect("write");
+    env.settings
+        .services
+        .entry("notify".into())
+        .or_default()
+        .extra
+        .insert(
+            "templates_dir".into(),
+            dir.path().display().to_string().into(),
+        );
+    let deps = env.deps(&notify::SERVICE).await;
+    let err = notify::app(deps)
+        .await
+        .err()
+        .expect("a broken template refuses the start");
+    let message = format!("{err:#}");
+    assert!(message.contains("order.created.txt"), "{message}");
+}
