@@ -742,7 +742,7 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
         .collect();
     assert_eq!(
         stopped.len(),
-        5,
+        7,
         "every service stopped accepting: {logs:#?}"
     );
     assert_eq!(
