@@ -286,5 +286,10 @@ async fn an_unreachable_redis_is_a_503_not_a_500() {
     let response = server.post("/cache/k", json!({"value": 1})).await;
     assert_problem(response, 503, "dependency_unavailable").await;
     assert_problem(server.get("/cache/k").await, 503, "dependency_unavailable").await;
-    assert_problem(server.get("/cache/memory").await, 503, "dependency_unavailable").await;
+    assert_problem(
+        server.get("/cache/memory").await,
+        503,
+        "dependency_unavailable",
+    )
+    .await;
 }

@@ -169,6 +169,8 @@ pub struct Hook {
 #[derive(Clone)]
 struct Receiver {
     secret: String,
+    /// Milliseconds to wait before answering.
+    delay: Arc<std::sync::atomic::AtomicU64>,
     failing: Arc<std::sync::atomic::AtomicBool>,
     hooks: Arc<Mutex<Vec<Hook>>>,
 }
@@ -176,6 +178,7 @@ struct Receiver {
 /// A webhook endpoint on 127.0.0.1; stops when dropped.
 pub struct WebhookReceiver {
     pub url: String,
+    delay: Arc<std::sync::atomic::AtomicU64>,
     failing: Arc<std::sync::atomic::AtomicBool>,
     hooks: Arc<Mutex<Vec<Hook>>>,
     task: tokio::task::JoinHandle<()>,
@@ -215,6 +218,8 @@ pub fn verify(secret: &str, headers: &HeaderMap, body: &[u8]) -> bool {
 }
 
 async fn receive(State(receiver): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let delay = receiver.delay.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(delay)).await;
     let failing = receiver.failing.load(std::sync::atomic::Ordering::SeqCst);
     let status = if failing {
         StatusCode::INTERNAL_SERVER_ERROR
@@ -249,9 +254,11 @@ impl WebhookReceiver {
             listener.local_addr().expect("addr")
         );
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let delay = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let hooks = Arc::new(Mutex::new(Vec::new()));
         let state = Receiver {
             secret: secret.to_owned(),
+            delay: delay.clone(),
             failing: failing.clone(),
             hooks: hooks.clone(),
         };
@@ -263,10 +270,19 @@ impl WebhookReceiver {
         });
         Self {
             url,
+            delay,
             failing,
             hooks,
             task,
         }
+    }
+
+    /// Wait this long before answering from now on.
+    pub fn delay(&self, delay: Duration) {
+        self.delay.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     /// Answer 500 (true) or 204 (false) from now on.

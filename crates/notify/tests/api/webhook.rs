@@ -9,6 +9,7 @@ use crate::support::WebhookReceiver;
 
 kit::on_both_backends!(
     a_failing_webhook_is_retried_with_backoff_then_failed_then_retried_through_the_api,
+    a_webhook_slower_than_its_timeout_counts_as_a_failed_try,
 );
 
 const SECRET: &str = "another-webhook-secret";
@@ -122,4 +123,39 @@ async fn a_failing_webhook_is_retried_with_backoff_then_failed_then_retried_thro
     assert_eq!(stats["dead_letters"], 0, "{stats}");
     let (_, all) = system.get_json("/api/v1/stats").await;
     assert_eq!(all["services"]["notify"]["by_status"]["sent"], 1, "{all}");
+}
+
+async fn a_webhook_slower_than_its_timeout_counts_as_a_failed_try(backend: Backend) {
+    // An endpoint that answers after 3 s, with a 200 ms limit and one try.
+    let hook = WebhookReceiver::start(SECRET).await;
+    hook.delay(std::time::Duration::from_secs(3));
+    let system = spawn_system(
+        backend,
+        json!({
+            "channels": {"stock_low": ["webhook"]},
+            "max_attempts": 1,
+            "webhooks": [{"name": "slow", "url": hook.url, "secret": SECRET, "timeout_ms": 200}],
+        }),
+        None,
+    )
+    .await;
+    let product = system.product("Shelf", "10.00", 20).await;
+    let response = system
+        .patch(
+            &format!("/api/v1/products/{product}/stock"),
+            json!({"stock": 1}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let failed = system
+        .notifications_until("status=failed", |items| !items.is_empty())
+        .await;
+    assert!(
+        failed[0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no answer within 200 ms")),
+        "{}",
+        failed[0]
+    );
+    assert_eq!(failed[0]["attempts"], 1);
 }
