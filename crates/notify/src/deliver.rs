@@ -250,19 +250,29 @@ impl Dispatcher {
         }
     }
 
-    /// Until `shutdown`: every due delivery, then wait for a wake-up or `poll_ms`. Deliveries in
-    /// flight when it fires are finished.
+    /// Until `shutdown`: every due delivery, then sleep until the next pending one is due, a
+    /// wake-up (a new delivery recorded here, a retry asked for) or `poll_ms` at most (what other
+    /// replicas recorded). So an idle service does not query its database every second, and a
+    /// retry runs when its back-off ends. Deliveries in flight when it fires are finished.
     pub async fn run(self, shutdown: CancellationToken) {
         let outage = kit::outage::Outage::new("notification dispatcher (database)".to_owned());
         let poll = Duration::from_millis(self.settings.poll_ms);
         loop {
+            let mut wait = poll;
             match self.round().await {
-                Ok(full) => {
-                    outage.succeeded();
-                    if full && !shutdown.is_cancelled() {
-                        continue;
+                Ok(true) if !shutdown.is_cancelled() => continue,
+                Ok(_) => match store::next_due(&self.db).await {
+                    Ok(next) => {
+                        outage.succeeded();
+                        if let Some(next) = next {
+                            let until = (next - store::now()).to_std().unwrap_or_default();
+                            wait = wait.min(until.max(Duration::from_millis(5)));
+                        }
                     }
-                }
+                    Err(err) => {
+                        outage.failed(&format_args!("{err:#}"));
+                    }
+                },
                 Err(err) => {
                     outage.failed(&format_args!("{err:#}"));
                 }
@@ -270,7 +280,7 @@ impl Dispatcher {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.wake.notified() => {}
-                () = tokio::time::sleep(poll) => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
     }

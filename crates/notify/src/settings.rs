@@ -148,7 +148,8 @@ pub struct NotifySettings {
     /// The wait after the first failed try; doubled after each next one, up to `backoff_max_ms`.
     pub backoff_ms: u64,
     pub backoff_max_ms: u64,
-    /// How often the dispatcher looks for due deliveries when nothing wakes it sooner.
+    /// The longest the dispatcher sleeps: it also wakes for new deliveries, retries and the
+    /// due time of the next pending one; this bound is for what other replicas recorded.
     pub poll_ms: u64,
     /// Deliveries sent at once.
     pub concurrency: usize,
@@ -168,7 +169,7 @@ impl Default for NotifySettings {
             max_attempts: 5,
             backoff_ms: 1_000,
             backoff_max_ms: 300_000,
-            poll_ms: 1_000,
+            poll_ms: 30_000,
             concurrency: 8,
             call_timeout_ms: 2_000,
             smtp: SmtpSettings::default(),

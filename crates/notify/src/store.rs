@@ -131,6 +131,16 @@ pub async fn due(db: &Db, limit: i64) -> sqlx::Result<Vec<i64>> {
     .map(|ids| ids.into_iter().map(|(id,)| id).collect())
 }
 
+/// When the earliest pending delivery is due (a claimed one: when its claim lapses).
+pub async fn next_due(db: &Db) -> sqlx::Result<Option<DateTime<Utc>>> {
+    query(
+        "select next_attempt_at from notifications where status = 'pending' \
+         order by next_attempt_at limit 1",
+    )
+    .fetch_optional_scalar(db)
+    .await
+}
+
 /// Claims a due delivery for one try: counts the attempt and moves its due time to `lease_until`,
 /// so no other dispatcher takes it meanwhile. `None`: someone else claimed it first.
 pub async fn claim(

@@ -36,7 +36,8 @@ pub async fn spawn_system(
     env.settings.bus.consumer_backoff_ms = 20;
     env.settings.bus.consumer_backoff_max_ms = 200;
     let section = env.settings.services.entry("notify".into()).or_default();
-    section.extra.insert("poll_ms".into(), 50.into());
+    // Long: deliveries and their retries must be sent when due, not when a poll comes round.
+    section.extra.insert("poll_ms".into(), 60_000.into());
     if let Value::Object(keys) = notify {
         for (key, value) in keys {
             section.extra.insert(
