@@ -44,7 +44,7 @@ enum Command {
     /// many replicas as you like behind the gateway).
     Serve {
         /// The service to run: users, catalog, orders, worker (the order worker; run as many as
-        /// you like) or gateway.
+        /// you like), notify, cache or gateway.
         service: String,
         /// Listen on this port instead of `services.<name>.port` (0 = any free port).
         #[arg(long)]
@@ -69,12 +69,17 @@ enum Command {
 enum Bench {
     /// Orders accepted per second, and accepted → processed latency at a fixed rate.
     Orders(crate::bench::OrdersBench),
+    /// Seed 000's cache service: SET and GET per second through the gateway, beside a bare
+    /// axum handler doing one Redis GET (`--redis-url`).
+    Cache(crate::bench_cache::CacheBench),
 }
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
-        if let Command::Bench(Bench::Orders(args)) = self.command {
-            return crate::bench::orders(args).await;
+        match self.command {
+            Command::Bench(Bench::Orders(args)) => return crate::bench::orders(args).await,
+            Command::Bench(Bench::Cache(args)) => return crate::bench_cache::cache(args).await,
+            _ => {}
         }
         let settings = self.settings()?;
         kit::telemetry::init(&settings.log);
@@ -327,12 +332,16 @@ async fn wait_all(running: Vec<kit::service::Running>, shutdown: Shutdown) -> an
     }
 }
 
-/// Secrets (`auth.*`) print as `***` by their type; URLs are rewritten here.
+/// Secrets (`auth.*`) print as `***` by their type; URLs are rewritten here, and so are a
+/// service's own `password` and `secret` keys (notify's SMTP password and webhook secrets).
 fn print_config(mut settings: Settings) -> anyhow::Result<()> {
     hide_secret(&mut settings.database.url);
     hide_secret(&mut settings.redis.url);
     hide_secret(&mut settings.bus.url);
     for service in settings.services.values_mut() {
+        for (key, value) in &mut service.extra {
+            hide_secret_keys(key, value);
+        }
         for upstream in &mut service.upstreams {
             let mut text = Some(upstream.to_string());
             hide_secret(&mut text);
@@ -346,6 +355,28 @@ fn print_config(mut settings: Settings) -> anyhow::Result<()> {
         toml::to_string_pretty(&settings).context("rendering the configuration")?
     );
     Ok(())
+}
+
+/// `***` for every value under a key named `password` or `secret`, at any depth.
+fn hide_secret_keys(key: &str, value: &mut figment::value::Value) {
+    use figment::value::Value;
+    if matches!(key, "password" | "secret") {
+        *value = Value::from("***");
+        return;
+    }
+    match value {
+        Value::Dict(_, dict) => {
+            for (key, value) in dict.iter_mut() {
+                hide_secret_keys(key, value);
+            }
+        }
+        Value::Array(_, list) => {
+            for value in list {
+                hide_secret_keys("", value);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Replaces the secret of a URL with `***`: its password, or a user name standing alone (NATS

@@ -2,6 +2,7 @@
 //! migrations and seed data. See `agora --help`.
 
 mod bench;
+mod bench_cache;
 mod cli;
 mod services;
 

@@ -5,11 +5,13 @@
 use kit::service::Service;
 
 /// Every service, in start order: the gateway last, since it forwards to the others.
-pub static ALL: [&Service; 5] = [
+pub static ALL: [&Service; 7] = [
     &users::SERVICE,
     &catalog::SERVICE,
     &orders::SERVICE,
     &orders::WORKER,
+    &notify::SERVICE,
+    &cachesvc::SERVICE,
     &gateway::SERVICE,
 ];
 

@@ -209,6 +209,39 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
         assert!(Instant::now() < deadline, "not processed in 15 s: {order}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Notify heard about it (the log channel, by default).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let page = get_json(
+            &client,
+            "http://127.0.0.1:8080/api/v1/notifications?status=sent&per_page=100",
+        )
+        .await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        if items
+            .iter()
+            .any(|n| n["event_type"] == "order.processed" && n["channel"] == "log")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no order.processed notification: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Seed 000's cache service.
+    let stored = client
+        .post("http://127.0.0.1:8080/cache/greeting")
+        .json(&json!({"value": "hello"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(stored.status(), 200);
+    let greeting = get_json(&client, "http://127.0.0.1:8080/cache/greeting").await;
+    assert_eq!(greeting["value"], "hello", "{greeting}");
+    let memory = get_json(&client, "http://127.0.0.1:8080/cache/memory").await;
+    assert_eq!(memory["keys"], 1, "{memory}");
 
     let status = terminate(&mut child);
     let mut out = String::new();
@@ -299,6 +332,8 @@ fn up_on_free_ports(dir: &std::path::Path) -> (Child, String, Vec<String>) {
         .env("AGORA_SERVICES__CATALOG__PORT", "0")
         .env("AGORA_SERVICES__ORDERS__PORT", "0")
         .env("AGORA_SERVICES__WORKER__PORT", "0")
+        .env("AGORA_SERVICES__NOTIFY__PORT", "0")
+        .env("AGORA_SERVICES__CACHE__PORT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -608,6 +643,8 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
         .env("AGORA_SERVICES__CATALOG__PORT", "0")
         .env("AGORA_SERVICES__ORDERS__PORT", "0")
         .env("AGORA_SERVICES__WORKER__PORT", "0")
+        .env("AGORA_SERVICES__NOTIFY__PORT", "0")
+        .env("AGORA_SERVICES__CACHE__PORT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -622,13 +659,13 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
             let addr = rest.split_whitespace().next().unwrap_or_default();
             addrs.insert(name.trim().to_owned(), addr.to_owned());
         }
-        if addrs.len() == 5 {
+        if addrs.len() == 7 {
             break;
         }
     }
     // Keep draining, so the child never writes to a closed pipe.
     std::thread::spawn(move || for _ in lines {});
-    assert_eq!(addrs.len(), 5, "up printed every service: {addrs:?}");
+    assert_eq!(addrs.len(), 7, "up printed every service: {addrs:?}");
     let stderr = child.stderr.take().expect("piped stderr");
     let logs = std::thread::spawn(move || {
         std::io::BufReader::new(stderr)
@@ -710,7 +747,7 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
         .collect();
     assert_eq!(
         stopped.len(),
-        5,
+        7,
         "every service stopped accepting: {logs:#?}"
     );
     assert_eq!(

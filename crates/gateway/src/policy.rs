@@ -10,6 +10,9 @@
 //! | users | everything else (list, create without a password, lookups by name, stats) | admins |
 //! | catalog | `GET`/`HEAD`/`OPTIONS` | anyone |
 //! | catalog | every write (products, stock, categories) | admins |
+//! | cache | `GET`/`HEAD`/`OPTIONS` (values, `/cache/memory`) | anyone |
+//! | cache | every write (`POST`/`PUT`/`DELETE /cache/{key}`) | any signed-in user |
+//! | notify | everything | any signed-in user; the service shows a user only their own notifications |
 //! | any other service | everything | any signed-in user; the service applies its own rules to the identity it receives (e.g. orders: another user's order is 404) |
 //!
 //! In `required` mode a request without a token to a route that is not public is 401
@@ -49,6 +52,7 @@ pub fn access(service: &str, method: &Method, path: &str) -> Access {
         "users" => users_access(method, path),
         "catalog" if read => Access::Public,
         "catalog" => Access::Admin,
+        "cache" if read => Access::Public,
         _ => Access::SignedIn,
     }
 }
@@ -128,6 +132,17 @@ mod tests {
             ("catalog", Method::PATCH, "/api/v1/products/2/stock", Admin),
             ("catalog", Method::DELETE, "/api/v1/products/2", Admin),
             ("orders", Method::GET, "/api/v1/orders/3", SignedIn),
+            ("cache", Method::GET, "/api/v1/cache/k", Public),
+            ("cache", Method::GET, "/api/v1/cache/memory", Public),
+            ("cache", Method::POST, "/api/v1/cache/k", SignedIn),
+            ("cache", Method::DELETE, "/api/v1/cache/k", SignedIn),
+            ("notify", Method::GET, "/api/v1/notifications", SignedIn),
+            (
+                "notify",
+                Method::POST,
+                "/api/v1/notifications/1/retry",
+                SignedIn,
+            ),
         ];
         for (service, method, path, expected) in cases {
             assert_eq!(access(service, &method, path), expected, "{method} {path}");

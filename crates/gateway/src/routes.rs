@@ -211,6 +211,25 @@ mod tests {
     }
 
     #[test]
+    fn seed_000_cache_and_notification_paths_reach_their_services() {
+        let cache = [
+            ("/cache/user:1", "/api/v1/cache/user:1"),
+            ("/cache/memory", "/api/v1/cache/memory"),
+            ("/api/v1/cache/k", "/api/v1/cache/k"),
+        ];
+        assert_routes(&table(), "cache", &cache);
+        let notify = [
+            ("/api/v1/notifications", "/api/v1/notifications"),
+            (
+                "/api/v1/notifications/3/retry",
+                "/api/v1/notifications/3/retry",
+            ),
+            ("/api/notifications/3", "/api/v1/notifications/3"),
+        ];
+        assert_routes(&table(), "notify", &notify);
+    }
+
+    #[test]
     fn traversal_and_encoded_separators_are_ambiguous() {
         for path in [
             "/api/v1/products/..%2F..%2Finternal/v1/reservations",

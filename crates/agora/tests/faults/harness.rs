@@ -601,10 +601,12 @@ impl Agora {
             Topology::Up => {
                 let mut command = agora.command("up", &env);
                 // Port 0 everywhere: `up` prints the ports it bound, so tests never collide.
-                for service in ["GATEWAY", "USERS", "CATALOG", "ORDERS", "WORKER"] {
+                for service in [
+                    "GATEWAY", "USERS", "CATALOG", "ORDERS", "WORKER", "NOTIFY", "CACHE",
+                ] {
                     command.env(format!("AGORA_SERVICES__{service}__PORT"), "0");
                 }
-                let lines = agora.spawn("up", command, 5).await;
+                let lines = agora.spawn("up", command, 7).await;
                 // `  users    http://127.0.0.1:P   (metrics http://127.0.0.1:M/metrics)`
                 for line in lines {
                     if let Some((name, rest)) = line.trim().split_once(" http://") {
@@ -775,7 +777,9 @@ impl Agora {
         }
         // Metrics listeners on free ports: a service's port plus the offset (the default) could
         // be another test's, or out of range.
-        for service in ["GATEWAY", "USERS", "CATALOG", "ORDERS", "WORKER"] {
+        for service in [
+            "GATEWAY", "USERS", "CATALOG", "ORDERS", "WORKER", "NOTIFY", "CACHE",
+        ] {
             command.env(format!("AGORA_SERVICES__{service}__METRICS_PORT"), "0");
         }
         command.envs(env.iter().map(|(k, v)| (k, v)));

@@ -1,0 +1,242 @@
+//! The notification service's queries, written once for both backends (see `kit::db`).
+
+use chrono::{DateTime, SubsecRound as _, Utc};
+use kit::Db;
+use kit::db::{Executor, query};
+use serde::Serialize;
+
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+const COLUMNS: &str = "id, event_id, event_type, channel, recipient, user_id, subject, body, \
+                       payload, status, attempts, retries, last_error, next_attempt_at, \
+                       created_at, updated_at, sent_at";
+
+/// A delivery, as stored and as the API shows it (the event's JSON only to the dispatcher).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Notification {
+    pub id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub channel: String,
+    pub recipient: String,
+    pub user_id: Option<i64>,
+    pub subject: String,
+    pub body: String,
+    #[serde(skip)]
+    pub payload: String,
+    pub status: String,
+    pub attempts: i32,
+    pub retries: i32,
+    pub last_error: Option<String>,
+    /// When a pending delivery is due (a claimed one: when its claim lapses).
+    pub next_attempt_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// A delivery to record.
+pub struct NewNotification<'a> {
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    pub channel: &'a str,
+    pub recipient: &'a str,
+    pub user_id: Option<i64>,
+    pub subject: &'a str,
+    pub body: &'a str,
+    pub payload: &'a str,
+    /// `failed` at once when it can never be delivered (no address), with why.
+    pub failed: Option<&'a str>,
+}
+
+/// Records a delivery unless this (event, channel, recipient) has one; returns whether it did.
+pub async fn insert(ex: impl Executor<'_>, new: &NewNotification<'_>) -> sqlx::Result<bool> {
+    let now = now();
+    let status = if new.failed.is_some() {
+        "failed"
+    } else {
+        "pending"
+    };
+    let added = query(
+        "insert into notifications (event_id, event_type, channel, recipient, user_id, subject, \
+         body, payload, status, attempts, last_error, next_attempt_at, created_at, updated_at) \
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $11) \
+         on conflict (event_id, channel, recipient) do nothing",
+    )
+    .bind(new.event_id)
+    .bind(new.event_type)
+    .bind(new.channel)
+    .bind(new.recipient)
+    .bind(new.user_id)
+    .bind(new.subject)
+    .bind(new.body)
+    .bind(new.payload)
+    .bind(status)
+    .bind(new.failed)
+    .bind(now)
+    .execute(ex)
+    .await?;
+    Ok(added == 1)
+}
+
+pub async fn find(ex: impl Executor<'_>, id: i64) -> sqlx::Result<Option<Notification>> {
+    query(&format!(
+        "select {COLUMNS} from notifications where id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(ex)
+    .await
+}
+
+/// A page of deliveries, newest first, with the count of all that match.
+pub async fn list(
+    db: &Db,
+    user_id: Option<i64>,
+    status: Option<&str>,
+    limit: i64,
+    offset: i64,
+) -> sqlx::Result<(Vec<Notification>, i64)> {
+    let filter = "($1 is null or user_id = $1) and ($2 is null or status = $2)";
+    let rows = query(&format!(
+        "select {COLUMNS} from notifications where {filter} order by id desc limit $3 offset $4"
+    ))
+    .bind(user_id)
+    .bind(status)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(db)
+    .await?;
+    let total = query(&format!(
+        "select count(*) from notifications where {filter}"
+    ))
+    .bind(user_id)
+    .bind(status)
+    .fetch_scalar(db)
+    .await?;
+    Ok((rows, total))
+}
+
+/// Ids of pending deliveries due now, oldest due first.
+pub async fn due(db: &Db, limit: i64) -> sqlx::Result<Vec<i64>> {
+    query(
+        "select id from notifications where status = 'pending' and next_attempt_at <= $1 \
+         order by next_attempt_at, id limit $2",
+    )
+    .bind(now())
+    .bind(limit)
+    .fetch_all::<(i64,)>(db)
+    .await
+    .map(|ids| ids.into_iter().map(|(id,)| id).collect())
+}
+
+/// When the earliest pending delivery is due (a claimed one: when its claim lapses).
+pub async fn next_due(db: &Db) -> sqlx::Result<Option<DateTime<Utc>>> {
+    query(
+        "select next_attempt_at from notifications where status = 'pending' \
+         order by next_attempt_at limit 1",
+    )
+    .fetch_optional_scalar(db)
+    .await
+}
+
+/// Claims a due delivery for one try: counts the attempt and moves its due time to `lease_until`,
+/// so no other dispatcher takes it meanwhile. `None`: someone else claimed it first.
+pub async fn claim(
+    db: &Db,
+    id: i64,
+    lease_until: DateTime<Utc>,
+) -> sqlx::Result<Option<Notification>> {
+    let now = now();
+    let claimed = query(
+        "update notifications set attempts = attempts + 1, next_attempt_at = $1, updated_at = $2 \
+         where id = $3 and status = 'pending' and next_attempt_at <= $2",
+    )
+    .bind(lease_until)
+    .bind(now)
+    .bind(id)
+    .execute(db)
+    .await?;
+    if claimed == 0 {
+        return Ok(None);
+    }
+    find(db, id).await
+}
+
+/// Sent.
+pub async fn mark_sent(db: &Db, id: i64) -> sqlx::Result<()> {
+    let now = now();
+    query(
+        "update notifications set status = 'sent', sent_at = $1, updated_at = $1 \
+         where id = $2 and status = 'pending'",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// A try failed: due again at `retry_at`, or `failed` for good when `None`.
+pub async fn mark_attempt_failed(
+    db: &Db,
+    id: i64,
+    error: &str,
+    retry_at: Option<DateTime<Utc>>,
+) -> sqlx::Result<()> {
+    let now = now();
+    let status = if retry_at.is_some() {
+        "pending"
+    } else {
+        "failed"
+    };
+    query(
+        "update notifications set status = $1, last_error = $2, next_attempt_at = $3, \
+         updated_at = $4 where id = $5 and status = 'pending'",
+    )
+    .bind(status)
+    .bind(error)
+    .bind(retry_at.unwrap_or(now))
+    .bind(now)
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// A failed delivery made pending again, due now, with a new round of tries. `false`: it was
+/// not failed (any more).
+pub async fn retry(db: &Db, id: i64) -> sqlx::Result<bool> {
+    let now = now();
+    let changed = query(
+        "update notifications set status = 'pending', attempts = 0, retries = retries + 1, \
+         next_attempt_at = $1, updated_at = $1 where id = $2 and status = 'failed'",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(changed == 1)
+}
+
+/// `(channel, status, count)` over the deliveries, of one user when given.
+pub async fn counts(db: &Db, user_id: Option<i64>) -> sqlx::Result<Vec<(String, String, i64)>> {
+    query(
+        "select channel, status, count(*) from notifications where ($1 is null or user_id = $1) \
+         group by channel, status order by channel, status",
+    )
+    .bind(user_id)
+    .fetch_all(db)
+    .await
+}
+
+/// The oldest pending delivery's creation time.
+pub async fn oldest_pending(db: &Db) -> sqlx::Result<Option<DateTime<Utc>>> {
+    query(
+        "select created_at from notifications where status = 'pending' \
+         order by created_at limit 1",
+    )
+    .fetch_optional_scalar(db)
+    .await
+}
