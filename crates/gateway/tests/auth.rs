@@ -532,3 +532,93 @@ fn the_gateway_refuses_to_start_without_its_keys() {
         .to_string();
     assert!(err.contains("auth.service_token"), "{err}");
 }
+
+// An Ed25519 key pair (openssl genpkey -algorithm ed25519), for this test only.
+const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKcamT+naxbsSHOyLkQ3syuYZ+5NTRwPFReFsRugfD7E\n-----END PRIVATE KEY-----\n";
+const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA5lT8cql3QuQLFVWpkKQ6NUFUXzfXm+GO+4u7IR2Z6hw=\n-----END PUBLIC KEY-----\n";
+
+/// `required` mode with an Ed25519 pair: users (which holds the pair) issues EdDSA tokens at
+/// login, the gateway (which holds only the public key) accepts them and refuses an HS256 token
+/// signed with the shared secret; users refuses to start with the public key alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ed25519_tokens_from_users_are_verified_by_a_gateway_holding_only_the_public_key() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    env.settings.auth.mode = Some(AuthMode::Required);
+    env.settings.auth.ed25519_public_key = Some(ED_PUBLIC.to_owned());
+    let refused = users::app(env.deps(&users::SERVICE).await)
+        .await
+        .err()
+        .expect("users needs the private key")
+        .to_string();
+    assert!(refused.contains("auth.ed25519_private_key"), "{refused}");
+    let mut signer = env.settings.clone();
+    signer.auth.ed25519_private_key = Some(kit::auth::Secret::new(ED_PRIVATE.to_owned()));
+    let users = TestServer::start(
+        users::app(
+            kit::service::Deps::connect(&users::SERVICE, &signer, None)
+                .await
+                .expect("deps"),
+        )
+        .await
+        .expect("users"),
+        &signer,
+    )
+    .await;
+    let upstreams = BTreeMap::from([(
+        "users".to_owned(),
+        vec![Url::parse(&users.url("")).expect("url")],
+    )]);
+    let gateway = gateway::app_with_upstreams(&env.settings, upstreams).expect("gateway");
+    let gateway = TestServer::start(gateway, &env.settings).await;
+    let client = reqwest::Client::new();
+    let body = json!({"email": "ed@example.com", "name": "Ed", "password": "long-enough-pw"});
+    let response = client
+        .post(gateway.url("/api/v1/auth/register"))
+        .json(&body)
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(response.status(), 201);
+    let login: Value = client
+        .post(gateway.url("/api/v1/auth/login"))
+        .json(&json!({"email": "ed@example.com", "password": "long-enough-pw"}))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("json");
+    let token = login["access_token"].as_str().expect("a token");
+    let header = jsonwebtoken::decode_header(token).expect("header");
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::EdDSA);
+    let me = client
+        .get(gateway.url("/api/v1/users/me"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("me");
+    assert_eq!(me.status(), 200);
+    let me: Value = me.json().await.expect("json");
+    assert_eq!(me["email"], "ed@example.com");
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = json!({"sub": me["id"].to_string(), "role": "admin", "iss": "agora",
+                        "aud": "agora-api", "iat": now, "exp": now + 600});
+    let secret = env.settings.auth.jwt_secret.as_ref().expect("secret");
+    let hs = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.expose().as_bytes()),
+    )
+    .expect("encode");
+    let response = client
+        .get(gateway.url("/api/v1/users/me"))
+        .bearer_auth(hs)
+        .send()
+        .await
+        .expect("me");
+    assert_problem(response, 401, "invalid_token").await;
+}

@@ -154,6 +154,17 @@ pub struct AuthSettings {
     /// The key before the last rotation: tokens it signed are still accepted until they expire.
     #[serde(default)]
     pub previous_jwt_secret: Option<Secret>,
+    /// EdDSA instead of HS256: the Ed25519 public key (PEM, `BEGIN PUBLIC KEY`) every verifier
+    /// uses. With it set, `jwt_secret` no longer signs or verifies tokens, and a verifier (the
+    /// gateway) holds nothing that can sign one.
+    #[serde(default)]
+    pub ed25519_public_key: Option<String>,
+    /// The matching private key (PEM, `BEGIN PRIVATE KEY`): only the signer (users) needs it.
+    #[serde(default)]
+    pub ed25519_private_key: Option<Secret>,
+    /// The public key before the last rotation: tokens it verifies are still accepted.
+    #[serde(default)]
+    pub previous_ed25519_public_key: Option<String>,
     /// The credential internal endpoints and identity headers need.
     #[serde(default)]
     pub service_token: Option<Secret>,
@@ -188,6 +199,36 @@ impl AuthSettings {
         if !(1..=64).contains(&self.hash_concurrency) {
             return Err(invalid("auth.hash_concurrency", "must be from 1 to 64"));
         }
+        if self.ed25519_public_key.is_none() {
+            for (key, set) in [
+                (
+                    "auth.ed25519_private_key",
+                    self.ed25519_private_key.is_some(),
+                ),
+                (
+                    "auth.previous_ed25519_public_key",
+                    self.previous_ed25519_public_key.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(invalid(key, "needs auth.ed25519_public_key as well"));
+                }
+            }
+        }
+        for (key, pem) in [
+            ("auth.ed25519_public_key", &self.ed25519_public_key),
+            (
+                "auth.previous_ed25519_public_key",
+                &self.previous_ed25519_public_key,
+            ),
+        ] {
+            if let Some(pem) = pem {
+                ed25519_public(key, pem)?;
+            }
+        }
+        if let Some(pem) = &self.ed25519_private_key {
+            ed25519_private(pem)?;
+        }
         for (key, secret) in [
             ("auth.jwt_secret", &self.jwt_secret),
             ("auth.previous_jwt_secret", &self.previous_jwt_secret),
@@ -214,6 +255,32 @@ impl AuthSettings {
                 "the credential of internal endpoints, shared by every service and the gateway",
             )
         })
+    }
+}
+
+fn ed25519_public(key: &str, pem: &str) -> Result<DecodingKey, ConfigError> {
+    DecodingKey::from_ed_pem(pem.as_bytes()).map_err(|_| ConfigError::Invalid {
+        key: key.to_owned(),
+        message: "is not an Ed25519 public key in PEM (-----BEGIN PUBLIC KEY-----; \
+                  `openssl pkey -in private.pem -pubout`)"
+            .to_owned(),
+    })
+}
+
+fn ed25519_private(pem: &Secret) -> Result<EncodingKey, ConfigError> {
+    EncodingKey::from_ed_pem(pem.expose().as_bytes()).map_err(|_| ConfigError::Invalid {
+        key: "auth.ed25519_private_key".to_owned(),
+        message: "is not an Ed25519 private key in PEM (-----BEGIN PRIVATE KEY-----; \
+                  `openssl genpkey -algorithm ed25519`)"
+            .to_owned(),
+    })
+}
+
+fn ed25519_mismatch() -> ConfigError {
+    ConfigError::Invalid {
+        key: "auth.ed25519_private_key".to_owned(),
+        message: "does not match auth.ed25519_public_key (tokens it signs would be refused)"
+            .to_owned(),
     }
 }
 
@@ -316,7 +383,9 @@ pub enum TokenError {
 pub struct Tokens(Arc<TokensInner>);
 
 struct TokensInner {
-    encoding: EncodingKey,
+    algorithm: Algorithm,
+    /// `None`: this process only verifies (an Ed25519 public key without its private key).
+    encoding: Option<EncodingKey>,
     /// The current key first, then the previous one (rotation).
     decoding: Vec<DecodingKey>,
     validation: Validation,
@@ -326,36 +395,76 @@ struct TokensInner {
 }
 
 impl Tokens {
-    /// From `[auth]`; a start-up error naming `auth.jwt_secret` when it is unset.
+    /// From `[auth]`: EdDSA when `auth.ed25519_public_key` is set (signing too when the private
+    /// key is), HS256 with `auth.jwt_secret` otherwise; a start-up error naming the key that is
+    /// missing or wrong.
     pub fn new(auth: &AuthSettings) -> Result<Self, ConfigError> {
-        let secret = auth.jwt_secret.as_ref().ok_or_else(|| {
-            missing(
-                "auth.jwt_secret",
-                "AGORA_AUTH__JWT_SECRET",
-                "the key that signs and verifies access tokens",
-            )
-        })?;
-        let mut decoding = vec![DecodingKey::from_secret(secret.expose().as_bytes())];
-        if let Some(previous) = &auth.previous_jwt_secret {
-            decoding.push(DecodingKey::from_secret(previous.expose().as_bytes()));
-        }
-        // One algorithm: a token whose header names any other (`none`, RS256, HS512) is refused
-        // before its signature is looked at.
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.algorithms = vec![Algorithm::HS256];
+        let (algorithm, encoding, decoding) = match &auth.ed25519_public_key {
+            Some(public) => {
+                let mut decoding = vec![ed25519_public("auth.ed25519_public_key", public)?];
+                if let Some(previous) = &auth.previous_ed25519_public_key {
+                    decoding.push(ed25519_public(
+                        "auth.previous_ed25519_public_key",
+                        previous,
+                    )?);
+                }
+                let encoding = auth
+                    .ed25519_private_key
+                    .as_ref()
+                    .map(ed25519_private)
+                    .transpose()?;
+                (Algorithm::EdDSA, encoding, decoding)
+            }
+            None => {
+                let secret = auth.jwt_secret.as_ref().ok_or_else(|| {
+                    missing(
+                        "auth.jwt_secret",
+                        "AGORA_AUTH__JWT_SECRET",
+                        "the key that signs and verifies access tokens",
+                    )
+                })?;
+                let mut decoding = vec![DecodingKey::from_secret(secret.expose().as_bytes())];
+                if let Some(previous) = &auth.previous_jwt_secret {
+                    decoding.push(DecodingKey::from_secret(previous.expose().as_bytes()));
+                }
+                let encoding = EncodingKey::from_secret(secret.expose().as_bytes());
+                (Algorithm::HS256, Some(encoding), decoding)
+            }
+        };
+        // One algorithm: a token whose header names any other (`none`, RS256, HS512, or HS256
+        // under EdDSA) is refused before its signature is looked at.
+        let mut validation = Validation::new(algorithm);
+        validation.algorithms = vec![algorithm];
         validation.set_issuer(&[&auth.issuer]);
         validation.set_audience(&[&auth.audience]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
         validation.leeway = LEEWAY_SECS;
         validation.validate_exp = true;
-        Ok(Self(Arc::new(TokensInner {
-            encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
+        let tokens = Self(Arc::new(TokensInner {
+            algorithm,
+            encoding,
             decoding,
             validation,
             issuer: auth.issuer.clone(),
             audience: auth.audience.clone(),
             ttl: Duration::from_secs(auth.token_ttl_secs),
-        })))
+        }));
+        if algorithm == Algorithm::EdDSA && tokens.can_sign() {
+            // A private key that is not the public key's pair would sign tokens nobody accepts.
+            let probe = tokens
+                .issue(0, Role::User)
+                .map_err(|_| ed25519_mismatch())?;
+            tokens
+                .verify(&probe.access_token)
+                .map_err(|_| ed25519_mismatch())?;
+        }
+        Ok(tokens)
+    }
+
+    /// Whether this process holds a signing key (the gateway, given only an Ed25519 public
+    /// key, does not).
+    pub fn can_sign(&self) -> bool {
+        self.0.encoding.is_some()
     }
 
     /// A signed token for `user_id` with `role`, valid for `auth.token_ttl_secs`.
@@ -369,7 +478,12 @@ impl Tokens {
             iat: now,
             exp: now + self.0.ttl.as_secs(),
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.0.encoding)
+        let key = self
+            .0
+            .encoding
+            .as_ref()
+            .context("this process holds no signing key (auth.ed25519_private_key is unset)")?;
+        let token = jsonwebtoken::encode(&Header::new(self.0.algorithm), &claims, key)
             .context("signing an access token")?;
         Ok(AccessToken {
             access_token: token,

@@ -65,10 +65,20 @@ struct AppState {
 }
 
 /// Builds the service from its dependencies, with its outbox relay publishing to the bus.
-/// Refuses to start without `auth.jwt_secret` (the error names the key).
+/// Refuses to start without a signing key: `auth.jwt_secret`, or with an Ed25519 public key its
+/// private key (the error names the key).
 pub async fn app(deps: Deps) -> anyhow::Result<App> {
     let _: UsersSettings = deps.settings.section(NAME)?;
     let tokens = Tokens::new(&deps.settings.auth)?;
+    if !tokens.can_sign() {
+        return Err(kit::config::ConfigError::Invalid {
+            key: "auth.ed25519_private_key".to_owned(),
+            message: "is required by the users service, which signs the tokens (the gateway \
+                      needs only auth.ed25519_public_key)"
+                .to_owned(),
+        }
+        .into());
+    }
     let db = deps.db()?;
     let relay = Relay::new(db.clone(), deps.bus()?, &deps.settings.bus);
     relay.register_metrics(&deps.metrics);

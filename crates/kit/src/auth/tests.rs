@@ -232,3 +232,103 @@ fn a_secret_file_is_created_once_owner_only_and_read_back() {
         "a short secret is refused"
     );
 }
+
+// Two Ed25519 key pairs (openssl genpkey -algorithm ed25519), for tests only.
+const ED1_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKcamT+naxbsSHOyLkQ3syuYZ+5NTRwPFReFsRugfD7E\n-----END PRIVATE KEY-----\n";
+const ED1_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA5lT8cql3QuQLFVWpkKQ6NUFUXzfXm+GO+4u7IR2Z6hw=\n-----END PUBLIC KEY-----\n";
+const ED2_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEILL6A6YacrpgVZX+LHnyDefGYNFtHUTtrL/XSpHF4pdO\n-----END PRIVATE KEY-----\n";
+const ED2_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAOH7yIS502GIMI9wXfCJXoaSYwdQC4N///sRU0N1pBXw=\n-----END PUBLIC KEY-----\n";
+
+fn ed25519(private: Option<&str>, public: &str) -> AuthSettings {
+    let mut auth = settings();
+    auth.ed25519_public_key = Some(public.to_owned());
+    auth.ed25519_private_key = private.map(|k| Secret::new(k.to_owned()));
+    auth
+}
+
+/// With an Ed25519 pair, users signs EdDSA tokens and a verifier holding only the public key
+/// (the gateway) accepts them, cannot sign any, and refuses HS256 tokens, even ones signed with
+/// the configured `jwt_secret` (no algorithm confusion).
+#[test]
+fn ed25519_tokens_are_signed_by_the_private_key_and_verified_with_the_public_one() {
+    let signer = Tokens::new(&ed25519(Some(ED1_PRIVATE), ED1_PUBLIC)).expect("signer");
+    let verifier = Tokens::new(&ed25519(None, ED1_PUBLIC)).expect("verifier");
+    assert!(signer.can_sign());
+    assert!(!verifier.can_sign());
+    let token = signer.issue(42, Role::Admin).expect("issued").access_token;
+    let header = jsonwebtoken::decode_header(&token).expect("header");
+    assert_eq!(header.alg, Algorithm::EdDSA);
+    let identity = verifier
+        .verify(&token)
+        .expect("verified with the public key");
+    assert_eq!((identity.user_id, identity.role), (42, Role::Admin));
+    assert!(
+        verifier.issue(1, Role::User).is_err(),
+        "a verifier cannot sign"
+    );
+
+    let auth = ed25519(None, ED1_PUBLIC);
+    let secret = auth
+        .jwt_secret
+        .as_ref()
+        .expect("secret")
+        .expose()
+        .to_owned();
+    let hs = forge(Algorithm::HS256, &secret, &claims(&auth));
+    assert!(verifier.verify(&hs).is_err(), "HS256 refused under EdDSA");
+    let other = Tokens::new(&ed25519(Some(ED2_PRIVATE), ED2_PUBLIC)).expect("other pair");
+    let foreign = other.issue(42, Role::Admin).expect("issued").access_token;
+    assert!(
+        verifier.verify(&foreign).is_err(),
+        "another key's token refused"
+    );
+}
+
+/// Rotation: tokens of the previous key pair are accepted while `previous_ed25519_public_key`
+/// names it; without it they are not.
+#[test]
+fn a_previous_ed25519_public_key_keeps_old_tokens_valid() {
+    let old = Tokens::new(&ed25519(Some(ED1_PRIVATE), ED1_PUBLIC)).expect("old signer");
+    let token = old.issue(7, Role::User).expect("issued").access_token;
+    let mut rotated = ed25519(Some(ED2_PRIVATE), ED2_PUBLIC);
+    assert!(Tokens::new(&rotated).expect("new").verify(&token).is_err());
+    rotated.previous_ed25519_public_key = Some(ED1_PUBLIC.to_owned());
+    let tokens = Tokens::new(&rotated).expect("rotated");
+    assert_eq!(tokens.verify(&token).expect("old token").user_id, 7);
+}
+
+/// A wrong key is a start-up error naming it: not PEM, not Ed25519, a private key that is not
+/// the public key's pair, or a private key with no public key.
+#[test]
+fn bad_ed25519_keys_are_refused_by_name() {
+    let key_of = |err: ConfigError| match err {
+        ConfigError::Invalid { key, .. } => key,
+        other => panic!("unexpected {other:?}"),
+    };
+    let garbage = ed25519(None, "not a key");
+    assert_eq!(
+        key_of(garbage.validate().expect_err("garbage")),
+        "auth.ed25519_public_key"
+    );
+    let swapped = ed25519(Some(ED1_PUBLIC), ED1_PUBLIC);
+    assert_eq!(
+        key_of(
+            swapped
+                .validate()
+                .expect_err("a public key as the private one")
+        ),
+        "auth.ed25519_private_key"
+    );
+    let mismatched = ed25519(Some(ED2_PRIVATE), ED1_PUBLIC);
+    assert!(mismatched.validate().is_ok(), "each key parses alone");
+    assert_eq!(
+        key_of(Tokens::new(&mismatched).err().expect("mismatch")),
+        "auth.ed25519_private_key"
+    );
+    let mut alone = settings();
+    alone.ed25519_private_key = Some(Secret::new(ED1_PRIVATE.to_owned()));
+    assert_eq!(
+        key_of(alone.validate().expect_err("no public key")),
+        "auth.ed25519_private_key"
+    );
+}
