@@ -210,7 +210,7 @@ impl StockBody {
 }
 
 /// One line of a reservation request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReserveItem {
     pub product_id: i64,
@@ -218,7 +218,7 @@ pub struct ReserveItem {
 }
 
 /// `POST /internal/v1/reservations`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReserveBody {
     pub order_id: String,
@@ -287,7 +287,7 @@ impl ReserveBody {
 }
 
 /// Where a reservation stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReservationStatus {
     Reserved,
@@ -315,7 +315,7 @@ impl ReservationStatus {
 }
 
 /// One reserved line, with the price at the time of reservation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ReservationItem {
     pub product_id: i64,
     pub quantity: i64,
@@ -324,7 +324,7 @@ pub struct ReservationItem {
 }
 
 /// A reservation as returned by the internal API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Reservation {
     pub order_id: String,
     pub status: ReservationStatus,

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use kit::Ttl;
 use kit::http::{Json, Path, Query, RawJson};
+use kit::openapi::ServiceToken;
 use kit::page::Pagination;
 use kit::{ApiError, FieldError};
 use serde::Deserialize;
@@ -33,16 +34,19 @@ fn item_key(id: i64) -> String {
     format!("product:{id}")
 }
 
-/// The service's public API (the internal reservation routes are the orders service's, not
-/// routed by the gateway, and not described here).
+/// The service's API. The internal routes (reservations, the lookup by name) are for the orders
+/// service, with the service credential: listed here, never in the gateway's document.
 #[derive(OpenApi)]
 #[openapi(
     info(title = "catalog", description = "Agora's catalog: products, categories, stock."),
     paths(
         list_products, create_product, get_product, update_product, delete_product,
-        change_stock, list_categories, get_stats,
+        change_stock, list_categories, get_stats, reserve, get_reservation, commit_reservation,
+        release_reservation, return_reservation, lookup_product,
     ),
-    tags((name = "products"), (name = "categories"))
+    tags((name = "products"), (name = "categories"),
+        (name = "internal", description = "For other services: `x-agora-service-token` required")),
+    modifiers(&ServiceToken)
 )]
 struct ApiDoc;
 
@@ -358,8 +362,29 @@ pub(crate) async fn list_categories(State(state): State<AppState>) -> Result<Raw
     Ok(RawJson(categories))
 }
 
+/// Reserves stock for an order, all lines or none (never oversells); repeating it for the same
+/// order answers the existing reservation (200).
+#[utoipa::path(
+    post,
+    path = "/internal/v1/reservations",
+    tag = "internal",
+    security(("service_token" = [])),
+    request_body(content = ReserveBody, examples(
+        ("two lines" = (value = json!({"order_id": "3f0c9a52-1d2e-4b7a-9a63-5a3c2b1d0e9f",
+            "items": [{"product_id": 1, "quantity": 2}, {"product_id": 2, "quantity": 1}]}))),
+    )),
+    responses(
+        (status = 201, description = "Reserved", body = Reservation),
+        (status = 200, description = "Already reserved for this order", body = Reservation),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 409, description = "Not enough stock (`insufficient_stock`), or a different reservation for this order"),
+    )
+)]
 #[tracing::instrument(skip_all)]
-async fn reserve(State(state): State<AppState>, Json(body): Json<ReserveBody>) -> Result<Response> {
+pub(crate) async fn reserve(
+    State(state): State<AppState>,
+    Json(body): Json<ReserveBody>,
+) -> Result<Response> {
     let request = body.validate().map_err(Error::Invalid)?;
     let reserved = reservations::reserve(&state.db, &request).await?;
     let (status, reservation) = match reserved {
@@ -381,8 +406,22 @@ fn order_id_param(order_id: String) -> Result<String> {
     })
 }
 
+/// The reservation of an order.
+#[utoipa::path(
+    get,
+    path = "/internal/v1/reservations/{order_id}",
+    tag = "internal",
+    security(("service_token" = [])),
+    params(("order_id" = String, Path, example = "3f0c9a52-1d2e-4b7a-9a63-5a3c2b1d0e9f")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 404, description = "No reservation for this order (`reservation_not_found`)"),
+        (status = 409, description = "Not possible from its status"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn get_reservation(
+pub(crate) async fn get_reservation(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
@@ -393,8 +432,22 @@ async fn get_reservation(
         .ok_or(Error::ReservationNotFound(order_id))
 }
 
+/// Commits it: the units leave `reserved` for good (the order was paid).
+#[utoipa::path(
+    post,
+    path = "/internal/v1/reservations/{order_id}/commit",
+    tag = "internal",
+    security(("service_token" = [])),
+    params(("order_id" = String, Path, example = "3f0c9a52-1d2e-4b7a-9a63-5a3c2b1d0e9f")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 404, description = "No reservation for this order (`reservation_not_found`)"),
+        (status = 409, description = "Not possible from its status"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn commit_reservation(
+pub(crate) async fn commit_reservation(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
@@ -404,8 +457,22 @@ async fn commit_reservation(
     Ok(Json(reservation))
 }
 
+/// Releases it: the units go back on sale (the order failed or was cancelled).
+#[utoipa::path(
+    post,
+    path = "/internal/v1/reservations/{order_id}/release",
+    tag = "internal",
+    security(("service_token" = [])),
+    params(("order_id" = String, Path, example = "3f0c9a52-1d2e-4b7a-9a63-5a3c2b1d0e9f")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 404, description = "No reservation for this order (`reservation_not_found`)"),
+        (status = 409, description = "Not possible from its status"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn release_reservation(
+pub(crate) async fn release_reservation(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
@@ -415,8 +482,22 @@ async fn release_reservation(
     Ok(Json(reservation))
 }
 
+/// Puts the units of a committed reservation back on sale (a cancelled paid order).
+#[utoipa::path(
+    post,
+    path = "/internal/v1/reservations/{order_id}/return",
+    tag = "internal",
+    security(("service_token" = [])),
+    params(("order_id" = String, Path, example = "3f0c9a52-1d2e-4b7a-9a63-5a3c2b1d0e9f")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 404, description = "No reservation for this order (`reservation_not_found`)"),
+        (status = 409, description = "Not possible from its status"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn return_reservation(
+pub(crate) async fn return_reservation(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
@@ -426,15 +507,31 @@ async fn return_reservation(
     Ok(Json(reservation))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct LookupQuery {
+pub(crate) struct LookupQuery {
+    /// A product's sku or name.
+    #[param(example = "Pro Keyboard")]
     item: String,
 }
 
 /// The product an order names by sku or name (seed 002's `"item": "Pro Keyboard"`).
+#[utoipa::path(
+    get,
+    path = "/internal/v1/products/lookup",
+    tag = "internal",
+    security(("service_token" = [])),
+    params(LookupQuery),
+    responses(
+        (status = 200, description = "The product", body = Product),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 404, description = "No product with that sku or name (`product_not_found`)"),
+        (status = 422, description = "Empty or longer than 200 characters (`validation_failed`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn lookup_product(
+pub(crate) async fn lookup_product(
     State(state): State<AppState>,
     Query(lookup): Query<LookupQuery>,
 ) -> Result<Json<Product>> {

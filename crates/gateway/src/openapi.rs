@@ -180,6 +180,7 @@ pub fn merge(table: &RouteTable, mode: AuthMode, documents: Vec<(&str, Value)>) 
             }
         }
     }
+    prune_schemas(&mut doc);
     doc["tags"] = Value::Array(tags);
     doc["components"]["securitySchemes"] = json!({
         "bearer": {
@@ -192,6 +193,40 @@ pub fn merge(table: &RouteTable, mode: AuthMode, documents: Vec<(&str, Value)>) 
     Merged {
         document: doc,
         conflicts,
+    }
+}
+
+/// Drops the schemas no public path refers to (directly or through other schemas): those of
+/// the internal routes left out.
+fn prune_schemas(doc: &mut Value) {
+    fn refs(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, value) in map {
+                    match (key.as_str(), value) {
+                        ("$ref", Value::String(r)) => {
+                            if let Some(name) = r.strip_prefix("#/components/schemas/") {
+                                out.push(name.to_owned());
+                            }
+                        }
+                        _ => refs(value, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut pending = Vec::new();
+    refs(&doc["paths"], &mut pending);
+    let mut used = std::collections::BTreeSet::new();
+    while let Some(name) = pending.pop() {
+        if used.insert(name.clone()) {
+            refs(&doc["components"]["schemas"][&name], &mut pending);
+        }
+    }
+    if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
+        schemas.retain(|name, _| used.contains(name));
     }
 }
 

@@ -58,6 +58,25 @@ fn health() {}
 #[allow(dead_code)]
 fn ready() {}
 
+/// Adds the `service_token` security scheme: the service credential other services send to a
+/// service's `/internal/...` routes (`x-agora-service-token`, `auth.service_token`).
+pub struct ServiceToken;
+
+impl utoipa::Modify for ServiceToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "service_token",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                crate::auth::SERVICE_TOKEN_HEADER.as_str(),
+                "The service credential (`auth.service_token`); the gateway never forwards \
+                 `/internal/...`",
+            ))),
+        );
+    }
+}
+
 /// The problem body's schema, as a component.
 pub fn problem_schema() -> Value {
     serde_json::to_value(Problem::schema()).unwrap_or_default()
