@@ -273,7 +273,9 @@ fn decorate(
             add_response(
                 operation,
                 "403",
-                problem_response(&format!("The token is not {needs}'s (`forbidden`)")),
+                problem_response(&format!(
+                    "The token's user may not: needs {needs} (`forbidden`)"
+                )),
             );
         }
     }

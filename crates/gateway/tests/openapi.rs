@@ -93,6 +93,9 @@ async fn merged_document_is_valid_openapi_3_1() {
         "{}",
         doc["openapi"]
     );
+    let kept = artifacts_dir().join("openapi.json");
+    std::fs::write(&kept, serde_json::to_vec_pretty(&doc).expect("json")).expect("kept");
+    println!("merged document: {}", kept.display());
     let errors = validation_errors(&doc);
     assert!(
         errors.is_empty(),
