@@ -572,3 +572,32 @@ async fn docs_render_in_headless_chromium_offline() {
     eprintln!("Swagger UI screenshot: {}", screenshot.display());
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn docs_are_public_in_required_mode_and_show_the_bearer_scheme() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    env.settings.auth.mode = Some(AuthMode::Required);
+    let app = gateway::app_with_upstreams(&env.settings, BTreeMap::new()).expect("gateway");
+    let gateway = TestServer::start(app, &env.settings).await;
+    let (status, doc) = gateway.get_json("/openapi.json").await;
+    assert_eq!(status, 200, "no token needed: {doc}");
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    assert_eq!(
+        doc["paths"]["/api/v1/orders"]["post"]["security"],
+        serde_json::json!([{"bearer": []}])
+    );
+    let page = gateway.get("/docs/").await;
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.expect("html").contains("swagger-ui"));
+    // `/docs` redirects to `/docs/`, where the UI's assets are.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let redirect = client.get(gateway.url("/docs")).send().await.expect("sent");
+    assert!(redirect.status().is_redirection(), "{}", redirect.status());
+    gateway.stop().await;
+}
