@@ -36,6 +36,8 @@ pub fn service_documents() -> Vec<(&'static str, Value)> {
         (users::NAME, users::openapi()),
         (catalog::NAME, catalog::openapi()),
         (orders::NAME, orders::openapi()),
+        (notify::NAME, notify::openapi()),
+        (cachesvc::NAME, cachesvc::openapi()),
     ]
 }
 

@@ -26,8 +26,9 @@ struct System {
     _env: TestEnv,
 }
 
-/// Users, catalog and orders (catalog's and orders' seed data loaded: products 1-10, 11 and 123,
-/// orders 1-8; no users, the examples create them) behind the gateway, on SQLite.
+/// Users, catalog, orders, notify and cache (catalog's and orders' seed data loaded: products
+/// 1-10, 11 and 123, orders 1-8; no users, the examples create them; notification 1, a failed
+/// delivery, for the examples' retry and reads) behind the gateway, on SQLite.
 async fn spawn_system(mode: AuthMode) -> System {
     let mut env = TestEnv::new(Backend::Sqlite).await;
     env.settings.auth.mode = Some(mode);
@@ -38,6 +39,19 @@ async fn spawn_system(mode: AuthMode) -> System {
         // Users start empty: the examples create them (seed 004's Alice is user 1).
         if let Some(seed) = service.seed.filter(|_| service.name != users::NAME) {
             seed(deps.clone()).await.expect("seed data");
+        }
+        if service.name == notify::NAME {
+            let at = "2026-01-01T00:00:00Z";
+            kit::db::query(
+                "insert into notifications (event_id, event_type, channel, recipient, subject, \
+                 body, payload, status, attempts, last_error, next_attempt_at, created_at, \
+                 updated_at) values ('openapi-example', 'user.registered', 'log', 'user:1', \
+                 'Welcome', 'Welcome', '{}', 'failed', 1, 'example', $1, $1, $1)",
+            )
+            .bind(at)
+            .execute(&deps.db().expect("notify's database"))
+            .await
+            .expect("notification 1");
         }
         let app = (service.build)(deps).await.expect("app");
         TestServer::start(app, &settings).await
@@ -59,6 +73,11 @@ async fn spawn_system(mode: AuthMode) -> System {
     let orders = start(&orders::SERVICE, env.settings.clone()).await;
     upstreams.insert("orders".to_owned(), vec![url(&orders)]);
     servers.push(orders);
+    for service in [&notify::SERVICE, &cachesvc::SERVICE] {
+        let server = start(service, env.settings.clone()).await;
+        upstreams.insert(service.name.to_owned(), vec![url(&server)]);
+        servers.push(server);
+    }
     let gateway = gateway::app_with_upstreams(&env.settings, upstreams).expect("gateway");
     System {
         gateway: TestServer::start(gateway, &env.settings).await,
@@ -214,9 +233,11 @@ fn balanced(text: &str) -> &str {
 }
 
 fn crate_src(name: &str) -> PathBuf {
+    // The cache service's crate is `cachesvc`.
+    let dir = if name == cachesvc::NAME { "cachesvc" } else { name };
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
-        .join(name)
+        .join(dir)
         .join("src")
 }
 
