@@ -217,7 +217,13 @@ pub fn openapi() -> serde_json::Value {
             }
         }
     }
-    alias(&mut doc, "/api/v1/cache/{key}", "/cache/{key}", &all, "_seed");
+    alias(
+        &mut doc,
+        "/api/v1/cache/{key}",
+        "/cache/{key}",
+        &all,
+        "_seed",
+    );
     alias(
         &mut doc,
         "/api/v1/cache/keys/{key}",

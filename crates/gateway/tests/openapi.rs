@@ -234,7 +234,11 @@ fn balanced(text: &str) -> &str {
 
 fn crate_src(name: &str) -> PathBuf {
     // The cache service's crate is `cachesvc`.
-    let dir = if name == cachesvc::NAME { "cachesvc" } else { name };
+    let dir = if name == cachesvc::NAME {
+        "cachesvc"
+    } else {
+        name
+    };
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(dir)
