@@ -33,6 +33,7 @@ use kit::service::{App, Deps, Service};
 use kit::{ApiError, FieldError, Settings};
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
+use utoipa::OpenApi;
 
 mod redis_store;
 mod store;
@@ -181,7 +182,63 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
         settings,
         counters,
     };
-    Ok(deps.app(router(state)))
+    Ok(deps.app(router(state).merge(kit::openapi::routes(openapi()))))
+}
+
+/// The service's API (the `/cache/...` spellings are aliases of `/api/v1/cache/...`).
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "cache", description = "Agora's cache service: a key-value API over a keyspace of its own, with a memory guard."),
+    paths(get_value, set_value, delete_value, get_memory, set_memory_key, delete_memory_key, get_stats),
+    tags((name = "cache"))
+)]
+struct ApiDoc;
+
+/// The service's OpenAPI document (served at `/openapi.json`; the gateway merges it).
+pub fn openapi() -> serde_json::Value {
+    use kit::openapi::alias;
+    let mut doc = kit::openapi::finish(ApiDoc::openapi(), false);
+    let all = ["get", "post", "put", "delete"];
+    alias(
+        &mut doc,
+        "/api/v1/cache/{key}",
+        "/api/v1/cache/keys/{key}",
+        &all,
+        "_keys",
+    );
+    // Its own example key, so the examples' deletes each find theirs.
+    for (path, _, operation) in kit::openapi::operations_mut(&mut doc) {
+        if path != "/api/v1/cache/keys/{key}" {
+            continue;
+        }
+        if let Some(serde_json::Value::Array(params)) = operation.get_mut("parameters") {
+            for param in params.iter_mut().filter(|p| p["name"] == "key") {
+                param["example"] = "greeting".into();
+            }
+        }
+    }
+    alias(
+        &mut doc,
+        "/api/v1/cache/{key}",
+        "/cache/{key}",
+        &all,
+        "_seed",
+    );
+    alias(
+        &mut doc,
+        "/api/v1/cache/keys/{key}",
+        "/cache/keys/{key}",
+        &all,
+        "_seed",
+    );
+    alias(
+        &mut doc,
+        "/api/v1/cache/memory",
+        "/cache/memory",
+        &all,
+        "_seed",
+    );
+    doc
 }
 
 fn router(state: AppState) -> Router {
@@ -244,6 +301,20 @@ fn unavailable(err: anyhow::Error) -> ApiError {
     ApiError::unavailable("cache store", err)
 }
 
+/// The value under a key, with its time left.
+#[utoipa::path(
+    get,
+    path = "/api/v1/cache/{key}",
+    tag = "cache",
+    params(("key" = String, Path, description = "1 to 200 of `A-Z a-z 0-9 _ - . :`", example = "user:1")),
+    responses(
+        (status = 200, description = "The value (`ttl_secs`: null without expiry)", body = Object,
+            example = json!({"key": "user:1", "value": {"name": "Alice"}, "ttl_secs": 300})),
+        (status = 404, description = "No value under the key (`key_not_found`)"),
+        (status = 422, description = "Bad key (`invalid_key`)"),
+        (status = 503, description = "The cache store is unavailable (`dependency_unavailable`)"),
+    )
+)]
 async fn get_value(State(state): State<AppState>, Path(key): Path<String>) -> Response {
     respond(read(&state, &key).await)
 }
@@ -267,23 +338,48 @@ async fn read(state: &AppState, key: &str) -> Result<Response, ApiError> {
 }
 
 /// `POST /cache/{key}`'s body: the value (any JSON) and its TTL.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SetBody {
+    /// Any JSON value.
     value: serde_json::Value,
+    /// Seconds to keep it (`ttl`, `expire` and `ex` are accepted too); none or 0: the default.
     #[serde(default, alias = "ttl", alias = "expire", alias = "ex")]
     ttl_secs: Option<u64>,
 }
 
 /// Seed 000's query form.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct SetQuery {
+    /// The value, stored as a JSON string (when no body is sent).
     value: Option<String>,
+    /// Seconds to keep it (`ttl`, `expire` and `ex` are accepted too).
     #[serde(default, alias = "ttl", alias = "expire", alias = "ex")]
     ttl_secs: Option<u64>,
 }
 
+/// Stores a value: the JSON body `{value, ttl_secs}`, or seed 000's query form
+/// `?value=...&ttl=N` without a body. At the memory threshold the keyspace is flushed first.
+#[utoipa::path(
+    method(post, put),
+    path = "/api/v1/cache/{key}",
+    tag = "cache",
+    params(("key" = String, Path, description = "1 to 200 of `A-Z a-z 0-9 _ - . :`", example = "user:1"), SetQuery),
+    request_body(content = SetBody, examples(
+        ("value" = (summary = "a JSON value kept 300 s",
+            value = json!({"value": {"name": "Alice"}, "ttl_secs": 300}))),
+        ("ttl" = (summary = "seed 000's `ttl` spelling", value = json!({"value": "hello", "ttl": 60}))),
+    )),
+    responses(
+        (status = 200, description = "Stored (`flushed`: the memory guard flushed the keyspace first)",
+            body = Object, example = json!({"key": "user:1", "stored": true, "ttl_secs": 300, "flushed": false})),
+        (status = 413, description = "The value is over `max_value_bytes` (`value_too_large`)"),
+        (status = 422, description = "Bad key (`invalid_key`) or body (`validation_failed`)"),
+        (status = 503, description = "The cache store is unavailable (`dependency_unavailable`)"),
+    )
+)]
 async fn set_value(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -293,6 +389,23 @@ async fn set_value(
     respond(write(&state, &key, query.as_deref(), &body).await)
 }
 
+/// Stores the key `memory` (reads of this path are the memory report).
+#[utoipa::path(
+    method(post, put),
+    path = "/api/v1/cache/memory",
+    tag = "cache",
+    params(SetQuery),
+    request_body(content = SetBody, examples(
+        ("value" = (summary = "a value under the key `memory`", value = json!({"value": "m", "ttl_secs": 300}))),
+    )),
+    responses(
+        (status = 200, description = "Stored", body = Object,
+            example = json!({"key": "memory", "stored": true, "ttl_secs": 300, "flushed": false})),
+        (status = 413, description = "The value is over `max_value_bytes` (`value_too_large`)"),
+        (status = 422, description = "Bad body (`validation_failed`)"),
+        (status = 503, description = "The cache store is unavailable (`dependency_unavailable`)"),
+    )
+)]
 async fn set_memory_key(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
@@ -434,10 +547,34 @@ async fn write(
     .into_response())
 }
 
+/// Deletes a key.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/cache/{key}",
+    tag = "cache",
+    params(("key" = String, Path, description = "1 to 200 of `A-Z a-z 0-9 _ - . :`", example = "user:1")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No value under the key (`key_not_found`)"),
+        (status = 422, description = "Bad key (`invalid_key`)"),
+        (status = 503, description = "The cache store is unavailable (`dependency_unavailable`)"),
+    )
+)]
 async fn delete_value(State(state): State<AppState>, Path(key): Path<String>) -> Response {
     respond(remove(&state, &key).await)
 }
 
+/// Deletes the key `memory`.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/cache/memory",
+    tag = "cache",
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No value under `memory` (`key_not_found`)"),
+        (status = 503, description = "The cache store is unavailable (`dependency_unavailable`)"),
+    )
+)]
 async fn delete_memory_key(State(state): State<AppState>) -> Response {
     respond(remove(&state, "memory").await)
 }
@@ -470,6 +607,19 @@ async fn memory_report(state: &AppState) -> Result<serde_json::Value, ApiError> 
     }))
 }
 
+/// The memory report: used, peak, limit, threshold, keys, flushes so far.
+#[utoipa::path(
+    get,
+    path = "/api/v1/cache/memory",
+    tag = "cache",
+    responses(
+        (status = 200, description = "The report", body = Object, example = json!({
+            "backend": "memory", "memory_source": "keyspace", "used_bytes": 1024,
+            "used_memory_human": "0.00M", "peak_bytes": 2048, "limit_bytes": 104857600,
+            "threshold_bytes": 78643200, "keys": 3, "flushes": 0})),
+        (status = 503, description = "The cache store is unavailable (`dependency_unavailable`)"),
+    )
+)]
 async fn get_memory(State(state): State<AppState>) -> Response {
     respond(
         memory_report(&state)
@@ -478,6 +628,20 @@ async fn get_memory(State(state): State<AppState>) -> Response {
     )
 }
 
+/// The memory report with the service's counters.
+#[utoipa::path(
+    get,
+    path = "/api/v1/stats",
+    tag = "cache",
+    responses(
+        (status = 200, description = "Report and counters", body = Object, example = json!({
+            "service": "cache", "backend": "memory", "memory_source": "keyspace",
+            "used_bytes": 1024, "used_memory_human": "0.00M", "peak_bytes": 2048,
+            "limit_bytes": 104857600, "threshold_bytes": 78643200, "keys": 3, "flushes": 0,
+            "hits": 10, "misses": 2, "sets": 5})),
+        (status = 503, description = "The cache store is unavailable (`dependency_unavailable`)"),
+    )
+)]
 async fn get_stats(State(state): State<AppState>) -> Response {
     respond(memory_report(&state).await.map(|mut report| {
         report["service"] = NAME.into();

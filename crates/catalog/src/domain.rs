@@ -12,7 +12,11 @@ pub const MAX_UNITS: i64 = 1_000_000_000;
 pub const MAX_CATEGORY_CHARS: usize = 100;
 
 /// A product as stored and as returned by the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[schema(example = json!({"id": 1, "sku": "SEED-0001", "name": "Laptop",
+    "description": "High-performance laptop for professionals", "category": "Electronics",
+    "price": 1299.99, "stock": 50, "reserved": 0, "low_stock_threshold": 5,
+    "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"}))]
 pub struct Product {
     pub id: i64,
     pub sku: String,
@@ -32,7 +36,7 @@ pub struct Product {
 }
 
 /// A category, as listed by `GET /api/v1/categories`.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Category {
     pub name: String,
     pub products: i64,
@@ -41,14 +45,19 @@ pub struct Category {
 /// The body of `POST /products` and of `PUT`/`PATCH /products/{id}`. Seed 001's body
 /// (`name, description, price, stock, category`) is accepted as it is; `sku` is generated when
 /// absent. Unknown fields are refused (422), so a typo is never silently dropped.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProductBody {
+    /// Required on create.
     pub name: Option<String>,
     pub description: Option<String>,
+    /// Unique; generated when absent.
     pub sku: Option<String>,
+    /// At most 100 characters.
     pub category: Option<String>,
+    /// Required on create; 0 to 10^11.
     pub price: Option<Money>,
+    /// Create only (change it with `PATCH /api/v1/products/{id}/stock`); 0 to 10^9.
     pub stock: Option<i64>,
     pub low_stock_threshold: Option<i64>,
 }
@@ -162,7 +171,7 @@ impl ProductBody {
 
 /// `PATCH /products/{id}/stock`: `{"stock": N}` sets the sellable stock (seed 001), `{"delta": N}`
 /// adjusts it (seed 003). Exactly one of them.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StockBody {
     pub stock: Option<i64>,
@@ -201,7 +210,7 @@ impl StockBody {
 }
 
 /// One line of a reservation request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReserveItem {
     pub product_id: i64,
@@ -209,7 +218,7 @@ pub struct ReserveItem {
 }
 
 /// `POST /internal/v1/reservations`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReserveBody {
     pub order_id: String,
@@ -278,7 +287,7 @@ impl ReserveBody {
 }
 
 /// Where a reservation stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReservationStatus {
     Reserved,
@@ -306,7 +315,7 @@ impl ReservationStatus {
 }
 
 /// One reserved line, with the price at the time of reservation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ReservationItem {
     pub product_id: i64,
     pub quantity: i64,
@@ -315,7 +324,7 @@ pub struct ReservationItem {
 }
 
 /// A reservation as returned by the internal API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Reservation {
     pub order_id: String,
     pub status: ReservationStatus,

@@ -28,6 +28,8 @@ mod routes;
 mod seed;
 mod store;
 
+pub use routes::openapi;
+
 /// The service's name: its config section, PostgreSQL schema, SQLite file and cache namespace.
 pub const NAME: &str = "catalog";
 
@@ -100,7 +102,7 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
         low_stock_threshold: settings.low_stock_threshold,
     };
     Ok(deps
-        .app(routes::router(state))
+        .app(routes::router(state).merge(kit::openapi::routes(openapi())))
         .with_task(move |shutdown| relay.spawn(shutdown)))
 }
 

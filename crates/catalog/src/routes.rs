@@ -9,9 +9,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use kit::Ttl;
 use kit::http::{Json, Path, Query, RawJson};
+use kit::openapi::ServiceToken;
 use kit::page::Pagination;
 use kit::{ApiError, FieldError};
 use serde::Deserialize;
+use utoipa::OpenApi;
 
 use crate::AppState;
 use crate::domain::{
@@ -30,6 +32,35 @@ const CATEGORIES_GROUP: &str = "categories";
 
 fn item_key(id: i64) -> String {
     format!("product:{id}")
+}
+
+/// The service's API. The internal routes (reservations, the lookup by name) are for the orders
+/// service, with the service credential: listed here, never in the gateway's document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "catalog", description = "Agora's catalog: products, categories, stock."),
+    paths(
+        list_products, create_product, get_product, update_product, delete_product,
+        change_stock, list_categories, get_stats, reserve, get_reservation, commit_reservation,
+        release_reservation, return_reservation, lookup_product,
+    ),
+    tags((name = "products"), (name = "categories"),
+        (name = "internal", description = "For other services: `x-agora-service-token` required")),
+    modifiers(&ServiceToken)
+)]
+struct ApiDoc;
+
+/// The service's OpenAPI document (served at `/openapi.json`; the gateway merges it).
+pub fn openapi() -> serde_json::Value {
+    let mut doc = kit::openapi::finish(ApiDoc::openapi(), true);
+    kit::openapi::alias(
+        &mut doc,
+        "/api/v1/products/stats",
+        "/api/v1/stats",
+        &["get"],
+        "_service",
+    );
+    doc
 }
 
 pub fn router(state: AppState) -> Router {
@@ -75,8 +106,26 @@ async fn after_write(state: &AppState, ids: &[i64]) {
     state.outbox.notify();
 }
 
+/// Creates a product (seed 001's body as it is); `product.created` is published.
+#[utoipa::path(
+    post,
+    path = "/api/v1/products",
+    tag = "products",
+    request_body(content = ProductBody, examples(
+        ("seed 001" = (summary = "seed 001's product fields",
+            value = json!({"name": "Wireless Mouse", "description": "Ergonomic wireless mouse",
+                "price": 29.99, "stock": 200, "category": "Accessories"}))),
+        ("with sku" = (summary = "a sku and a decimal-string price",
+            value = json!({"name": "USB-C Hub", "sku": "HUB-7IN1", "price": "49.90", "stock": 25}))),
+    )),
+    responses(
+        (status = 201, description = "Created; `Location` names it", body = Product,
+            headers(("location" = String, description = "`/api/v1/products/{id}`"))),
+        (status = 409, description = "The sku is taken (`sku_taken`)"),
+    )
+)]
 #[tracing::instrument(skip_all)]
-async fn create_product(
+pub(crate) async fn create_product(
     State(state): State<AppState>,
     Json(body): Json<ProductBody>,
 ) -> Result<Response> {
@@ -99,8 +148,22 @@ async fn create_product(
         .into_response())
 }
 
+/// One product (cached); seed 003 reads it at `/api/inventory/products/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/products/{id}",
+    tag = "products",
+    params(("id" = i64, Path, example = 123)),
+    responses(
+        (status = 200, description = "The product", body = Product),
+        (status = 404, description = "No such product (`product_not_found`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn get_product(State(state): State<AppState>, Path(id): Path<i64>) -> Result<RawJson> {
+pub(crate) async fn get_product(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> Result<RawJson> {
     let db = state.db.clone();
     let cached = state
         .cache
@@ -116,15 +179,33 @@ async fn get_product(State(state): State<AppState>, Path(id): Path<i64>) -> Resu
 }
 
 /// `?category=` (any case), `?page=` (from 1) and `?per_page=` (1 to 100, default 20).
-#[derive(Debug, Deserialize)]
-struct ListQuery {
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Only this category (any case; at most 100 characters).
+    #[param(example = "Electronics")]
     category: Option<String>,
+    /// From 1 (at most 10,000).
+    #[param(example = 1, minimum = 1, maximum = 10000)]
     page: Option<u32>,
+    /// 1 to 100, default 20.
+    #[param(example = 20, minimum = 1, maximum = 100)]
     per_page: Option<u32>,
 }
 
+/// One page of products, in id order (cached).
+#[utoipa::path(
+    get,
+    path = "/api/v1/products",
+    tag = "products",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page", body = kit::page::Page<Product>),
+        (status = 422, description = "A filter out of range (`validation_failed`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn list_products(
+pub(crate) async fn list_products(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
 ) -> Result<RawJson> {
@@ -165,8 +246,23 @@ async fn list_products(
     Ok(RawJson(page))
 }
 
+/// Changes the fields given (partial, `PUT` too); `product.updated` is published.
+#[utoipa::path(
+    method(put, patch),
+    path = "/api/v1/products/{id}",
+    tag = "products",
+    params(("id" = i64, Path, example = 1)),
+    request_body(content = ProductBody, examples(
+        ("new price" = (summary = "a new price", value = json!({"price": 1199.99}))),
+    )),
+    responses(
+        (status = 200, description = "The changed product", body = Product),
+        (status = 404, description = "No such product (`product_not_found`)"),
+        (status = 409, description = "The sku is taken (`sku_taken`)"),
+    )
+)]
 #[tracing::instrument(skip(state, body))]
-async fn update_product(
+pub(crate) async fn update_product(
     State(state): State<AppState>,
     Path(id): Path<i64>,
     Json(body): Json<ProductBody>,
@@ -182,8 +278,23 @@ async fn update_product(
     Ok(Json(product))
 }
 
+/// Deletes the product; `product.deleted` is published.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/products/{id}",
+    tag = "products",
+    params(("id" = i64, Path, example = 10)),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such product (`product_not_found`)"),
+        (status = 409, description = "Units of it are reserved by open orders (`product_reserved`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn delete_product(State(state): State<AppState>, Path(id): Path<i64>) -> Result<StatusCode> {
+pub(crate) async fn delete_product(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> Result<StatusCode> {
     let mut tx = state.db.begin().await?;
     let sku = store::delete(&mut tx, id).await?;
     kit::outbox::enqueue(&mut tx, &[events::product_deleted(id, &sku)?]).await?;
@@ -193,8 +304,23 @@ async fn delete_product(State(state): State<AppState>, Path(id): Path<i64>) -> R
 }
 
 /// `{"stock": N}` sets, `{"delta": N}` adjusts; 409 when stock would go negative.
+#[utoipa::path(
+    patch,
+    path = "/api/v1/products/{id}/stock",
+    tag = "products",
+    params(("id" = i64, Path, example = 1)),
+    request_body(content = StockBody, examples(
+        ("set" = (summary = "set the sellable stock (seed 001)", value = json!({"stock": 40}))),
+        ("adjust" = (summary = "adjust it (seed 003)", value = json!({"delta": 5}))),
+    )),
+    responses(
+        (status = 200, description = "The product with its new stock", body = Product),
+        (status = 404, description = "No such product (`product_not_found`)"),
+        (status = 409, description = "Stock would go negative (`insufficient_stock`)"),
+    )
+)]
 #[tracing::instrument(skip(state, body))]
-async fn change_stock(
+pub(crate) async fn change_stock(
     State(state): State<AppState>,
     Path(id): Path<i64>,
     Json(body): Json<StockBody>,
@@ -216,8 +342,15 @@ async fn change_stock(
     Ok(Json(product))
 }
 
+/// Every category with its number of products (`{"items": [...]}`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/categories",
+    tag = "categories",
+    responses((status = 200, description = "The categories", body = inline(CategoryList)))
+)]
 #[tracing::instrument(skip(state))]
-async fn list_categories(State(state): State<AppState>) -> Result<RawJson> {
+pub(crate) async fn list_categories(State(state): State<AppState>) -> Result<RawJson> {
     let db = state.db.clone();
     let categories = state
         .cache
@@ -229,8 +362,29 @@ async fn list_categories(State(state): State<AppState>) -> Result<RawJson> {
     Ok(RawJson(categories))
 }
 
+/// Reserves stock for an order, all lines or none (never oversells); repeating it for the same
+/// order answers the existing reservation (200).
+#[utoipa::path(
+    post,
+    path = "/internal/v1/reservations",
+    tag = "internal",
+    security(("service_token" = [])),
+    request_body(content = ReserveBody, examples(
+        ("two lines" = (value = json!({"order_id": "3f0c9a52-1d2e-4b7a-9a63-5a3c2b1d0e9f",
+            "items": [{"product_id": 1, "quantity": 2}, {"product_id": 2, "quantity": 1}]}))),
+    )),
+    responses(
+        (status = 201, description = "Reserved", body = Reservation),
+        (status = 200, description = "Already reserved for this order", body = Reservation),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 409, description = "Not enough stock (`insufficient_stock`), or a different reservation for this order"),
+    )
+)]
 #[tracing::instrument(skip_all)]
-async fn reserve(State(state): State<AppState>, Json(body): Json<ReserveBody>) -> Result<Response> {
+pub(crate) async fn reserve(
+    State(state): State<AppState>,
+    Json(body): Json<ReserveBody>,
+) -> Result<Response> {
     let request = body.validate().map_err(Error::Invalid)?;
     let reserved = reservations::reserve(&state.db, &request).await?;
     let (status, reservation) = match reserved {
@@ -252,8 +406,22 @@ fn order_id_param(order_id: String) -> Result<String> {
     })
 }
 
+/// The reservation of an order.
+#[utoipa::path(
+    get,
+    path = "/internal/v1/reservations/{order_id}",
+    tag = "internal",
+    security(("service_token" = [])),
+    params(("order_id" = String, Path, example = "3f0c9a52-1d2e-4b7a-9a63-5a3c2b1d0e9f")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 404, description = "No reservation for this order (`reservation_not_found`)"),
+        (status = 409, description = "Not possible from its status"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn get_reservation(
+pub(crate) async fn get_reservation(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
@@ -264,8 +432,22 @@ async fn get_reservation(
         .ok_or(Error::ReservationNotFound(order_id))
 }
 
+/// Commits it: the units leave `reserved` for good (the order was paid).
+#[utoipa::path(
+    post,
+    path = "/internal/v1/reservations/{order_id}/commit",
+    tag = "internal",
+    security(("service_token" = [])),
+    params(("order_id" = String, Path, example = "3f0c9a52-1d2e-4b7a-9a63-5a3c2b1d0e9f")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 404, description = "No reservation for this order (`reservation_not_found`)"),
+        (status = 409, description = "Not possible from its status"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn commit_reservation(
+pub(crate) async fn commit_reservation(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
@@ -275,8 +457,22 @@ async fn commit_reservation(
     Ok(Json(reservation))
 }
 
+/// Releases it: the units go back on sale (the order failed or was cancelled).
+#[utoipa::path(
+    post,
+    path = "/internal/v1/reservations/{order_id}/release",
+    tag = "internal",
+    security(("service_token" = [])),
+    params(("order_id" = String, Path, example = "3f0c9a52-1d2e-4b7a-9a63-5a3c2b1d0e9f")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 404, description = "No reservation for this order (`reservation_not_found`)"),
+        (status = 409, description = "Not possible from its status"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn release_reservation(
+pub(crate) async fn release_reservation(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
@@ -286,8 +482,22 @@ async fn release_reservation(
     Ok(Json(reservation))
 }
 
+/// Puts the units of a committed reservation back on sale (a cancelled paid order).
+#[utoipa::path(
+    post,
+    path = "/internal/v1/reservations/{order_id}/return",
+    tag = "internal",
+    security(("service_token" = [])),
+    params(("order_id" = String, Path, example = "3f0c9a52-1d2e-4b7a-9a63-5a3c2b1d0e9f")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 404, description = "No reservation for this order (`reservation_not_found`)"),
+        (status = 409, description = "Not possible from its status"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn return_reservation(
+pub(crate) async fn return_reservation(
     State(state): State<AppState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
@@ -297,15 +507,31 @@ async fn return_reservation(
     Ok(Json(reservation))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct LookupQuery {
+pub(crate) struct LookupQuery {
+    /// A product's sku or name.
+    #[param(example = "Pro Keyboard")]
     item: String,
 }
 
 /// The product an order names by sku or name (seed 002's `"item": "Pro Keyboard"`).
+#[utoipa::path(
+    get,
+    path = "/internal/v1/products/lookup",
+    tag = "internal",
+    security(("service_token" = [])),
+    params(LookupQuery),
+    responses(
+        (status = 200, description = "The product", body = Product),
+        (status = 403, description = "Without the service credential (`forbidden`)"),
+        (status = 404, description = "No product with that sku or name (`product_not_found`)"),
+        (status = 422, description = "Empty or longer than 200 characters (`validation_failed`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn lookup_product(
+pub(crate) async fn lookup_product(
     State(state): State<AppState>,
     Query(lookup): Query<LookupQuery>,
 ) -> Result<Json<Product>> {
@@ -338,9 +564,25 @@ async fn settled(state: &AppState, reservation: &Reservation) {
     after_write(state, &ids).await;
 }
 
+/// `GET /api/v1/categories`'s body (the handler writes it with `json!`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct CategoryList {
+    items: Vec<crate::domain::Category>,
+}
+
 /// Counts, outbox backlog and cache counters (`/api/v1/products/stats`, `/api/v1/stats`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/products/stats",
+    tag = "products",
+    responses((status = 200, description = "Counts", body = Object, example = json!({
+        "service": "catalog", "database": "sqlite", "products": 12, "categories": 5,
+        "units_in_stock": 900, "units_reserved": 0, "outbox_backlog": 0,
+        "cache": {"hits": 10, "misses": 2}})))
+)]
 #[tracing::instrument(skip(state))]
-async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
+pub(crate) async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
     let totals = store::totals(&state.db).await?;
     let backlog = kit::outbox::backlog(&state.db).await?;
     Ok(Json(serde_json::json!({

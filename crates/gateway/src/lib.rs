@@ -26,6 +26,7 @@ use url::Url;
 
 pub mod cors;
 pub mod limits;
+pub mod openapi;
 pub mod policy;
 pub mod routes;
 pub mod upstream;
@@ -105,8 +106,13 @@ pub fn app_with_upstreams(
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(pool_idle)
         .build(connector);
+    let table = RouteTable::new(routes);
+    let merged = openapi::merge(&table, settings.auth.mode(), openapi::service_documents());
+    for conflict in &merged.conflicts {
+        tracing::warn!(%conflict, "OpenAPI: two services define a schema differently; the first is kept");
+    }
     let gateway = Arc::new(Gateway {
-        table: RouteTable::new(routes),
+        table,
         upstreams: upstreams
             .into_iter()
             .filter(|(_, urls)| !urls.is_empty())
@@ -136,7 +142,8 @@ pub fn app_with_upstreams(
         .route("/ready", get(get_ready))
         .route("/api/v1/stats", get(get_stats))
         .fallback(forward)
-        .with_state(gateway);
+        .with_state(gateway)
+        .merge(openapi::routes(merged.document));
     let mut router = kit::http::with_standard_layers(router, &settings.http, &metrics);
     // Outermost: preflights are answered before anything else, and every answer (a 429 too)
     // carries the CORS headers an allowed origin needs to read it.
@@ -508,6 +515,18 @@ async fn proxy(
 }
 
 /// The health of every service the gateway knows, replica by replica; 503 when any is down.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "gateway",
+    responses(
+        (status = 200, description = "Every replica of every service is up", body = Object,
+            example = json!({"status": "ok", "service": "gateway", "services": {"users": {
+                "status": "up", "replicas": [{"replica": 1, "status": "up", "latency_ms": 0.8}]}}})),
+        (status = 503, description = "A replica is down (`degraded`, the same body)",
+            body = Object, content_type = "application/json"),
+    )
+)]
 async fn get_health(State(gateway): State<Arc<Gateway>>) -> Response {
     let client = &gateway.client;
     let probes = gateway.upstreams.iter().flat_map(|(name, upstream)| {
@@ -562,6 +581,13 @@ async fn get_health(State(gateway): State<Arc<Gateway>>) -> Response {
 /// `/api/v1/stats`: every service's own `/api/v1/stats` (one replica each, in turn), side by
 /// side; a service that does not answer in 2 s shows `{"status": "unavailable"}`, one that has
 /// no stats (the worker) is left out.
+#[utoipa::path(
+    get,
+    path = "/api/v1/stats",
+    tag = "gateway",
+    responses((status = 200, description = "Each service's stats, by name", body = Object,
+        example = json!({"service": "gateway", "services": {"users": {"service": "users", "users": 4}}})))
+)]
 async fn get_stats(State(gateway): State<Arc<Gateway>>) -> Response {
     let client = &gateway.client;
     let calls = gateway.upstreams.iter().map(|(name, upstream)| async move {
@@ -603,6 +629,13 @@ async fn get_stats(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 /// The gateway's own readiness: it is configured and serving (upstreams are in `/health`).
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "gateway",
+    responses((status = 200, description = "Serving", body = Object,
+        example = json!({"status": "ready", "service": "gateway", "routes": ["catalog", "orders", "users"]})))
+)]
 async fn get_ready(State(gateway): State<Arc<Gateway>>) -> Response {
     axum::Json(serde_json::json!({
         "status": "ready",

@@ -113,6 +113,11 @@ impl RouteTable {
         Self { routes }
     }
 
+    /// The entries, longest prefix first.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
     /// The services the table sends traffic to, each once.
     pub fn services(&self) -> Vec<&str> {
         let mut services: Vec<&str> = self.routes.iter().map(|r| r.service.as_str()).collect();

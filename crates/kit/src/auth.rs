@@ -360,10 +360,14 @@ pub struct Claims {
 }
 
 /// An issued access token, as `POST /api/v1/auth/login` returns it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"access_token": "eyJhbGciOiJIUzI1NiJ9…", "token_type": "Bearer", "expires_in": 3600}))]
 pub struct AccessToken {
+    /// A JWT: send it as `Authorization: Bearer <access_token>`.
     pub access_token: String,
+    /// Always `Bearer`.
     pub token_type: &'static str,
+    /// Seconds until it expires.
     pub expires_in: u64,
 }
 

@@ -17,23 +17,31 @@ use serde::{Deserialize, Serialize};
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// An RFC 9457 problem body, with Agora's `code`, `request_id` and per-field `errors`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"type": "/problems/user-not-found", "title": "Not Found", "status": 404,
+    "detail": "No user with id 99", "code": "user_not_found", "request_id": "0b7c…"}))]
 pub struct Problem {
+    /// `/problems/<code with dashes>`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The status's reason phrase.
     pub title: String,
+    /// The HTTP status, repeated.
     pub status: u16,
+    /// Human-readable; never branch on it.
     pub detail: String,
     /// Stable, machine-readable; clients branch on this, never on `detail`.
     pub code: String,
+    /// The request's `x-request-id`, to quote when reporting it.
     #[serde(default)]
     pub request_id: Option<String>,
+    /// One entry per invalid field (422, and a 409 names its field).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
 }
 
 /// One invalid field of a request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub code: String,

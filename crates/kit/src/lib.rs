@@ -14,6 +14,7 @@ pub mod event;
 pub mod http;
 pub mod metrics;
 pub mod money;
+pub mod openapi;
 pub mod outage;
 pub mod outbox;
 pub mod page;

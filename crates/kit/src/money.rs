@@ -104,6 +104,24 @@ impl TryFrom<i64> for Money {
     }
 }
 
+/// In documents: a number with at most two decimals (a decimal string is accepted too).
+impl utoipa::PartialSchema for Money {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+        ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::Number, Type::String]))
+            .description(Some(
+                "An amount in currency units with at most two decimals, sent as a JSON number \
+                 (`1299.99`) or a decimal string (`\"1299.99\"`); answered as a number",
+            ))
+            .examples([serde_json::json!(1299.99)])
+            .build()
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Money {}
+
 impl fmt::Display for Money {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let sign = if self.0 < 0 { "-" } else { "" };

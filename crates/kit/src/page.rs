@@ -76,7 +76,7 @@ impl Pagination {
 }
 
 /// One page of a list, in a stable order.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub page: u32,

@@ -31,6 +31,7 @@ mod store;
 mod templates;
 
 pub use deliver::webhook_signature;
+pub use routes::openapi;
 
 /// The service's name: its config section, PostgreSQL schema and SQLite file.
 pub const NAME: &str = "notify";
@@ -105,7 +106,7 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
         dead_letters: consumer.dead_letters(),
     };
     Ok(deps
-        .app(routes::router(state))
+        .app(routes::router(state).merge(kit::openapi::routes(openapi())))
         .with_task(move |shutdown| consumer.spawn(shutdown))
         .with_task(move |shutdown| tokio::spawn(dispatcher.run(shutdown))))
 }

@@ -10,10 +10,33 @@ use kit::auth::Identity;
 use kit::http::{Json, Path, Query};
 use kit::page::{Page, Pagination};
 use serde::{Deserialize, Serialize};
+use utoipa::OpenApi;
 
 use crate::AppState;
 use crate::error::{Error, Result};
 use crate::store::{self, Notification};
+
+/// The service's API.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "notify", description = "Agora's notifications: domain events delivered by log, SMTP or webhook, every delivery recorded and retryable."),
+    paths(list_notifications, get_notification, retry_notification, get_stats),
+    tags((name = "notifications"))
+)]
+struct ApiDoc;
+
+/// The service's OpenAPI document (served at `/openapi.json`; the gateway merges it).
+pub fn openapi() -> serde_json::Value {
+    let mut doc = kit::openapi::finish(ApiDoc::openapi(), true);
+    kit::openapi::alias(
+        &mut doc,
+        "/api/v1/notifications/stats",
+        "/api/v1/stats",
+        &["get"],
+        "_service",
+    );
+    doc
+}
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -26,7 +49,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// A delivery's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pending,
@@ -47,12 +70,20 @@ impl Status {
 }
 
 /// `GET /api/v1/notifications` filters.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
+    /// Only the deliveries about this user (a signed-in user sees only their own).
     user_id: Option<i64>,
+    /// Only the deliveries in this state.
+    #[param(inline)]
     status: Option<Status>,
+    /// From 1 (at most 10,000).
+    #[param(example = 1, minimum = 1, maximum = 10000)]
     page: Option<u32>,
+    /// 1 to 100, default 20.
+    #[param(example = 20, minimum = 1, maximum = 100)]
     per_page: Option<u32>,
 }
 
@@ -66,6 +97,17 @@ fn visible_to(identity: Option<&Identity>, n: &Notification) -> bool {
     own_scope(identity).is_none_or(|me| n.user_id == Some(me))
 }
 
+/// One page of deliveries, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/notifications",
+    tag = "notifications",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page", body = kit::page::Page<Notification>),
+        (status = 422, description = "`page` or `per_page` out of range (`validation_failed`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
 async fn list_notifications(
     State(state): State<AppState>,
@@ -99,6 +141,17 @@ async fn visible(state: &AppState, identity: Option<&Identity>, id: i64) -> Resu
     }
 }
 
+/// One delivery (another user's is a 404 to a signed-in user).
+#[utoipa::path(
+    get,
+    path = "/api/v1/notifications/{id}",
+    tag = "notifications",
+    params(("id" = i64, Path, description = "The delivery's id", example = 1)),
+    responses(
+        (status = 200, description = "The delivery", body = Notification),
+        (status = 404, description = "No such delivery (`notification_not_found`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
 async fn get_notification(
     State(state): State<AppState>,
@@ -110,6 +163,17 @@ async fn get_notification(
 
 /// A failed delivery is made pending again with a new round of tries (202: it is sent in the
 /// background); any other is 409 `not_failed`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/notifications/{id}/retry",
+    tag = "notifications",
+    params(("id" = i64, Path, description = "The failed delivery's id", example = 1)),
+    responses(
+        (status = 202, description = "Pending again, sent in the background", body = Notification),
+        (status = 404, description = "No such delivery (`notification_not_found`)"),
+        (status = 409, description = "The delivery has not failed (`not_failed`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
 async fn retry_notification(
     State(state): State<AppState>,
@@ -132,6 +196,16 @@ async fn retry_notification(
 
 /// Counts by status and by channel (a signed-in user's own), the age of the oldest pending
 /// delivery and the consumer's dead letters (`/api/v1/notifications/stats`, `/api/v1/stats`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/notifications/stats",
+    tag = "notifications",
+    responses((status = 200, description = "Counts", body = Object, example = json!({
+        "service": "notify", "database": "sqlite", "notifications": 3,
+        "by_status": {"pending": 0, "sent": 2, "failed": 1},
+        "by_channel": {"log": {"pending": 0, "sent": 2, "failed": 1}},
+        "oldest_pending_secs": null, "dead_letters": 0})))
+)]
 #[tracing::instrument(skip(state))]
 async fn get_stats(
     State(state): State<AppState>,

@@ -14,7 +14,7 @@ const COLUMNS: &str = "id, event_id, event_type, channel, recipient, user_id, su
                        created_at, updated_at, sent_at";
 
 /// A delivery, as stored and as the API shows it (the event's JSON only to the dispatcher).
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Notification {
     pub id: i64,
     pub event_id: String,
@@ -25,6 +25,7 @@ pub struct Notification {
     pub subject: String,
     pub body: String,
     #[serde(skip)]
+    #[schema(ignore)]
     pub payload: String,
     pub status: String,
     pub attempts: i32,

@@ -22,7 +22,7 @@ pub const MAX_QUANTITY: i64 = 1_000_000_000;
 pub const MAX_ITEM_CHARS: usize = 200;
 
 /// An order's place in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Pending,
@@ -102,7 +102,8 @@ impl Status {
 }
 
 /// One line of an order, as stored and shown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[schema(as = OrderItem)]
 pub struct Item {
     pub product_id: i64,
     pub quantity: i64,
@@ -111,7 +112,7 @@ pub struct Item {
 }
 
 /// An order, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Order {
     pub id: i64,
     pub user_id: i64,
@@ -142,6 +143,21 @@ pub struct Order {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Id(pub i64);
 
+/// In documents: an integer, or a string of digits.
+impl utoipa::PartialSchema for Id {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+        ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::Integer, Type::String]))
+            .description(Some("An id, as a number or a numeric string (`\"123\"`)"))
+            .examples([serde_json::json!(2)])
+            .build()
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Id {}
+
 impl<'de> Deserialize<'de> for Id {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -162,7 +178,7 @@ impl<'de> Deserialize<'de> for Id {
 }
 
 /// A line as a client sends it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LineBody {
     pub product_id: Option<Id>,
@@ -172,14 +188,19 @@ pub struct LineBody {
 }
 
 /// `POST /api/v1/orders`, any of the seeds' shapes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
+    /// Whose order; with a token it may be left out (a user orders only for themselves).
     pub user_id: Option<Id>,
+    /// Lines (seed 003); or the single-product fields below (seeds 001 and 002).
     pub items: Option<Vec<LineBody>>,
     pub product_id: Option<Id>,
+    /// A product name or sku instead of `product_id` (seed 002).
     pub item: Option<String>,
     pub quantity: Option<i64>,
+    /// The total the client expects (seed 001; `total` is its alias): never charged, a mismatch
+    /// is reported in `warnings`.
     #[serde(alias = "total")]
     pub total_price: Option<Money>,
 }
@@ -386,7 +407,7 @@ impl CreateBody {
 }
 
 /// `PATCH /api/v1/orders/{id}/status`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusBody {
     pub status: Status,
@@ -395,12 +416,20 @@ pub struct StatusBody {
 }
 
 /// `GET /api/v1/orders` filters.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only this user's orders (a signed-in user sees only their own).
+    #[param(example = 1)]
     pub user_id: Option<i64>,
+    #[param(inline, example = "pending")]
     pub status: Option<Status>,
+    /// From 1 (at most 10,000).
+    #[param(example = 1, minimum = 1, maximum = 10000)]
     pub page: Option<u32>,
+    /// 1 to 100, default 20.
+    #[param(example = 20, minimum = 1, maximum = 100)]
     pub per_page: Option<u32>,
 }
 

@@ -31,6 +31,8 @@ mod events;
 mod routes;
 mod seed;
 mod store;
+
+pub use routes::openapi;
 mod worker;
 
 /// The service's name: its config section, PostgreSQL schema, SQLite file and cache namespace.
@@ -189,7 +191,7 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
     };
     let sweeper = state.clone();
     let mut app = deps
-        .app(routes::router(state))
+        .app(routes::router(state).merge(kit::openapi::routes(openapi())))
         .with_task(move |shutdown| tokio::spawn(sweep_intents(sweeper, shutdown)));
     if let Some(relay) = relay {
         app = app.with_task(move |shutdown| relay.spawn(shutdown));

@@ -11,6 +11,7 @@ use kit::http::{Json, Path, Query, RawJson};
 use kit::page::Pagination;
 use kit::{ApiError, Db, FieldError, Ttl};
 use serde::Deserialize;
+use utoipa::OpenApi;
 
 use kit::auth::Identity;
 
@@ -27,6 +28,28 @@ const MAX_KEY_CHARS: usize = 200;
 
 pub fn item_key(id: i64) -> String {
     format!("order:{id}")
+}
+
+/// The service's API.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "orders", description = "Agora's orders: validated orders, processed asynchronously."),
+    paths(list_orders, create_order, get_order, change_status, cancel_order, get_stats),
+    tags((name = "orders"))
+)]
+struct ApiDoc;
+
+/// The service's OpenAPI document (served at `/openapi.json`; the gateway merges it).
+pub fn openapi() -> serde_json::Value {
+    let mut doc = kit::openapi::finish(ApiDoc::openapi(), true);
+    kit::openapi::alias(
+        &mut doc,
+        "/api/v1/orders/stats",
+        "/api/v1/stats",
+        &["get"],
+        "_service",
+    );
+    doc
 }
 
 pub fn router(state: AppState) -> Router {
@@ -63,8 +86,34 @@ fn visible_to(identity: Option<&Identity>, user_id: i64) -> bool {
     identity.is_none_or(|i| i.is_admin() || i.user_id == user_id)
 }
 
+/// Places an order: stock is reserved at catalog, the order is stored `pending` and processed
+/// asynchronously by the worker. Every seed's body is accepted.
+#[utoipa::path(
+    post,
+    path = "/api/v1/orders",
+    tag = "orders",
+    params(("idempotency-key" = Option<String>, Header,
+        description = "Retry-safe: the same key (and body) answers the first answer again, \
+            with `idempotent-replayed: true`; 1 to 200 characters")),
+    request_body(content = CreateBody, examples(
+        ("seed 001" = (summary = "one product by id, with the client's total (seed 001)",
+            value = json!({"user_id": 1, "product_id": 2, "quantity": 2, "total_price": 1998.00}))),
+        ("seed 002" = (summary = "one product by name (seed 002, at /orders)",
+            value = json!({"user_id": 1, "item": "Pro Keyboard", "quantity": 2}))),
+        ("seed 003" = (summary = "lines, ids as strings (seed 003; with a token `user_id` may be left out)",
+            value = json!({"user_id": 1, "items": [{"product_id": "123", "quantity": 2}]}))),
+    )),
+    responses(
+        (status = 201, description = "Accepted (`pending`); `Location` names it", body = Order,
+            headers(("location" = String, description = "`/api/v1/orders/{id}`"))),
+        (status = 403, description = "A user ordering for someone else (`forbidden`)"),
+        (status = 409, description = "Not enough stock (`insufficient_stock`), or the key's first request is still running (`idempotency_key_in_progress`)"),
+        (status = 422, description = "Invalid fields, an unknown user or product (`validation_failed`), or a key reused with another body (`idempotency_key_reused`)"),
+        (status = 503, description = "The database, catalog or users is unavailable (`dependency_unavailable`, with `Retry-After`)"),
+    )
+)]
 #[tracing::instrument(skip_all)]
-async fn create_order(
+pub(crate) async fn create_order(
     State(state): State<AppState>,
     identity: Option<Identity>,
     headers: HeaderMap,
@@ -115,8 +164,19 @@ async fn create_order(
     Ok(response)
 }
 
+/// One page of orders, newest first; a signed-in user lists only their own.
+#[utoipa::path(
+    get,
+    path = "/api/v1/orders",
+    tag = "orders",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page", body = kit::page::Page<Order>),
+        (status = 422, description = "A filter out of range (`validation_failed`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn list_orders(
+pub(crate) async fn list_orders(
     State(state): State<AppState>,
     identity: Option<Identity>,
     Query(filter): Query<ListQuery>,
@@ -146,8 +206,19 @@ struct Owner {
     user_id: i64,
 }
 
+/// One order (cached); another user's order is 404.
+#[utoipa::path(
+    get,
+    path = "/api/v1/orders/{id}",
+    tag = "orders",
+    params(("id" = i64, Path, example = 1)),
+    responses(
+        (status = 200, description = "The order", body = Order),
+        (status = 404, description = "No such order, or another user's (`order_not_found`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn get_order(
+pub(crate) async fn get_order(
     State(state): State<AppState>,
     identity: Option<Identity>,
     Path(id): Path<i64>,
@@ -180,8 +251,25 @@ fn into_anyhow(err: Error) -> anyhow::Error {
     }
 }
 
+/// Moves an order along its state machine (pending → processing → processed → shipped →
+/// completed; failed; cancelled): for admins, the worker and other services.
+#[utoipa::path(
+    patch,
+    path = "/api/v1/orders/{id}/status",
+    tag = "orders",
+    params(("id" = i64, Path, description = "Seeded order 3 is `shipped`", example = 3)),
+    request_body(content = StatusBody, examples(
+        ("complete" = (summary = "a shipped order completed", value = json!({"status": "completed"}))),
+    )),
+    responses(
+        (status = 200, description = "The order, moved (or already there)", body = Order),
+        (status = 403, description = "A user may only cancel (`forbidden`)"),
+        (status = 404, description = "No such order (`order_not_found`)"),
+        (status = 409, description = "Not allowed from its status (`invalid_transition`, the allowed ones in `errors`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn change_status(
+pub(crate) async fn change_status(
     State(state): State<AppState>,
     identity: Option<Identity>,
     Path(id): Path<i64>,
@@ -204,14 +292,29 @@ async fn change_status(
     Ok(Json(order))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CancelBody {
+pub(crate) struct CancelBody {
     reason: Option<String>,
 }
 
+/// Cancels an order (its reserved stock is released); the body is optional.
+#[utoipa::path(
+    post,
+    path = "/api/v1/orders/{id}/cancel",
+    tag = "orders",
+    params(("id" = i64, Path, description = "Seeded order 4 is `pending`", example = 4)),
+    request_body(content = Option<CancelBody>, examples(
+        ("with a reason" = (summary = "why", value = json!({"reason": "changed my mind"}))),
+    )),
+    responses(
+        (status = 200, description = "The order, cancelled", body = Order),
+        (status = 404, description = "No such order, or another user's (`order_not_found`)"),
+        (status = 409, description = "Too late to cancel (`invalid_transition`)"),
+    )
+)]
 #[tracing::instrument(skip_all, fields(id))]
-async fn cancel_order(
+pub(crate) async fn cancel_order(
     State(state): State<AppState>,
     identity: Option<Identity>,
     Path(id): Path<i64>,
@@ -287,8 +390,20 @@ pub async fn move_to(state: &AppState, id: i64, to: Status, reason: Option<&str>
 
 /// Counts by status, accepted → processed latency over the last 1,000 processed orders, the
 /// worker's jobs (queued, running, stock to settle, dead-lettered) and the outbox backlog (`/api/v1/orders/stats`, `/api/v1/stats`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/orders/stats",
+    tag = "orders",
+    responses((status = 200, description = "Counts and latencies", body = Object, example = json!({
+        "service": "orders", "database": "sqlite", "orders": 8,
+        "by_status": {"pending": 2, "processing": 2, "processed": 0, "shipped": 1,
+            "completed": 3, "failed": 0, "cancelled": 0},
+        "worker": {"queued": 2, "running": 2, "stock_to_settle": 0, "dead_lettered": 0},
+        "processing_latency_ms": {"window": 0, "p50": null, "p99": null},
+        "outbox_backlog": 0, "cache": {"hits": 0, "misses": 0}})))
+)]
 #[tracing::instrument(skip(state))]
-async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
+pub(crate) async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
     let counts = store::counts(&state.db).await?;
     let mut latencies = store::recent_latencies(&state.db, 1000).await?;
     latencies.sort_unstable();

@@ -28,13 +28,18 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// `POST /api/v1/auth/register` (seed 003: `{email, name, password}`; `username` optional).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RegisterBody {
+pub(crate) struct RegisterBody {
+    /// Required; unique.
     email: Option<String>,
+    /// Required, 1 to 100 characters (`full_name` is accepted as its alias).
     #[serde(alias = "full_name")]
     name: Option<String>,
+    /// Optional, 3 to 32 characters.
     username: Option<String>,
+    /// Required, 8 to 128 characters; never stored, logged or returned.
+    #[schema(value_type = Option<String>, format = Password)]
     password: Option<Password>,
 }
 
@@ -96,8 +101,23 @@ impl RegisterBody {
     }
 }
 
+/// Registers an account (role `user`); `user.registered` is published.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/register",
+    tag = "accounts",
+    request_body(content = RegisterBody, examples(
+        ("seed 003" = (summary = "seed 003's user, with a password",
+            value = json!({"email": "user@example.com", "name": "John Doe",
+                "password": "correct-horse-battery"}))),
+    )),
+    responses(
+        (status = 201, description = "Registered; `Location` names the user", body = crate::domain::User),
+        (status = 409, description = "The email or username is taken"),
+    )
+)]
 #[tracing::instrument(skip_all)]
-async fn register(
+pub(crate) async fn register(
     State(state): State<AppState>,
     Json(body): Json<RegisterBody>,
 ) -> Result<Response> {
@@ -125,15 +145,31 @@ async fn register(
 }
 
 /// `POST /api/v1/auth/login`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LoginBody {
+pub(crate) struct LoginBody {
     email: String,
+    /// At most 128 characters.
+    #[schema(value_type = String, format = Password)]
     password: Password,
 }
 
+/// Logs in: an access token (JWT with subject, role, issuer, audience, expiry).
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/login",
+    tag = "accounts",
+    request_body(content = LoginBody, examples(
+        ("registered" = (summary = "the account the register example creates",
+            value = json!({"email": "user@example.com", "password": "correct-horse-battery"}))),
+    )),
+    responses(
+        (status = 200, description = "Logged in", body = kit::auth::AccessToken),
+        (status = 401, description = "Wrong email or password (`invalid_credentials`), the same either way"),
+    )
+)]
 #[tracing::instrument(skip_all)]
-async fn login(
+pub(crate) async fn login(
     State(state): State<AppState>,
     Json(body): Json<LoginBody>,
 ) -> Result<Json<AccessToken>> {
@@ -162,7 +198,17 @@ async fn login(
 }
 
 /// The caller, from the identity the gateway verified (401 without one).
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/me",
+    tag = "accounts",
+    responses(
+        (status = 200, description = "The caller", body = crate::domain::User),
+        (status = 401, description = "No token (`unauthenticated`)"),
+        (status = 404, description = "The caller's account is gone (`user_not_found`)"),
+    )
+)]
 #[tracing::instrument(skip_all, fields(user_id = identity.user_id))]
-async fn get_me(State(state): State<AppState>, identity: Identity) -> Result<RawJson> {
+pub(crate) async fn get_me(State(state): State<AppState>, identity: Identity) -> Result<RawJson> {
     crate::routes::user_json(&state, identity.user_id).await
 }

@@ -5,7 +5,10 @@ use kit::FieldError;
 use serde::{Deserialize, Serialize};
 
 /// A user as stored and as returned by the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+#[schema(example = json!({"id": 1, "username": null, "email": "alice@example.com",
+    "name": "Alice Smith", "role": "user", "created_at": "2026-01-01T00:00:00Z",
+    "updated_at": "2026-01-01T00:00:00Z"}))]
 pub struct User {
     pub id: i64,
     pub username: Option<String>,
@@ -28,11 +31,14 @@ pub struct Account {
 /// The body of `POST /users`. Every seed's body is accepted: `{name}`, `{username, email}`,
 /// `{email, full_name}`, `{name, email}`. Unknown fields are refused (422), so a typo is never
 /// silently dropped.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserBody {
+    /// 3 to 32 characters: letters, digits, `_`, `.`, `-`; unique.
     pub username: Option<String>,
+    /// Unique, compared without case.
     pub email: Option<String>,
+    /// 1 to 100 characters; `full_name` is accepted as its alias (seed 002).
     #[serde(alias = "full_name")]
     pub name: Option<String>,
 }

@@ -26,6 +26,7 @@ mod routes;
 mod store;
 
 pub use error::Error;
+pub use routes::openapi;
 
 /// The service's name: its config section, PostgreSQL schema, SQLite file and cache namespace.
 pub const NAME: &str = "users";
@@ -89,7 +90,9 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
         hasher: password::Hasher::new(deps.settings.auth.hash_concurrency).await?,
         outbox: relay.notifier(),
     };
-    let router = routes::router(state.clone()).merge(accounts::router(state));
+    let router = routes::router(state.clone())
+        .merge(accounts::router(state))
+        .merge(kit::openapi::routes(openapi()));
     Ok(deps
         .app(router)
         .with_task(move |shutdown| relay.spawn(shutdown)))

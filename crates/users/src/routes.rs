@@ -12,6 +12,7 @@ use kit::http::{Json, Path, Query, RawJson};
 use kit::page::Pagination;
 use kit::{Db, Ttl};
 use serde::Deserialize;
+use utoipa::OpenApi;
 
 use crate::domain::{CreateUserBody, UpdateUserBody, User};
 use crate::error::{Error, Result};
@@ -24,6 +25,39 @@ const LOOKUP_GROUP: &str = "lookup";
 
 fn item_key(id: i64) -> String {
     format!("user:{id}")
+}
+
+/// The service's API, from the handlers below and in [`crate::accounts`].
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "users", description = "Agora's users service: accounts and lookups."),
+    paths(
+        list_users, create_user, get_user, update_user, delete_user, get_user_by_username,
+        get_user_by_name, get_stats, crate::accounts::register, crate::accounts::login,
+        crate::accounts::get_me,
+    ),
+    tags((name = "users"), (name = "accounts"))
+)]
+struct ApiDoc;
+
+/// The service's OpenAPI document (served at `/openapi.json`; the gateway merges it).
+pub fn openapi() -> serde_json::Value {
+    let mut doc = kit::openapi::finish(ApiDoc::openapi(), true);
+    kit::openapi::alias(
+        &mut doc,
+        "/api/v1/users/{id}",
+        "/api/v1/users/id/{id}",
+        &["get"],
+        "_id_path",
+    );
+    kit::openapi::alias(
+        &mut doc,
+        "/api/v1/users/stats",
+        "/api/v1/stats",
+        &["get"],
+        "_service",
+    );
+    doc
 }
 
 pub fn router(state: AppState) -> Router {
@@ -68,8 +102,29 @@ pub(crate) async fn invalidate_after_write(state: &AppState, id: Option<i64>) {
     state.cache.invalidate(&keys).await;
 }
 
+/// Creates a user. Every seed's body is accepted: `{name}`, `{username, email}`,
+/// `{email, full_name}`, `{name, email}`; unknown fields are refused.
+#[utoipa::path(
+    post,
+    path = "/api/v1/users",
+    tag = "users",
+    request_body(content = CreateUserBody, examples(
+        ("seed 004" = (summary = "name and email (seed 004)",
+            value = json!({"name": "Alice Smith", "email": "alice@example.com"}))),
+        ("seed 001" = (summary = "username and email (seed 001)",
+            value = json!({"username": "bob", "email": "bob@example.com"}))),
+        ("seed 002" = (summary = "email and full_name, an alias of name (seed 002, at /users)",
+            value = json!({"email": "carol@example.com", "full_name": "Carol"}))),
+        ("seed 000" = (summary = "a name alone (seed 000)", value = json!({"name": "Dave"}))),
+    )),
+    responses(
+        (status = 201, description = "Created; `Location` names it", body = User,
+            headers(("location" = String, description = "`/api/v1/users/{id}`"))),
+        (status = 409, description = "The username or email is taken (`username_taken`, `email_taken`)"),
+    )
+)]
 #[tracing::instrument(skip_all)]
-async fn create_user(
+pub(crate) async fn create_user(
     State(state): State<AppState>,
     Json(body): Json<CreateUserBody>,
 ) -> Result<Response> {
@@ -86,8 +141,22 @@ async fn create_user(
         .into_response())
 }
 
+/// One user (cached).
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/{id}",
+    tag = "users",
+    params(("id" = i64, Path, description = "The user's id", example = 1)),
+    responses(
+        (status = 200, description = "The user", body = User),
+        (status = 404, description = "No such user (`user_not_found`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn get_user(State(state): State<AppState>, Path(id): Path<i64>) -> Result<RawJson> {
+pub(crate) async fn get_user(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> Result<RawJson> {
     user_json(&state, id).await
 }
 
@@ -105,16 +174,38 @@ pub(crate) async fn user_json(state: &AppState, id: i64) -> Result<RawJson> {
         .ok_or_else(|| Error::NotFound(format!("with id {id}")))
 }
 
+/// The user with this username.
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/username/{username}",
+    tag = "users",
+    params(("username" = String, Path, example = "bob")),
+    responses(
+        (status = 200, description = "The user", body = User),
+        (status = 404, description = "Nobody has it (`user_not_found`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn get_user_by_username(
+pub(crate) async fn get_user_by_username(
     State(state): State<AppState>,
     Path(username): Path<String>,
 ) -> Result<RawJson> {
     lookup(&state, Lookup::Username(username)).await
 }
 
+/// The oldest user with this name (seed 000's `/users/name/{name}`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/name/{name}",
+    tag = "users",
+    params(("name" = String, Path, example = "Dave")),
+    responses(
+        (status = 200, description = "The user", body = User),
+        (status = 404, description = "Nobody has it (`user_not_found`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn get_user_by_name(
+pub(crate) async fn get_user_by_name(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<RawJson> {
@@ -155,15 +246,30 @@ async fn load_one(db: Db, lookup: Lookup) -> anyhow::Result<Option<Bytes>> {
 }
 
 /// `?page=` (from 1) and `?per_page=` (1 to 100, default 20).
-#[derive(Debug, Deserialize)]
-struct ListQuery {
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// From 1 (at most 10,000).
+    #[param(example = 1, minimum = 1, maximum = 10000)]
     page: Option<u32>,
+    /// 1 to 100, default 20.
+    #[param(example = 20, minimum = 1, maximum = 100)]
     per_page: Option<u32>,
 }
 
 /// One page of users, in id order.
+#[utoipa::path(
+    get,
+    path = "/api/v1/users",
+    tag = "users",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page", body = kit::page::Page<User>),
+        (status = 422, description = "`page` or `per_page` out of range (`validation_failed`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn list_users(
+pub(crate) async fn list_users(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
 ) -> Result<RawJson> {
@@ -180,8 +286,24 @@ async fn list_users(
     Ok(RawJson(page))
 }
 
+/// Changes the fields given (absent or `null` ones keep their value; `PUT` is partial too, as
+/// seed 004 uses it).
+#[utoipa::path(
+    method(put, patch),
+    path = "/api/v1/users/{id}",
+    tag = "users",
+    params(("id" = i64, Path, example = 1)),
+    request_body(content = UpdateUserBody, examples(
+        ("seed 004" = (summary = "a new name (seed 004)", value = json!({"name": "Alice Updated"}))),
+    )),
+    responses(
+        (status = 200, description = "The changed user", body = User),
+        (status = 404, description = "No such user (`user_not_found`)"),
+        (status = 409, description = "The username or email is taken"),
+    )
+)]
 #[tracing::instrument(skip(state, body))]
-async fn update_user(
+pub(crate) async fn update_user(
     State(state): State<AppState>,
     Path(id): Path<i64>,
     Json(body): Json<UpdateUserBody>,
@@ -193,8 +315,22 @@ async fn update_user(
     Ok(Json(user))
 }
 
+/// Deletes the user.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/users/{id}",
+    tag = "users",
+    params(("id" = i64, Path, example = 1)),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such user (`user_not_found`)"),
+    )
+)]
 #[tracing::instrument(skip(state))]
-async fn delete_user(State(state): State<AppState>, Path(id): Path<i64>) -> Result<StatusCode> {
+pub(crate) async fn delete_user(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> Result<StatusCode> {
     if !store::delete(&state.db, id).await? {
         return Err(Error::NotFound(format!("with id {id}")));
     }
@@ -203,8 +339,16 @@ async fn delete_user(State(state): State<AppState>, Path(id): Path<i64>) -> Resu
 }
 
 /// Counts and cache counters (`/api/v1/users/stats`, `/api/v1/stats`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/stats",
+    tag = "users",
+    responses((status = 200, description = "Counts", body = Object, example = json!({
+        "service": "users", "database": "sqlite", "users": 4, "password_verifications": 0,
+        "cache": {"hits": 10, "misses": 2}})))
+)]
 #[tracing::instrument(skip(state))]
-async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
+pub(crate) async fn get_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>> {
     let total = store::count(&state.db).await?;
     Ok(Json(serde_json::json!({
         "service": crate::NAME,
