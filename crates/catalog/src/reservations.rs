@@ -44,16 +44,24 @@ pub async fn reserve(db: &Db, request: &ReserveRequest) -> Result<Reserved> {
     .await?
         == 1;
     if claimed {
-        let events = take(&mut tx, request, now).await?;
+        let (events, items, total) = take(&mut tx, request, now).await?;
         kit::outbox::enqueue(&mut tx, &events).await?;
+        tx.commit().await?;
+        // The answer from what was written (the read-back would cost two more statements).
+        return Ok(Reserved::Created(Reservation {
+            order_id: order_id.to_owned(),
+            status: ReservationStatus::Reserved,
+            items,
+            total,
+            returned: false,
+            created_at: now,
+            updated_at: now,
+        }));
     }
     tx.commit().await?;
     let reservation = find(db, order_id)
         .await?
         .ok_or_else(|| Error::ReservationNotFound(order_id.to_owned()))?;
-    if claimed {
-        return Ok(Reserved::Created(reservation));
-    }
     // The order id was taken: the same request again is a no-op; anything else is a conflict.
     match reservation.status {
         ReservationStatus::Released => Err(Error::ReservationConflict {
@@ -69,8 +77,13 @@ pub async fn reserve(db: &Db, request: &ReserveRequest) -> Result<Reserved> {
 }
 
 /// Takes the units of every line of a claimed order and records the lines; returns the events
-/// to announce, or the refusal naming every line that could not be taken.
-async fn take(tx: &mut Tx, request: &ReserveRequest, now: DateTime<Utc>) -> Result<Vec<Event>> {
+/// to announce, the lines (in product order) and their total, or the refusal naming every line
+/// that could not be taken.
+async fn take(
+    tx: &mut Tx,
+    request: &ReserveRequest,
+    now: DateTime<Utc>,
+) -> Result<(Vec<Event>, Vec<ReservationItem>, Money)> {
     let take = format!(
         "update products set stock = stock - $1, reserved = reserved + $1, updated_at = $2 \
          where id = $3 and stock >= $1 returning {COLUMNS}"
@@ -78,6 +91,7 @@ async fn take(tx: &mut Tx, request: &ReserveRequest, now: DateTime<Utc>) -> Resu
     let order_id = request.order_id.as_str();
     let mut events = Vec::new();
     let mut short = Vec::new();
+    let mut items = Vec::with_capacity(request.items.len());
     let mut total = Some(Money::default());
     for (i, &(product_id, quantity)) in request.items.iter().enumerate() {
         let product: Option<Product> = query(&take)
@@ -104,7 +118,16 @@ async fn take(tx: &mut Tx, request: &ReserveRequest, now: DateTime<Utc>) -> Resu
         .bind(product.price.cents())
         .execute(&mut *tx)
         .await?;
-        total = total.and_then(|t| t.plus(product.price.times(quantity)?));
+        let line_total = product.price.times(quantity);
+        total = total.and_then(|t| t.plus(line_total?));
+        if let Some(line_total) = line_total {
+            items.push(ReservationItem {
+                product_id,
+                quantity,
+                unit_price: product.price,
+                line_total,
+            });
+        }
         let previous = product.stock + quantity;
         events.extend(events::stock_changed(
             &product,
@@ -117,7 +140,7 @@ async fn take(tx: &mut Tx, request: &ReserveRequest, now: DateTime<Utc>) -> Resu
         // Dropping the transaction rolls back every line already taken.
         return Err(refusal(&short));
     }
-    if total.is_none() {
+    let Some(total) = total else {
         return Err(Error::Invalid(vec![FieldError::new(
             "items",
             "total_too_large",
@@ -126,8 +149,9 @@ async fn take(tx: &mut Tx, request: &ReserveRequest, now: DateTime<Utc>) -> Resu
                 Money::from_cents(MAX_CENTS)
             ),
         )]));
-    }
-    Ok(events)
+    };
+    items.sort_by_key(|item| item.product_id);
+    Ok((events, items, total))
 }
 
 fn same_items(reservation: &Reservation, request: &ReserveRequest) -> bool {
@@ -188,25 +212,33 @@ pub async fn release(db: &Db, order_id: &str) -> Result<Reservation> {
     settle(db, order_id, ReservationStatus::Released).await
 }
 
-/// The reservation's status, its row locked for the rest of `tx` (`None`: no such reservation).
-async fn locked_status(tx: &mut Tx, order_id: &str) -> Result<Option<ReservationStatus>> {
+/// The reservation's status and creation time, its row locked for the rest of `tx` (`None`: no
+/// such reservation).
+async fn locked(tx: &mut Tx, order_id: &str) -> Result<Option<(ReservationStatus, DateTime<Utc>)>> {
     let select = format!(
-        "select status from reservations where order_id = $1{}",
+        "select status, created_at from reservations where order_id = $1{}",
         tx.dialect().for_update()
     );
-    let status: Option<String> = query(&select)
+    let row: Option<(String, DateTime<Utc>)> = query(&select)
         .bind(order_id)
-        .fetch_optional_scalar(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-    Ok(status.as_deref().and_then(ReservationStatus::parse))
+    Ok(row.and_then(|(status, created_at)| {
+        ReservationStatus::parse(&status).map(|status| (status, created_at))
+    }))
+}
+
+/// The reservation's status, its row locked for the rest of `tx` (`None`: no such reservation).
+async fn locked_status(tx: &mut Tx, order_id: &str) -> Result<Option<ReservationStatus>> {
+    Ok(locked(tx, order_id).await?.map(|(status, _)| status))
 }
 
 async fn settle(db: &Db, order_id: &str, to: ReservationStatus) -> Result<Reservation> {
     let now = now();
     let mut tx = db.begin().await?;
-    match locked_status(&mut tx, order_id).await? {
-        Some(ReservationStatus::Reserved) => {
-            let events = settle_lines(&mut tx, order_id, to, now).await?;
+    match locked(&mut tx, order_id).await? {
+        Some((ReservationStatus::Reserved, created_at)) => {
+            let (events, items) = settle_lines(&mut tx, order_id, to, now).await?;
             query("update reservations set status = $1, updated_at = $2 where order_id = $3")
                 .bind(to.as_str())
                 .bind(now)
@@ -214,9 +246,26 @@ async fn settle(db: &Db, order_id: &str, to: ReservationStatus) -> Result<Reserv
                 .execute(&mut tx)
                 .await?;
             kit::outbox::enqueue(&mut tx, &events).await?;
+            tx.commit().await?;
+            // The answer from what was written (an open reservation was never returned).
+            let total = items
+                .iter()
+                .try_fold(Money::default(), |sum, item| sum.plus(item.line_total))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("reservation `{order_id}` beyond the money bound")
+                })?;
+            return Ok(Reservation {
+                order_id: order_id.to_owned(),
+                status: to,
+                items,
+                total,
+                returned: false,
+                created_at,
+                updated_at: now,
+            });
         }
-        Some(current) if current == to => {} // repeated call: nothing to do
-        Some(current) => {
+        Some((current, _)) if current == to => {} // repeated call: nothing to do
+        Some((current, _)) => {
             return Err(Error::ReservationConflict {
                 code: if current == ReservationStatus::Committed {
                     "reservation_committed"
@@ -255,7 +304,7 @@ async fn settle_lines(
     order_id: &str,
     to: ReservationStatus,
     now: DateTime<Utc>,
-) -> Result<Vec<Event>> {
+) -> Result<(Vec<Event>, Vec<ReservationItem>)> {
     let give_back = match to {
         ReservationStatus::Released => "stock = stock + $1, reserved = reserved - $1",
         _ => "reserved = reserved - $1",
@@ -263,15 +312,25 @@ async fn settle_lines(
     let update_product = format!(
         "update products set {give_back}, updated_at = $2 where id = $3 returning {COLUMNS}"
     );
-    let items: Vec<(i64, i64)> = query(
-        "select product_id, quantity from reservation_items where order_id = $1 \
-         order by product_id",
+    let lines: Vec<(i64, i64, i64)> = query(
+        "select product_id, quantity, unit_price_cents from reservation_items \
+         where order_id = $1 order by product_id",
     )
     .bind(order_id)
     .fetch_all(&mut *tx)
     .await?;
     let mut events = Vec::new();
-    for (product_id, quantity) in items {
+    let mut items = Vec::with_capacity(lines.len());
+    for (product_id, quantity, unit_cents) in lines {
+        let unit_price = Money::from_cents(unit_cents);
+        items.push(ReservationItem {
+            product_id,
+            quantity,
+            unit_price,
+            line_total: unit_price.times(quantity).ok_or_else(|| {
+                anyhow::anyhow!("reservation `{order_id}` beyond the money bound")
+            })?,
+        });
         // The product may have been deleted since (only when nothing was reserved, so not while
         // this hold is open); a missing row changes nothing.
         let product: Option<Product> = query(&update_product)
@@ -290,7 +349,7 @@ async fn settle_lines(
             )?);
         }
     }
-    Ok(events)
+    Ok((events, items))
 }
 
 /// The reservation of an order, with its lines.

@@ -28,18 +28,46 @@ pub use crate::event::Event;
 const INSERT: &str = "insert into outbox (id, topic, key, payload, created_at) \
                       values ($1, $2, $3, $4, $5)";
 
-/// Inserts `events` as unpublished outbox rows; they commit or roll back with `tx`.
+/// Most rows one insert statement writes.
+const ROWS_PER_INSERT: usize = 50;
+
+/// Inserts `events` as unpublished outbox rows, in their order; they commit or roll back with
+/// `tx`. One statement per [`ROWS_PER_INSERT`] events.
 pub async fn enqueue(tx: &mut Tx, events: &[Event]) -> sqlx::Result<()> {
-    for event in events {
-        let payload = serde_json::to_string(event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        query(INSERT)
-            .bind(event.id.to_string())
-            .bind(&event.topic)
-            .bind(&event.key)
-            .bind(payload)
-            .bind(event.occurred_at)
-            .execute(&mut *tx)
-            .await?;
+    for chunk in events.chunks(ROWS_PER_INSERT) {
+        let sql = if chunk.len() == 1 {
+            std::borrow::Cow::Borrowed(INSERT)
+        } else {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let n = i * 5;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${})",
+                        n + 1,
+                        n + 2,
+                        n + 3,
+                        n + 4,
+                        n + 5
+                    )
+                })
+                .collect();
+            std::borrow::Cow::Owned(format!(
+                "insert into outbox (id, topic, key, payload, created_at) values {}",
+                rows.join(", ")
+            ))
+        };
+        let mut statement = query(&sql);
+        for event in chunk {
+            let payload =
+                serde_json::to_string(event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+            statement = statement
+                .bind(event.id.to_string())
+                .bind(&event.topic)
+                .bind(&event.key)
+                .bind(payload)
+                .bind(event.occurred_at);
+        }
+        statement.execute(&mut *tx).await?;
     }
     Ok(())
 }
