@@ -479,26 +479,7 @@ impl SharedLimits {
     }
 
     async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
-        use anyhow::Context as _;
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        let mut conn = tokio::time::timeout(
-            self.timeout * 2,
-            self.client
-                .get_multiplexed_async_connection_with_config(&config),
-        )
-        .await
-        .context("connecting to redis timed out")?
-        .context("connecting to redis")?;
-        tokio::time::timeout(
-            self.timeout,
-            redis::cmd("PING").query_async::<()>(&mut conn),
-        )
-        .await
-        .context("redis did not answer PING in time")?
-        .context("redis PING failed")?;
-        Ok(conn)
+        kit::cache::connect_redis(&self.client, self.timeout).await
     }
 
     /// Out of service after `err`: requests use the local limits while one task reconnects.

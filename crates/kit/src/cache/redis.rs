@@ -36,6 +36,30 @@ use crate::outage::Outage;
 /// Lost invalidations remembered for replay; beyond this the keyspace is flushed instead.
 pub(super) const MAX_LOST: usize = 50_000;
 
+/// A new multiplexed connection to `client` that has answered a PING: connecting may take
+/// `2 × timeout`, and every later command on it, and the PING, `timeout`. For every holder of a
+/// Redis connection that handles outages itself (the cache backend, the gateway's shared limits).
+pub async fn connect(
+    client: &redis::Client,
+    timeout: Duration,
+) -> anyhow::Result<MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    let mut conn = tokio::time::timeout(
+        timeout * 2,
+        client.get_multiplexed_async_connection_with_config(&config),
+    )
+    .await
+    .context("connecting to redis timed out")?
+    .context("connecting to redis")?;
+    tokio::time::timeout(timeout, redis::cmd("PING").query_async::<()>(&mut conn))
+        .await
+        .context("redis did not answer PING in time")?
+        .context("redis PING failed")?;
+    Ok(conn)
+}
+
 /// Keys invalidated per pipelined round trip when replaying, and keys per SCAN step.
 const BATCH: usize = 500;
 
@@ -180,25 +204,7 @@ impl Shared {
 
     /// A new connection that has answered a PING, within the time limits.
     async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        let mut conn = tokio::time::timeout(
-            self.timeout * 2,
-            self.client
-                .get_multiplexed_async_connection_with_config(&config),
-        )
-        .await
-        .context("connecting to redis timed out")?
-        .context("connecting to redis")?;
-        tokio::time::timeout(
-            self.timeout,
-            redis::cmd("PING").query_async::<()>(&mut conn),
-        )
-        .await
-        .context("redis did not answer PING in time")?
-        .context("redis PING failed")?;
-        Ok(conn)
+        connect(&self.client, self.timeout).await
     }
 
     fn put_in_service(&self, conn: MultiplexedConnection) {
