@@ -135,8 +135,8 @@ impl Breaker {
         }
     }
 
-    /// Ends the pause now (tests).
-    #[cfg(any(test, feature = "testing"))]
+    /// Ends the pause now: the next call probes (half-open). For a caller that has learnt by
+    /// other means that the far side is back (an active health check), and for tests.
     pub fn expire_pause(&self) {
         let mut state = self.lock();
         if state.open_until.is_some() {

@@ -380,14 +380,26 @@ fn is_terminal(status: &str) -> bool {
     matches!(status, "processed" | "failed")
 }
 
+/// GETs `url`, which must answer 200. A 503 with `Retry-After` (the gateway's circuit for a
+/// service that was just restarted, still paused) is retried as a client would, for at most 10 s.
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
-    let response = client
-        .get(url)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    assert_eq!(response.status(), 200, "GET {url}");
-    response.json().await.expect("a JSON body")
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = client
+            .get(url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        if response.status() == 503
+            && response.headers().contains_key("retry-after")
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        assert_eq!(response.status(), 200, "GET {url}");
+        return response.json().await.expect("a JSON body");
+    }
 }
 
 /// POSTs `body` to `url`, which must answer 201; returns the new id.
