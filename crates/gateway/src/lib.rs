@@ -33,7 +33,7 @@ pub mod upstream;
 
 use limits::{Class, Limits};
 use routes::{GatewaySettings, RouteTable};
-use upstream::{Upstream, UpstreamMetrics};
+use upstream::{Outcome, Upstream, UpstreamMetrics};
 
 pub const NAME: &str = "gateway";
 
@@ -235,7 +235,7 @@ async fn forward(State(gateway): State<Arc<Gateway>>, mut request: Request) -> R
         .into_response();
     };
     let service = target.service.to_owned();
-    let route = kit::metrics::RouteLabel(target.route.to_owned());
+    let route = kit::metrics::RouteLabel(target.route.clone());
     // Internal endpoints are for services only, whatever the route table says.
     if kit::auth::is_internal(&target.path) {
         return ApiError::new(
@@ -356,7 +356,7 @@ fn bearer_token(headers: &HeaderMap) -> Option<Result<&str, ()>> {
 async fn proxy(
     gateway: &Gateway,
     service: String,
-    route: &str,
+    route: &Arc<str>,
     path: String,
     request: Request,
 ) -> Response {
@@ -432,7 +432,7 @@ async fn proxy(
             match format!("{}{}", base.as_str().trim_end_matches('/'), path_and_query).parse() {
                 Ok(uri) => uri,
                 Err(err) => {
-                    upstream.record(replica, route, "error", false);
+                    upstream.record(replica, route, Outcome::Error, false);
                     last_error = Some(anyhow::Error::from(err));
                     continue;
                 }
@@ -453,7 +453,7 @@ async fn proxy(
             {
                 Ok(result) => result,
                 Err(_) => {
-                    upstream.record(replica, route, "timeout", false);
+                    upstream.record(replica, route, Outcome::Timeout, false);
                     outage.failed(&format_args!(
                         "no response within {:?}",
                         gateway.upstream_timeout
@@ -468,7 +468,12 @@ async fn proxy(
             };
         match result {
             Ok(response) => {
-                upstream.record(replica, route, response.status().as_str(), true);
+                upstream.record(
+                    replica,
+                    route,
+                    Outcome::Status(response.status().as_u16()),
+                    true,
+                );
                 outage.succeeded();
                 tracing::debug!(
                     service = %service,
@@ -482,7 +487,7 @@ async fn proxy(
                 return Response::from_parts(parts, Body::new(body));
             }
             Err(err) => {
-                upstream.record(replica, route, "error", false);
+                upstream.record(replica, route, Outcome::Error, false);
                 // Logged once per outage of this replica; each request's detail at debug.
                 outage.failed(&err);
                 last_error = Some(err.into());

@@ -80,13 +80,15 @@ impl GatewaySettings {
 #[derive(Debug, Clone)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    /// Each entry's prefix, shared: the metrics label of its requests (no copy per request).
+    labels: Vec<std::sync::Arc<str>>,
 }
 
 /// Where a request goes.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Target<'a> {
     /// The route table entry that matched (its prefix): the metrics label of the request.
-    pub route: &'a str,
+    pub route: &'a std::sync::Arc<str>,
     pub service: &'a str,
     /// The path to forward (prefix rewritten), without the query.
     pub path: String,
@@ -110,7 +112,8 @@ impl RouteTable {
     pub fn new(mut routes: Vec<Route>) -> Self {
         // Longest prefix first; ties keep the configured order.
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.trim_end_matches('/').len()));
-        Self { routes }
+        let labels = routes.iter().map(|r| r.prefix.as_str().into()).collect();
+        Self { routes, labels }
     }
 
     /// The entries, longest prefix first.
@@ -127,29 +130,32 @@ impl RouteTable {
     }
 
     pub fn resolve(&self, path: &str) -> Option<Target<'_>> {
-        self.routes.iter().find_map(|route| {
-            let prefix = route.prefix.trim_end_matches('/');
-            let rest = path.strip_prefix(prefix)?;
-            if !(rest.is_empty() || rest.starts_with('/')) {
-                return None; // `/users` must not match `/usersx`
-            }
-            let path = match &route.rewrite {
-                Some(rewrite) => {
-                    let base = rewrite.trim_end_matches('/');
-                    match (base.is_empty(), rest.is_empty()) {
-                        (true, true) => "/".to_owned(),
-                        (true, false) => rest.to_owned(),
-                        (false, _) => format!("{base}{rest}"),
-                    }
+        self.routes
+            .iter()
+            .zip(&self.labels)
+            .find_map(|(route, label)| {
+                let prefix = route.prefix.trim_end_matches('/');
+                let rest = path.strip_prefix(prefix)?;
+                if !(rest.is_empty() || rest.starts_with('/')) {
+                    return None; // `/users` must not match `/usersx`
                 }
-                None => path.to_owned(),
-            };
-            Some(Target {
-                route: &route.prefix,
-                service: &route.service,
-                path,
+                let path = match &route.rewrite {
+                    Some(rewrite) => {
+                        let base = rewrite.trim_end_matches('/');
+                        match (base.is_empty(), rest.is_empty()) {
+                            (true, true) => "/".to_owned(),
+                            (true, false) => rest.to_owned(),
+                            (false, _) => format!("{base}{rest}"),
+                        }
+                    }
+                    None => path.to_owned(),
+                };
+                Some(Target {
+                    route: label,
+                    service: &route.service,
+                    path,
+                })
             })
-        })
     }
 }
 

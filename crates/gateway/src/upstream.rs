@@ -25,6 +25,7 @@ use axum::http::Uri;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use kit::breaker::{Breaker, BreakerPolicy, Circuit};
+use kit::metrics::SharedLabel;
 use kit::outage::Outage;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -108,18 +109,43 @@ impl HealthCheckSettings {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReplicaLabels {
-    pub service: String,
-    pub upstream: String,
+    pub service: SharedLabel,
+    pub upstream: SharedLabel,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ForwardLabels {
     /// The route table entry (its prefix).
-    pub route: String,
-    pub service: String,
-    pub upstream: String,
+    pub route: SharedLabel,
+    pub service: SharedLabel,
+    pub upstream: SharedLabel,
     /// The upstream's status code, or `error` (no connection), `timeout`.
-    pub status: String,
+    pub status: Outcome,
+}
+
+/// How a forward ended, as the `status` label shows it.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered with this status.
+    Status(u16),
+    /// No connection, or the connection failed.
+    Error,
+    /// No answer within the upstream timeout.
+    Timeout,
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for Outcome {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        match self {
+            Outcome::Status(code) => write!(encoder, "{code}"),
+            Outcome::Error => encoder.write_str("error"),
+            Outcome::Timeout => encoder.write_str("timeout"),
+        }
+    }
 }
 
 /// The gateway's metrics about its upstreams.
@@ -198,8 +224,8 @@ impl Upstream {
             .into_iter()
             .map(|url| {
                 let labels = ReplicaLabels {
-                    service: service.to_owned(),
-                    upstream: url.as_str().trim_end_matches('/').to_owned(),
+                    service: service.into(),
+                    upstream: url.as_str().trim_end_matches('/').into(),
                 };
                 metrics.healthy.get_or_create(&labels).set(1);
                 metrics.circuit.get_or_create(&labels).set(0);
@@ -250,7 +276,7 @@ impl Upstream {
     }
 
     /// The outcome of a forward to replica `i` that [`Upstream::pick`] chose.
-    pub fn record(&self, i: usize, route: &str, status: &str, reached: bool) {
+    pub fn record(&self, i: usize, route: &Arc<str>, status: Outcome, reached: bool) {
         let replica = &self.replicas[i];
         let before = replica.breaker.state();
         let after = replica.breaker.record(reached);
@@ -272,10 +298,10 @@ impl Upstream {
         self.metrics
             .forwarded
             .get_or_create(&ForwardLabels {
-                route: route.to_owned(),
-                service: self.service.clone(),
+                route: SharedLabel(route.clone()),
+                service: replica.labels.service.clone(),
                 upstream: replica.labels.upstream.clone(),
-                status: status.to_owned(),
+                status,
             })
             .inc();
     }
@@ -323,6 +349,12 @@ impl Upstream {
                     .get_or_create(&replica.labels)
                     .set(i64::from(up));
             }
+        }
+        // A replica that answers its health check again has its circuit's pause cut short: the
+        // next request probes it (half-open) rather than every request failing fast until the
+        // pause ends.
+        if up && replica.breaker.state() == Circuit::Open {
+            replica.breaker.expire_pause();
         }
         // The half-open state arrives with time, not with a call: show it.
         self.publish_circuit(replica);

@@ -20,16 +20,80 @@ use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    method: String,
+    method: &'static str,
     /// The matched route template (`/api/v1/users/{id}`), never the raw path: bounded cardinality.
-    route: String,
+    route: Route,
     status: u16,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LatencyLabels {
-    method: String,
-    route: String,
+    method: &'static str,
+    route: Route,
+}
+
+/// A label value shared rather than copied: building a label set of these per request (to find
+/// its series) allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SharedLabel(pub Arc<str>);
+
+impl From<&str> for SharedLabel {
+    fn from(value: &str) -> Self {
+        Self(value.into())
+    }
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for SharedLabel {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(&self.0)
+    }
+}
+
+/// A route label that costs no allocation per request: axum's matched template (shared), a
+/// handler's [`RouteLabel`] (shared), or a fixed name.
+#[derive(Debug, Clone)]
+enum Route {
+    Matched(MatchedPath),
+    Label(Arc<str>),
+    Fixed(&'static str),
+}
+
+impl Route {
+    fn as_str(&self) -> &str {
+        match self {
+            Route::Matched(path) => path.as_str(),
+            Route::Label(label) => label,
+            Route::Fixed(name) => name,
+        }
+    }
+}
+
+impl PartialEq for Route {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Route {}
+
+impl std::hash::Hash for Route {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for Route {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(self.as_str())
+    }
 }
 
 /// A service's metrics; cheap to clone.
@@ -130,7 +194,7 @@ async fn get_metrics(State(metrics): State<Metrics>) -> Response {
 /// The route a handler that does its own routing served (the gateway's route table entry), put
 /// in the response's extensions for [`track`] when axum matched no route template.
 #[derive(Debug, Clone)]
-pub struct RouteLabel(pub String);
+pub struct RouteLabel(pub Arc<str>);
 
 /// The method as a label: the standard ones by name, anything else `OTHER` (any token is a valid
 /// method, and each new label value would be a new series forever).
@@ -152,28 +216,25 @@ fn method_label(method: &axum::http::Method) -> &'static str {
 
 /// Middleware recording every request (installed by `with_standard_layers`). Labels are bounded:
 /// known methods, matched route templates (or a handler's [`RouteLabel`]), status codes.
-pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> Response {
+pub async fn track(metrics: &Metrics, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = method_label(req.method()).to_owned();
-    let matched = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+    let method = method_label(req.method());
+    let matched = req.extensions().get::<MatchedPath>().cloned();
     let response = next.run(req).await;
-    let route = matched
-        .or_else(|| {
-            response
-                .extensions()
-                .get::<RouteLabel>()
-                .map(|l| l.0.clone())
-        })
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route = match matched {
+        Some(path) => Route::Matched(path),
+        None => match response.extensions().get::<RouteLabel>() {
+            Some(label) => Route::Label(label.0.clone()),
+            None => Route::Fixed("unmatched"),
+        },
+    };
+    let latency = LatencyLabels {
+        method,
+        route: route.clone(),
+    };
     metrics
         .latency
-        .get_or_create(&LatencyLabels {
-            method: method.clone(),
-            route: route.clone(),
-        })
+        .get_or_create(&latency)
         .observe(started.elapsed().as_secs_f64());
     metrics
         .requests
@@ -197,7 +258,12 @@ mod tests {
         let metrics = Metrics::new("t");
         let router = Router::new()
             .route("/items/{id}", get(|| async { "ok" }))
-            .layer(axum::middleware::from_fn_with_state(metrics.clone(), track));
+            .layer(axum::middleware::from_fn_with_state(
+                metrics.clone(),
+                |State(metrics): State<Metrics>, req: Request, next: Next| async move {
+                    track(&metrics, req, next).await
+                },
+            ));
         for i in 0..10_000 {
             let request = axum::http::Request::builder()
                 .method(format!("M{i}").as_str())

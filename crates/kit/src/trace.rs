@@ -7,11 +7,8 @@
 //! the calls they make, so one trace id follows a request gateway → service → service, and each
 //! hop names its own span as the parent of the next.
 
-use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::http::header::HeaderName;
-use axum::middleware::Next;
-use axum::response::Response;
 
 /// The header.
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -42,12 +39,20 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     }
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `bytes` as lower-case hex into `out` (twice as long).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    for (i, b) in bytes.iter().enumerate() {
+        out[i * 2] = HEX[usize::from(b >> 4)];
+        out[i * 2 + 1] = HEX[usize::from(b & 0x0f)];
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::new(), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
@@ -112,13 +117,13 @@ impl TraceContext {
 
     /// The `traceparent` value (version 00).
     pub fn header_value(&self) -> HeaderValue {
-        let text = format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.parent_id),
-            self.flags
-        );
-        HeaderValue::from_str(&text).expect("hex and dashes are a valid header value")
+        // 00-<32 hex>-<16 hex>-<2 hex>, written in place (it is on every request of every hop).
+        let mut text = [b'-'; 55];
+        text[..2].copy_from_slice(b"00");
+        hex_into(&self.trace_id, &mut text[3..35]);
+        hex_into(&self.parent_id, &mut text[36..52]);
+        hex_into(&[self.flags], &mut text[53..55]);
+        HeaderValue::from_bytes(&text).expect("hex and dashes are a valid header value")
     }
 
     /// The context of the request the current task serves, if any.
@@ -136,15 +141,9 @@ impl TraceContext {
     }
 }
 
-/// Middleware: makes sure the request carries a valid `traceparent` (a new trace when it had
-/// none or an invalid one), puts its context in the request's extensions and runs the rest of
-/// the request with it as [`TraceContext::current`].
-pub async fn layer(mut req: Request, next: Next) -> Response {
-    let ctx = TraceContext::of_request(req.headers());
-    req.headers_mut()
-        .insert(TRACEPARENT.clone(), ctx.header_value());
-    req.extensions_mut().insert(ctx);
-    CURRENT.scope(ctx, next.run(req)).await
+/// Runs `fut` (the rest of a request) with `ctx` as [`TraceContext::current`].
+pub async fn scope<F: std::future::Future>(ctx: TraceContext, fut: F) -> F::Output {
+    CURRENT.scope(ctx, fut).await
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ mod redis;
 mod tests;
 
 use self::redis::RedisBackend;
+pub use self::redis::connect as connect_redis;
 use memory::MemoryBackend;
 
 /// `value` as the JSON bytes the cache stores and the API returns.
@@ -320,9 +321,15 @@ impl Cache {
         tracing::debug!(cache.op = op, error.message = %format!("{err:#}"), "cache call failed, using the database");
     }
 
-    /// Which completion stamp `flight_key` uses.
-    fn stamp_of(&self, flight_key: &str) -> usize {
-        let hash = self.inner.stamp_hasher.hash_one(flight_key);
+    /// Which completion stamp `slot` uses (hashed from its parts: a hit builds no flight key).
+    fn stamp_of(&self, slot: &Slot) -> usize {
+        let hash = match slot {
+            Slot::Key(key) => self.inner.stamp_hasher.hash_one(key.as_str()),
+            Slot::Field(group, field) => self
+                .inner
+                .stamp_hasher
+                .hash_one((group.as_str(), field.as_str())),
+        };
         usize::try_from(hash % STAMPS as u64).unwrap_or(0)
     }
 
@@ -344,8 +351,7 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = anyhow::Result<Option<Bytes>>> + Send + 'static,
     {
-        let flight_key = slot.flight_key();
-        let stamp = self.stamp_of(&flight_key);
+        let stamp = self.stamp_of(&slot);
         let stamp_before = self.inner.stamps[stamp].load(Ordering::Acquire);
         let version = match self.inner.backend.get(&slot).await {
             Ok((Some(bytes), _)) => {
@@ -359,6 +365,7 @@ impl Cache {
             }
         };
 
+        let flight_key = slot.flight_key();
         let (flight, leader) = {
             let mut flights = self.inner.flights.lock().unwrap_or_else(|p| p.into_inner());
             match flights.get(&flight_key) {

@@ -187,8 +187,7 @@ async fn a_miss_overtaken_by_a_finished_flight_does_not_load_again() {
         // The moment between a request's read and its flight, replayed by hand: the stamp and
         // version as seen by a request that missed, then another flight stores.
         let slot = Slot::Key(cache.key("k"));
-        let flight_key = slot.flight_key();
-        let stamp = cache.stamp_of(&flight_key);
+        let stamp = cache.stamp_of(&slot);
         let stamp_before = cache.inner.stamps[stamp].load(Ordering::Acquire);
         let (value, version) = cache.inner.backend.get(&slot).await.expect("read");
         assert!(value.is_none());
@@ -204,7 +203,7 @@ async fn a_miss_overtaken_by_a_finished_flight_does_not_load_again() {
             stamp,
             stamp_before,
         };
-        let second = cache.flight(slot, Ttl::Item, flight_key, miss, async {
+        let second = cache.flight(slot.clone(), Ttl::Item, slot.flight_key(), miss, async {
             Ok(Some(Bytes::from_static(b"second")))
         });
         assert_eq!(

@@ -22,9 +22,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::config::HttpSettings;
 use crate::error::{ApiError, FieldError, InternalError, PROBLEM_JSON, Problem};
@@ -33,9 +31,12 @@ use crate::metrics::Metrics;
 /// The request id header, generated when absent and forwarded on every hop.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Wraps `router` in the standard stack, outermost first: `/ready` while stopping → request id →
-/// trace context (`traceparent`, [`crate::trace`]) → trace span → request id on the response →
-/// problem bodies → `%00` refused → metrics → panic → timeout (408) → body limit (413).
+/// Wraps `router` in the standard stack, outermost first: one middleware ([`standard`]) that
+/// answers `/ready` while stopping, keeps or makes the request id, reads or starts the trace
+/// context (`traceparent`, [`crate::trace`]), runs the request in its span, refuses `%00`,
+/// records metrics, completes problem bodies and echoes the request id → panic → timeout (408)
+/// → body limit (413). One middleware rather than one per concern: each `from_fn` layer costs a
+/// boxed future and a clone of the inner service per request, on every hop.
 /// `/metrics` is not among the routes: it is served on the private metrics listener
 /// ([`crate::service::App::with_metrics`]).
 pub fn with_standard_layers(router: Router, http: &HttpSettings, metrics: &Metrics) -> Router {
@@ -48,72 +49,19 @@ pub fn with_standard_layers(router: Router, http: &HttpSettings, metrics: &Metri
             Duration::from_secs(http.request_timeout_secs),
         ))
         .layer(CatchPanicLayer::new())
-        .layer(middleware::from_fn_with_state(
-            metrics.clone(),
-            crate::metrics::track,
-        ))
-        .layer(middleware::from_fn(refuse_encoded_nul))
-        .layer(middleware::from_fn(problem_layer))
-        .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone()))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let request_id = req
-                        .headers()
-                        .get(&X_REQUEST_ID)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    let trace_id = req
-                        .extensions()
-                        .get::<crate::trace::TraceContext>()
-                        .map(crate::trace::TraceContext::trace_id_hex)
-                        .unwrap_or_default();
-                    tracing::info_span!(
-                        "request",
-                        method = %req.method(),
-                        path = %req.uri().path(),
-                        request_id = %request_id,
-                        trace_id = %trace_id,
-                    )
-                })
-                // The problem layer logs every server error once, at the level it deserves (a
-                // dependency's outage is not an error per request); this would repeat each one.
-                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
-        )
-        .layer(middleware::from_fn(crate::trace::layer))
-        .layer(SetRequestIdLayer::new(
-            X_REQUEST_ID.clone(),
-            MakeRequestUuid,
-        ))
-        .layer(middleware::from_fn(drop_unusable_request_id))
-        .layer(middleware::from_fn(ready_while_stopping))
+        .layer(middleware::from_fn_with_state(metrics.clone(), standard))
 }
 
-/// A URI with an encoded NUL (`%00`) is 400: no id, name or filter has one, and PostgreSQL refuses
-/// it in text (a 500 if it got that far).
-async fn refuse_encoded_nul(req: Request, next: Next) -> Response {
-    let has_nul = req
-        .uri()
-        .path_and_query()
-        .is_some_and(|pq| pq.as_str().as_bytes().windows(3).any(|w| w == b"%00"));
-    if has_nul {
-        return ApiError::bad_request(
-            "invalid_uri",
-            "The path or query contains a NUL character (%00)",
-        )
-        .into_response();
-    }
-    next.run(req).await
-}
-
-/// Once the server is stopping, `/ready` answers 503 `stopping` at once (whatever the service's
-/// own readiness), so a balancer stops sending before the listener closes.
-async fn ready_while_stopping(req: Request, next: Next) -> Response {
-    let stopping = req
-        .extensions()
-        .get::<Stopping>()
-        .is_some_and(Stopping::is_stopping);
-    if stopping && req.uri().path() == "/ready" {
+/// The standard middleware (see [`with_standard_layers`]).
+async fn standard(State(metrics): State<Metrics>, mut req: Request, next: Next) -> Response {
+    // Once the server is stopping, `/ready` answers 503 `stopping` at once (whatever the
+    // service's own readiness), so a balancer stops sending before the listener closes.
+    if req.uri().path() == "/ready"
+        && req
+            .extensions()
+            .get::<Stopping>()
+            .is_some_and(Stopping::is_stopping)
+    {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, HeaderValue::from_static("5"))],
@@ -121,44 +69,100 @@ async fn ready_while_stopping(req: Request, next: Next) -> Response {
         )
             .into_response();
     }
-    next.run(req).await
+    let request_id = match req.headers().get(&X_REQUEST_ID) {
+        Some(value) if usable_request_id(value) => value.clone(),
+        _ => {
+            let id = new_request_id();
+            req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+            id
+        }
+    };
+    let ctx = crate::trace::TraceContext::of_request(req.headers());
+    req.headers_mut()
+        .insert(crate::trace::TRACEPARENT.clone(), ctx.header_value());
+    req.extensions_mut().insert(ctx);
+    // Field values are only computed when the span is enabled.
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        request_id = %request_id.to_str().unwrap_or_default(),
+        trace_id = %ctx.trace_id_hex(),
+    );
+    let mut response = tracing::Instrument::instrument(
+        crate::trace::scope(ctx, problems(metrics, request_id.clone(), req, next)),
+        span,
+    )
+    .await;
+    // A response that has one already (an upstream's, through the gateway) keeps it.
+    response
+        .headers_mut()
+        .entry(&X_REQUEST_ID)
+        .or_insert(request_id);
+    response
 }
 
 /// An incoming `x-request-id` is kept only when it is a sane token (at most 128 characters of
-/// letters, digits and `-_.:`); otherwise a new one is generated, so ids stay safe to log and
-/// echo.
-async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
-    let usable = req.headers().get(&X_REQUEST_ID).is_none_or(|value| {
-        let bytes = value.as_bytes();
-        !bytes.is_empty()
-            && bytes.len() <= 128
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-    });
-    if !usable {
-        req.headers_mut().remove(&X_REQUEST_ID);
-    }
-    next.run(req).await
+/// letters, digits and `-_.:`); otherwise a new one is made, so ids stay safe to log and echo.
+fn usable_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 128
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-/// Completes problem bodies with the request id and logs internal causes (once, here); turns any
-/// other error response without a problem body into one.
-pub async fn problem_layer(req: Request, next: Next) -> Response {
-    let request_id = req
-        .headers()
-        .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+/// A new request id: a UUID v4 (from a thread-local generator, no system call per request).
+fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(text).expect("a hyphenated uuid is a valid header value")
+}
+
+/// `%00` refused, metrics recorded, problem bodies completed.
+async fn problems(metrics: Metrics, request_id: HeaderValue, req: Request, next: Next) -> Response {
+    // A URI with an encoded NUL (`%00`) is 400: no id, name or filter has one, and PostgreSQL
+    // refuses it in text (a 500 if it got that far).
+    let has_nul = req
+        .uri()
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().as_bytes().windows(3).any(|w| w == b"%00"));
+    if has_nul {
+        return complete_problem(
+            ApiError::bad_request(
+                "invalid_uri",
+                "The path or query contains a NUL character (%00)",
+            )
+            .into_response(),
+            &request_id,
+            req.method(),
+            req.uri(),
+        );
+    }
     // Kept for the error path; cloning a `Uri` shares its bytes.
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let mut response = next.run(req).await;
-    let status = response.status();
+    let response = crate::metrics::track(&metrics, req, next).await;
+    if response.status().is_client_error() || response.status().is_server_error() {
+        complete_problem(response, &request_id, &method, &uri)
+    } else {
+        response
+    }
+}
 
+/// Completes an error response's problem body with the request id and logs its internal cause
+/// (once, here); turns any other error response without a problem body into one.
+fn complete_problem(
+    mut response: Response,
+    request_id: &HeaderValue,
+    method: &axum::http::Method,
+    uri: &axum::http::Uri,
+) -> Response {
+    let status = response.status();
     let problem = match response.extensions_mut().remove::<Problem>() {
         Some(problem) => problem,
-        None if status.is_client_error() || status.is_server_error() => {
+        None => {
             // A JSON body was made on purpose: a problem passed through by the gateway, or a
             // report such as `/ready`'s 503. Only bare bodies (router, limits, panics) change.
             let is_json = response
@@ -171,7 +175,6 @@ pub async fn problem_layer(req: Request, next: Next) -> Response {
             }
             Problem::for_status(status, method.as_str(), uri.path())
         }
-        None => return response,
     };
     // A dependency fault (502, 503, 504) fails every request while it lasts: its detail stays at
     // debug here, and the dependency's tracker logs the outage once ([`crate::outage`]). Any other
@@ -201,7 +204,7 @@ pub async fn problem_layer(req: Request, next: Next) -> Response {
         (None, false) => {}
     }
     let problem = Problem {
-        request_id,
+        request_id: request_id.to_str().ok().map(str::to_owned),
         ..problem
     };
     let (mut parts, _) = response.into_parts();
