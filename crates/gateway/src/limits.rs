@@ -244,7 +244,7 @@ struct LimitedLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
-    backend: String,
+    backend: &'static str,
 }
 
 /// The gateway's rate limits.
@@ -331,11 +331,9 @@ impl Limits {
         verdict
     }
 
-    fn count(&self, verdict: &Verdict, class: Class, backend: &str) {
+    fn count(&self, verdict: &Verdict, class: Class, backend: &'static str) {
         self.decisions
-            .get_or_create(&DecisionLabels {
-                backend: backend.to_owned(),
-            })
+            .get_or_create(&DecisionLabels { backend })
             .inc();
         if !verdict.allowed {
             let scope = if verdict.scope == "account" {

@@ -98,10 +98,15 @@ pub struct Target<'a> {
 /// it names once a hop behind the gateway decodes or normalises it: a `.` or `..` segment, an
 /// encoded `/`, `.` or `\\`, or a backslash. Such paths are refused before routing.
 pub fn is_ambiguous(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    lower.contains("%2f")
-        || lower.contains("%2e")
-        || lower.contains("%5c")
+    // Compared without a lower-cased copy: this runs on every request.
+    let encoded_separator = path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'f' | b'e') | (b'5', b'c')
+            )
+    });
+    encoded_separator
         || path.contains('\\')
         || path
             .split('/')

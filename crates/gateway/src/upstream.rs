@@ -294,7 +294,9 @@ impl Upstream {
         } else if after == Circuit::Closed && before != Circuit::Closed {
             tracing::info!(service = %self.service, upstream = %replica.url, "circuit closed");
         }
-        self.publish_circuit(replica);
+        if after != before {
+            self.publish_circuit(replica);
+        }
         self.metrics
             .forwarded
             .get_or_create(&ForwardLabels {

@@ -351,6 +351,12 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = anyhow::Result<Option<Bytes>>> + Send + 'static,
     {
+        // A TTL of 0 turns this kind of entry off: nothing would be kept, so the cache is not
+        // asked at all (no round trip to Redis on every read).
+        if self.ttl(ttl).is_zero() {
+            self.inner.misses.inc();
+            return load().await;
+        }
         let stamp = self.stamp_of(&slot);
         let stamp_before = self.inner.stamps[stamp].load(Ordering::Acquire);
         let version = match self.inner.backend.get(&slot).await {

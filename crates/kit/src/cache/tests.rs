@@ -475,3 +475,29 @@ async fn redis_comes_back_under_load_with_the_lost_invalidations_replayed() {
         lines.join("\n")
     );
 }
+
+/// `item_ttl_secs = 0` turns item caching off: every read loads, and none asks Redis.
+#[tokio::test]
+async fn a_ttl_of_zero_skips_the_cache_and_loads_every_time() {
+    let env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
+    let mut settings = env.settings.clone();
+    settings.cache.item_ttl_secs = 0;
+    let redis = Cache::new(&settings, "t").expect("redis cache");
+    redis.ping().await.expect("redis answers");
+    let before = redis.round_trips();
+    let loads = Arc::new(AtomicU64::new(0));
+    for _ in 0..3 {
+        let loads = loads.clone();
+        let value = redis
+            .get_or_load("k", Ttl::Item, move || async move {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Ok(Some(Bytes::from_static(b"v")))
+            })
+            .await
+            .expect("loaded");
+        assert_eq!(value.as_deref(), Some(&b"v"[..]));
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 3, "every read loads");
+    assert_eq!(redis.round_trips() - before, 0, "no read reached Redis");
+    assert_eq!(redis.stats().misses, 3);
+}
