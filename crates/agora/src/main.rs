@@ -3,7 +3,12 @@
 
 mod bench;
 mod bench_cache;
+mod bench_hot;
+mod bench_report;
+mod bench_system;
 mod cli;
+mod load;
+mod procs;
 mod services;
 
 use clap::Parser as _;
