@@ -151,6 +151,7 @@ pub(crate) struct FixedRate {
     /// Request latency (accepting), ms.
     pub p50_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     pub refused: u64,
     /// Failures, and ticks skipped because [`MAX_IN_FLIGHT`] requests were waiting.
     pub errors: u64,
@@ -221,6 +222,7 @@ pub(crate) async fn fixed_rate(
         accepted_per_second: fixed.accepted as f64 / elapsed.as_secs_f64(),
         p50_ms: fixed.quantile(0.50),
         p99_ms: fixed.quantile(0.99),
+        p999_ms: fixed.quantile(0.999),
         refused: fixed.refused,
         errors: fixed.errors + skipped.load(Ordering::Relaxed),
         drained,

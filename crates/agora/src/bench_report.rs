@@ -42,6 +42,8 @@ pub struct Row {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
+    /// Successful requests that took longer than 100 ms.
+    pub over_100ms: u64,
     pub errors: u64,
     pub first_error: Option<String>,
     pub processes: Vec<ProcessFigures>,
@@ -67,6 +69,7 @@ impl Row {
             p99_ms: q(0.99),
             p999_ms: q(0.999),
             max_ms: if empty { 0.0 } else { outcome.max_ms() },
+            over_100ms: outcome.ok - outcome.latencies.count_between(0, 100_000).min(outcome.ok),
             errors: outcome.errors,
             first_error: outcome.first_error.clone(),
             processes: Vec::new(),
