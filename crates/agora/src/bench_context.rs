@@ -138,29 +138,40 @@ impl Context {
                 }
             }
             None => {
-                // A running system: whoever listens on the ports.
+                // A running system: whoever listens on the ports (the default layout: each
+                // service at the gateway's port + its offset, users where --users-url says).
                 let gateway = self.gateway.port();
-                let ports: Vec<u16> = services
+                let pairs: Vec<(&str, u16)> = services
                     .iter()
-                    .filter_map(|s| match *s {
-                        "gateway" => Some(gateway),
-                        "users" => Some(self.users_addr.port()),
-                        _ => None,
+                    .filter_map(|s| {
+                        let (_, offset) = bench_system::SERVICES.iter().find(|(n, _)| n == s)?;
+                        let port = if *s == "users" {
+                            self.users_addr.port()
+                        } else {
+                            gateway.checked_add(*offset)?
+                        };
+                        Some((*s, port))
                     })
                     .collect();
-                let found = crate::procs::listeners(&ports);
-                let mut seen = Vec::new();
-                for (service, port) in services.iter().zip(&ports) {
-                    if let Some(&pid) = found.get(port)
-                        && !seen.contains(&pid)
-                    {
-                        seen.push(pid);
-                        groups.push(((*service).to_owned(), vec![pid]));
+                let found =
+                    crate::procs::listeners(&pairs.iter().map(|(_, p)| *p).collect::<Vec<_>>());
+                // One process serving several of them (`agora up`) is one group, named by all.
+                let mut by_pid: Vec<(u32, Vec<&str>)> = Vec::new();
+                for (service, port) in &pairs {
+                    let Some(&pid) = found.get(port) else {
+                        continue;
+                    };
+                    match by_pid.iter_mut().find(|(p, _)| *p == pid) {
+                        Some((_, names)) => names.push(service),
+                        None => by_pid.push((pid, vec![service])),
                     }
+                }
+                for (pid, names) in by_pid {
+                    groups.push((names.join("+"), vec![pid]));
                 }
             }
         }
-        if self.mode == Mode::Distributed || system.is_none() {
+        if self.mode == Mode::Distributed {
             groups.extend(backend_processes(backends));
         }
         groups

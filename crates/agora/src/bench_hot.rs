@@ -57,7 +57,9 @@ pub struct HotBench {
     /// per service on DATABASE_URL, REDIS_URL and NATS_URL.
     #[arg(long, value_enum, default_value_t = Mode::Embedded)]
     pub(crate) mode: Mode,
-    /// Measure the running system behind this gateway instead of starting one.
+    /// Measure the running system behind this gateway instead of starting one (its services on
+    /// the gateway's port + their offset; with --mode distributed the CPU of Redis, PostgreSQL
+    /// and NATS on their default ports is shown too).
     #[arg(long)]
     pub(crate) url: Option<url::Url>,
     /// With --url: its users service (default: the gateway's port + 1).
@@ -134,6 +136,10 @@ impl HotBench {
         let mut wanted: Vec<&str> = self.scenario.iter().map(String::as_str).collect();
         for name in self.scenario.iter() {
             wanted.extend(compare_to(name, self.mode));
+        }
+        // The proxy's upstream.
+        if wanted.contains(&"ref-proxy") {
+            wanted.push("ref-hello");
         }
         SCENARIOS
             .iter()
@@ -212,11 +218,11 @@ pub async fn hot(args: HotBench) -> anyhow::Result<()> {
     let mut ctx = Context::new(&args, backends.clone()).await?;
     if !args.json {
         println!(
-            "agora bench: {} mode, {} connections, {seconds} s per scenario, {} seeded users, on {}",
+            "agora bench: {}, {} connections, {seconds} s per scenario, {} seeded users, on {}",
             match (&args.url, args.mode) {
-                (Some(url), _) => format!("running system at {url}"),
-                (None, Mode::Embedded) => "embedded".to_owned(),
-                (None, Mode::Distributed) => "distributed".to_owned(),
+                (Some(url), _) => format!("the running system at {url}"),
+                (None, Mode::Embedded) => "embedded mode".to_owned(),
+                (None, Mode::Distributed) => "distributed mode".to_owned(),
             },
             args.connections,
             ctx.seeded.len(),
@@ -362,6 +368,12 @@ mod tests {
     fn a_chosen_scenario_brings_its_references_in_run_order() {
         let args = parse(&["--scenario", "cached-get-direct"]);
         assert_eq!(args.selected(), vec!["ref-hello", "cached-get-direct"]);
+        let args = parse(&["--scenario", "cached-get-gateway"]);
+        assert_eq!(
+            args.selected(),
+            vec!["ref-hello", "ref-proxy", "cached-get-gateway"],
+            "the proxy needs hello behind it"
+        );
         let args = parse(&[
             "--mode",
             "distributed",

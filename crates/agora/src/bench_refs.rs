@@ -76,7 +76,10 @@ impl References {
             }
         }
         // Up when they answer; one that exits first failed (PostgreSQL or Redis unreachable).
-        let client = reqwest::Client::new();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let mut i = 0;
         while i < refs.children.len() {
@@ -94,12 +97,16 @@ impl References {
             }
             let exited = matches!(child.try_wait(), Ok(Some(_)));
             if exited || std::time::Instant::now() > deadline {
-                let mut why = String::new();
-                if let Some(mut stderr) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut stderr, &mut why);
-                }
+                // Stopped first: its stderr ends only when it does.
                 let mut removed = refs.children.remove(i);
                 bench_system::stop_children(std::slice::from_mut(&mut removed));
+                let mut why = String::new();
+                if let Some(mut stderr) = removed.1.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut stderr, &mut why);
+                }
+                if !exited {
+                    why = format!("no answer within 20 s {why}");
+                }
                 refs.failed
                     .push((name, format!("{name} did not start: {}", why.trim())));
                 continue;
