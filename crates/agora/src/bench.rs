@@ -126,7 +126,52 @@ pub async fn orders(args: OrdersBench) -> anyhow::Result<()> {
     );
 
     // Phase 2: a fixed rate.
-    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let fixed = fixed_rate(&client, &base, bodies, args.rate, phase).await?;
+    println!(
+        "| {} orders/s | - | {:.0} | {:.1} | {:.1} | {} | {} | {:.1} s |",
+        args.rate,
+        fixed.accepted_per_second,
+        fixed.p50_ms,
+        fixed.p99_ms,
+        fixed.refused,
+        fixed.errors,
+        fixed.drained.as_secs_f64()
+    );
+    println!();
+    println!(
+        "accepted → processed at {} orders/s (last {} processed): p50 {} ms, p99 {} ms",
+        args.rate, fixed.processed_window, fixed.processed_p50_ms, fixed.processed_p99_ms
+    );
+    Ok(())
+}
+
+/// What the fixed-rate phase measured.
+pub(crate) struct FixedRate {
+    pub accepted_per_second: f64,
+    /// Request latency (accepting), ms.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub refused: u64,
+    /// Failures, and ticks skipped because [`MAX_IN_FLIGHT`] requests were waiting.
+    pub errors: u64,
+    pub drained: Duration,
+    /// Accepted → processed, from the orders service's stats (its last `processed_window`).
+    pub processed_p50_ms: Value,
+    pub processed_p99_ms: Value,
+    pub processed_window: Value,
+}
+
+/// `rate` orders per second (bodies round-robin) for `phase`, then waits for the worker to process
+/// them and reads the accepted → processed latency from the orders stats.
+pub(crate) async fn fixed_rate(
+    client: &reqwest::Client,
+    base: &str,
+    bodies: Arc<Vec<Value>>,
+    rate: u64,
+    phase: Duration,
+) -> anyhow::Result<FixedRate> {
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let skipped = Arc::new(AtomicU64::new(0));
     let mut ticker = tokio::time::interval(interval);
@@ -165,7 +210,7 @@ pub async fn orders(args: OrdersBench) -> anyhow::Result<()> {
         fixed.record(status, took);
     }
     let elapsed = started.elapsed();
-    let drained = drain(&client, &base).await?;
+    let drained = drain(client, base).await?;
     let stats: Value = client
         .get(format!("{base}/api/v1/orders/stats"))
         .send()
@@ -173,25 +218,22 @@ pub async fn orders(args: OrdersBench) -> anyhow::Result<()> {
         .json()
         .await?;
     let latency = &stats["processing_latency_ms"];
-    println!(
-        "| {} orders/s | - | {:.0} | {:.1} | {:.1} | {} | {} | {:.1} s |",
-        args.rate,
-        fixed.accepted as f64 / elapsed.as_secs_f64(),
-        fixed.quantile(0.50),
-        fixed.quantile(0.99),
-        fixed.refused,
-        fixed.errors + skipped.load(Ordering::Relaxed),
-        drained.as_secs_f64()
-    );
-    println!();
-    println!(
-        "accepted → processed at {} orders/s (last {} processed): p50 {} ms, p99 {} ms",
-        args.rate, latency["window"], latency["p50"], latency["p99"]
-    );
-    Ok(())
+    Ok(FixedRate {
+        accepted_per_second: fixed.accepted as f64 / elapsed.as_secs_f64(),
+        p50_ms: fixed.quantile(0.50),
+        p99_ms: fixed.quantile(0.99),
+        p999_ms: fixed.quantile(0.999),
+        refused: fixed.refused,
+        errors: fixed.errors + skipped.load(Ordering::Relaxed),
+        drained,
+        processed_p50_ms: latency["p50"].clone(),
+        processed_p99_ms: latency["p99"].clone(),
+        processed_window: latency["window"].clone(),
+    })
 }
 
-async fn setup(client: &reqwest::Client, base: &str) -> anyhow::Result<(i64, Vec<i64>)> {
+/// A fresh user and [`PRODUCTS`] products with plenty of stock: their ids.
+pub(crate) async fn setup(client: &reqwest::Client, base: &str) -> anyhow::Result<(i64, Vec<i64>)> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -232,7 +274,7 @@ async fn created(response: reqwest::Response, what: &str) -> anyhow::Result<Valu
 }
 
 /// Waits until no order is pending or processing; returns how long that took.
-async fn drain(client: &reqwest::Client, base: &str) -> anyhow::Result<Duration> {
+pub(crate) async fn drain(client: &reqwest::Client, base: &str) -> anyhow::Result<Duration> {
     let started = Instant::now();
     loop {
         let stats: Value = client

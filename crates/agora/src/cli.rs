@@ -60,9 +60,17 @@ enum Command {
     /// an admin account (admin@agora.local, generated password kept in data_dir/admin-password,
     /// printed with how to log in); rows that exist are kept.
     Seed,
-    /// Measure a running system through its gateway (loopback only, bounded in time).
-    #[command(subcommand)]
-    Bench(Bench),
+    /// Measure Agora's hot paths beside bare-library references (loopback only, bounded in
+    /// time and connections). Without a subcommand: starts its own system on --base-port (or
+    /// measures --url), runs the scenarios and prints a table; `orders` and `cache` measure a
+    /// running system's orders and cache service.
+    #[command(args_conflicts_with_subcommands = true)]
+    Bench {
+        #[command(subcommand)]
+        command: Option<Bench>,
+        #[command(flatten)]
+        hot: Box<crate::bench_hot::HotBench>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,10 +84,12 @@ enum Bench {
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
-        match self.command {
-            Command::Bench(Bench::Orders(args)) => return crate::bench::orders(args).await,
-            Command::Bench(Bench::Cache(args)) => return crate::bench_cache::cache(args).await,
-            _ => {}
+        if let Command::Bench { command, hot } = self.command {
+            return match command {
+                Some(Bench::Orders(args)) => crate::bench::orders(args).await,
+                Some(Bench::Cache(args)) => crate::bench_cache::cache(args).await,
+                None => crate::bench_hot::hot(*hot).await,
+            };
         }
         let settings = self.settings()?;
         kit::telemetry::init(&settings.log);
@@ -89,7 +99,7 @@ impl Cli {
             Command::Migrate => migrate(settings).await,
             Command::Seed => seed(settings).await,
             Command::Config => print_config(settings),
-            Command::Bench(_) => unreachable!("handled above, without settings"),
+            Command::Bench { .. } => unreachable!("handled above, without settings"),
         }
     }
 

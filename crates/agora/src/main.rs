@@ -3,7 +3,15 @@
 
 mod bench;
 mod bench_cache;
+mod bench_context;
+mod bench_hot;
+mod bench_refs;
+mod bench_report;
+mod bench_scenarios;
+mod bench_system;
 mod cli;
+mod load;
+mod procs;
 mod services;
 
 use clap::Parser as _;
