@@ -106,7 +106,9 @@ struct NewChat {
     post,
     path = "/api/v1/chats",
     tag = "chats",
-    request_body(content = NewChat, example = json!({"name": "Project Alpha", "metadata": {"type": "project"}})),
+    request_body(content = NewChat, examples(
+        ("seed 004" = (summary = "seed 004's chat", value = json!({"name": "Project Alpha", "metadata": {"type": "project"}}))),
+    )),
     responses(
         (status = 201, description = "Created (`Location` is its URL)", body = ChatWithParticipants),
         (status = 422, description = "No name, a name too long, metadata not an object or too large (`validation_failed`)"),
@@ -242,7 +244,9 @@ struct ParticipantsAdded {
     path = "/api/v1/chats/{id}/participants",
     tag = "chats",
     params(("id" = String, Path, description = "The chat's id", example = "chat-0193a1b2c3d4e5f60718293a4b5c6d7e")),
-    request_body(content = NewParticipants, example = json!({"participant_ids": ["user-1", "user-2", "user-3"]})),
+    request_body(content = NewParticipants, examples(
+        ("seed 004" = (summary = "seed 004's participants", value = json!({"participant_ids": ["user-1", "user-2", "user-3"]}))),
+    )),
     responses(
         (status = 200, description = "Added", body = ParticipantsAdded),
         (status = 404, description = "No such chat (`chat_not_found`)"),
@@ -436,7 +440,9 @@ struct NewMessage {
     path = "/api/v1/chats/{id}/messages",
     tag = "chats",
     params(("id" = String, Path, description = "The chat's id", example = "chat-0193a1b2c3d4e5f60718293a4b5c6d7e")),
-    request_body(content = NewMessage, example = json!({"sender_id": "user-1", "text": "Hello!"})),
+    request_body(content = NewMessage, examples(
+        ("message" = (summary = "a participant's message", value = json!({"sender_id": "user-1", "text": "Hello!"}))),
+    )),
     responses(
         (status = 201, description = "Posted", body = ChatMessage),
         (status = 403, description = "The sender is not a participant (`not_a_participant`), or a signed-in caller sends as someone else (`sender_mismatch`)"),
