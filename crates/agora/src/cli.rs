@@ -72,6 +72,9 @@ enum Bench {
     /// Seed 000's cache service: SET and GET per second through the gateway, beside a bare
     /// axum handler doing one Redis GET (`--redis-url`).
     Cache(crate::bench_cache::CacheBench),
+    /// The chat service: messages posted per second, and post → WebSocket delivery latency to
+    /// `--subscribers` subscribers of one chat.
+    Chat(crate::bench_chat::ChatBench),
 }
 
 impl Cli {
@@ -79,6 +82,7 @@ impl Cli {
         match self.command {
             Command::Bench(Bench::Orders(args)) => return crate::bench::orders(args).await,
             Command::Bench(Bench::Cache(args)) => return crate::bench_cache::cache(args).await,
+            Command::Bench(Bench::Chat(args)) => return crate::bench_chat::chat(args).await,
             _ => {}
         }
         let settings = self.settings()?;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_cache;
+mod bench_chat;
 mod cli;
 mod services;
 
