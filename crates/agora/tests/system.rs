@@ -242,6 +242,36 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
     assert_eq!(greeting["value"], "hello", "{greeting}");
     let memory = get_json(&client, "http://127.0.0.1:8080/cache/memory").await;
     assert_eq!(memory["keys"], 1, "{memory}");
+    // Seed 004's chat service: a chat, its participants, a message, the chats of a participant.
+    let response = client
+        .post("http://127.0.0.1:8080/api/chats")
+        .json(&json!({"name": "Project Alpha", "metadata": {"type": "project"}}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 201);
+    let chat: Value = response.json().await.expect("json");
+    let chat_id = chat["id"].as_str().expect("chat id").to_owned();
+    let response = client
+        .post(format!(
+            "http://127.0.0.1:8080/api/chats/{chat_id}/participants"
+        ))
+        .json(&json!({"participant_ids": ["user-1", "user-2"]}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 200);
+    let response = client
+        .post(format!("http://127.0.0.1:8080/api/chats/{chat_id}/messages"))
+        .json(&json!({"sender_id": "user-1", "text": "hello"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 201);
+    let chats = get_json(&client, "http://127.0.0.1:8080/api/chats/participant/user-2").await;
+    assert_eq!(chats["chats"][0]["id"], chat_id.as_str(), "{chats}");
+    let health = get_json(&client, "http://127.0.0.1:8080/health").await;
+    assert_eq!(health["services"]["chat"]["status"], "up", "{health}");
 
     let status = terminate(&mut child);
     let mut out = String::new();
@@ -251,7 +281,7 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
         out.contains("gateway") && out.contains("127.0.0.1:8080"),
         "up prints where services listen: {out}"
     );
-    for service in ["users", "catalog", "orders"] {
+    for service in ["users", "catalog", "orders", "chat"] {
         assert!(
             dir.path().join(format!("data/{service}.db")).exists(),
             "{service}: SQLite file under ./data"
@@ -334,6 +364,7 @@ fn up_on_free_ports(dir: &std::path::Path) -> (Child, String, Vec<String>) {
         .env("AGORA_SERVICES__WORKER__PORT", "0")
         .env("AGORA_SERVICES__NOTIFY__PORT", "0")
         .env("AGORA_SERVICES__CACHE__PORT", "0")
+        .env("AGORA_SERVICES__CHAT__PORT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -645,6 +676,7 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
         .env("AGORA_SERVICES__WORKER__PORT", "0")
         .env("AGORA_SERVICES__NOTIFY__PORT", "0")
         .env("AGORA_SERVICES__CACHE__PORT", "0")
+        .env("AGORA_SERVICES__CHAT__PORT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
