@@ -262,13 +262,19 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
         .expect("post");
     assert_eq!(response.status(), 200);
     let response = client
-        .post(format!("http://127.0.0.1:8080/api/chats/{chat_id}/messages"))
+        .post(format!(
+            "http://127.0.0.1:8080/api/chats/{chat_id}/messages"
+        ))
         .json(&json!({"sender_id": "user-1", "text": "hello"}))
         .send()
         .await
         .expect("post");
     assert_eq!(response.status(), 201);
-    let chats = get_json(&client, "http://127.0.0.1:8080/api/chats/participant/user-2").await;
+    let chats = get_json(
+        &client,
+        "http://127.0.0.1:8080/api/chats/participant/user-2",
+    )
+    .await;
     assert_eq!(chats["chats"][0]["id"], chat_id.as_str(), "{chats}");
     let health = get_json(&client, "http://127.0.0.1:8080/health").await;
     assert_eq!(health["services"]["chat"]["status"], "up", "{health}");
