@@ -44,7 +44,7 @@ enum Command {
     /// many replicas as you like behind the gateway).
     Serve {
         /// The service to run: users, catalog, orders, worker (the order worker; run as many as
-        /// you like), notify, cache or gateway.
+        /// you like), notify, cache, chat or gateway.
         service: String,
         /// Listen on this port instead of `services.<name>.port` (0 = any free port).
         #[arg(long)]

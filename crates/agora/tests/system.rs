@@ -64,6 +64,7 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
     let said = String::from_utf8_lossy(&seeded.stdout);
     assert!(
         said.contains("users: 4 added")
+            && said.contains("2 example chats")
             && said.contains("products: 12 added")
             && said.contains("orders: 8 added")
             && said.contains("admin: admin@agora.local")
@@ -242,7 +243,8 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
     assert_eq!(greeting["value"], "hello", "{greeting}");
     let memory = get_json(&client, "http://127.0.0.1:8080/cache/memory").await;
     assert_eq!(memory["keys"], 1, "{memory}");
-    // Seed 004's chat service: a chat, its participants, a message, the chats of a participant.
+    // Seed 004's chat service: a chat, its participants, a message, the chats of a participant
+    // (users 7 and 8: the seeded example chats have users 1 to 3).
     let response = client
         .post("http://127.0.0.1:8080/api/chats")
         .json(&json!({"name": "Project Alpha", "metadata": {"type": "project"}}))
@@ -256,7 +258,7 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
         .post(format!(
             "http://127.0.0.1:8080/api/chats/{chat_id}/participants"
         ))
-        .json(&json!({"participant_ids": ["user-1", "user-2"]}))
+        .json(&json!({"participant_ids": ["user-7", "user-8"]}))
         .send()
         .await
         .expect("post");
@@ -265,14 +267,14 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
         .post(format!(
             "http://127.0.0.1:8080/api/chats/{chat_id}/messages"
         ))
-        .json(&json!({"sender_id": "user-1", "text": "hello"}))
+        .json(&json!({"sender_id": "user-7", "text": "hello"}))
         .send()
         .await
         .expect("post");
     assert_eq!(response.status(), 201);
     let chats = get_json(
         &client,
-        "http://127.0.0.1:8080/api/chats/participant/user-2",
+        "http://127.0.0.1:8080/api/chats/participant/user-8",
     )
     .await;
     assert_eq!(chats["chats"][0]["id"], chat_id.as_str(), "{chats}");
