@@ -699,13 +699,13 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
             let addr = rest.split_whitespace().next().unwrap_or_default();
             addrs.insert(name.trim().to_owned(), addr.to_owned());
         }
-        if addrs.len() == 7 {
+        if addrs.len() == 8 {
             break;
         }
     }
     // Keep draining, so the child never writes to a closed pipe.
     std::thread::spawn(move || for _ in lines {});
-    assert_eq!(addrs.len(), 7, "up printed every service: {addrs:?}");
+    assert_eq!(addrs.len(), 8, "up printed every service: {addrs:?}");
     let stderr = child.stderr.take().expect("piped stderr");
     let logs = std::thread::spawn(move || {
         std::io::BufReader::new(stderr)
@@ -787,7 +787,7 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
         .collect();
     assert_eq!(
         stopped.len(),
-        7,
+        8,
         "every service stopped accepting: {logs:#?}"
     );
     assert_eq!(
