@@ -44,7 +44,7 @@ enum Command {
     /// many replicas as you like behind the gateway).
     Serve {
         /// The service to run: users, catalog, orders, worker (the order worker; run as many as
-        /// you like), notify, cache or gateway.
+        /// you like), notify, cache, chat or gateway.
         service: String,
         /// Listen on this port instead of `services.<name>.port` (0 = any free port).
         #[arg(long)]
@@ -80,6 +80,9 @@ enum Bench {
     /// Seed 000's cache service: SET and GET per second through the gateway, beside a bare
     /// axum handler doing one Redis GET (`--redis-url`).
     Cache(crate::bench_cache::CacheBench),
+    /// The chat service: messages posted per second, and post → WebSocket delivery latency to
+    /// `--subscribers` subscribers of one chat.
+    Chat(crate::bench_chat::ChatBench),
 }
 
 impl Cli {
@@ -88,6 +91,7 @@ impl Cli {
             return match command {
                 Some(Bench::Orders(args)) => crate::bench::orders(args).await,
                 Some(Bench::Cache(args)) => crate::bench_cache::cache(args).await,
+                Some(Bench::Chat(args)) => crate::bench_chat::chat(args).await,
                 None => crate::bench_hot::hot(*hot).await,
             };
         }

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_cache;
+mod bench_chat;
 mod bench_context;
 mod bench_hot;
 mod bench_refs;

@@ -5,13 +5,14 @@
 use kit::service::Service;
 
 /// Every service, in start order: the gateway last, since it forwards to the others.
-pub static ALL: [&Service; 7] = [
+pub static ALL: [&Service; 8] = [
     &users::SERVICE,
     &catalog::SERVICE,
     &orders::SERVICE,
     &orders::WORKER,
     &notify::SERVICE,
     &cachesvc::SERVICE,
+    &chat::SERVICE,
     &gateway::SERVICE,
 ];
 

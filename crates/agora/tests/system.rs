@@ -64,6 +64,7 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
     let said = String::from_utf8_lossy(&seeded.stdout);
     assert!(
         said.contains("users: 4 added")
+            && said.contains("2 example chats")
             && said.contains("products: 12 added")
             && said.contains("orders: 8 added")
             && said.contains("admin: admin@agora.local")
@@ -242,6 +243,43 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
     assert_eq!(greeting["value"], "hello", "{greeting}");
     let memory = get_json(&client, "http://127.0.0.1:8080/cache/memory").await;
     assert_eq!(memory["keys"], 1, "{memory}");
+    // Seed 004's chat service: a chat, its participants, a message, the chats of a participant
+    // (users 7 and 8: the seeded example chats have users 1 to 3).
+    let response = client
+        .post("http://127.0.0.1:8080/api/chats")
+        .json(&json!({"name": "Project Alpha", "metadata": {"type": "project"}}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 201);
+    let chat: Value = response.json().await.expect("json");
+    let chat_id = chat["id"].as_str().expect("chat id").to_owned();
+    let response = client
+        .post(format!(
+            "http://127.0.0.1:8080/api/chats/{chat_id}/participants"
+        ))
+        .json(&json!({"participant_ids": ["user-7", "user-8"]}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 200);
+    let response = client
+        .post(format!(
+            "http://127.0.0.1:8080/api/chats/{chat_id}/messages"
+        ))
+        .json(&json!({"sender_id": "user-7", "text": "hello"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 201);
+    let chats = get_json(
+        &client,
+        "http://127.0.0.1:8080/api/chats/participant/user-8",
+    )
+    .await;
+    assert_eq!(chats["chats"][0]["id"], chat_id.as_str(), "{chats}");
+    let health = get_json(&client, "http://127.0.0.1:8080/health").await;
+    assert_eq!(health["services"]["chat"]["status"], "up", "{health}");
 
     let status = terminate(&mut child);
     let mut out = String::new();
@@ -251,7 +289,7 @@ async fn up_serves_the_seeded_system_on_8080_and_stops_cleanly_on_sigterm() {
         out.contains("gateway") && out.contains("127.0.0.1:8080"),
         "up prints where services listen: {out}"
     );
-    for service in ["users", "catalog", "orders"] {
+    for service in ["users", "catalog", "orders", "chat"] {
         assert!(
             dir.path().join(format!("data/{service}.db")).exists(),
             "{service}: SQLite file under ./data"
@@ -334,6 +372,7 @@ fn up_on_free_ports(dir: &std::path::Path) -> (Child, String, Vec<String>) {
         .env("AGORA_SERVICES__WORKER__PORT", "0")
         .env("AGORA_SERVICES__NOTIFY__PORT", "0")
         .env("AGORA_SERVICES__CACHE__PORT", "0")
+        .env("AGORA_SERVICES__CHAT__PORT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -645,6 +684,7 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
         .env("AGORA_SERVICES__WORKER__PORT", "0")
         .env("AGORA_SERVICES__NOTIFY__PORT", "0")
         .env("AGORA_SERVICES__CACHE__PORT", "0")
+        .env("AGORA_SERVICES__CHAT__PORT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -659,13 +699,13 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
             let addr = rest.split_whitespace().next().unwrap_or_default();
             addrs.insert(name.trim().to_owned(), addr.to_owned());
         }
-        if addrs.len() == 7 {
+        if addrs.len() == 8 {
             break;
         }
     }
     // Keep draining, so the child never writes to a closed pipe.
     std::thread::spawn(move || for _ in lines {});
-    assert_eq!(addrs.len(), 7, "up printed every service: {addrs:?}");
+    assert_eq!(addrs.len(), 8, "up printed every service: {addrs:?}");
     let stderr = child.stderr.take().expect("piped stderr");
     let logs = std::thread::spawn(move || {
         std::io::BufReader::new(stderr)
@@ -747,7 +787,7 @@ async fn sigterm_stops_the_gateway_before_the_services_behind_it() {
         .collect();
     assert_eq!(
         stopped.len(),
-        7,
+        8,
         "every service stopped accepting: {logs:#?}"
     );
     assert_eq!(

@@ -30,6 +30,7 @@ pub mod openapi;
 pub mod policy;
 pub mod routes;
 pub mod upstream;
+pub mod websocket;
 
 use limits::{Class, Limits};
 use routes::{GatewaySettings, RouteTable};
@@ -245,7 +246,12 @@ async fn forward(State(gateway): State<Arc<Gateway>>, mut request: Request) -> R
         )
         .into_response();
     }
-    let caller = match bearer_token(request.headers()) {
+    // A WebSocket upgrade may carry its token in the query (browsers cannot set the header).
+    let upgrade = websocket::is_upgrade(request.headers());
+    let query_token = upgrade
+        .then(|| websocket::query_token(request.uri()))
+        .flatten();
+    let caller = match bearer_token(request.headers()).or_else(|| query_token.as_deref().map(Ok)) {
         None => None,
         Some(Ok(token)) => match gateway.tokens.verify(token) {
             Ok(identity) => Some(identity),
@@ -311,7 +317,11 @@ async fn forward(State(gateway): State<Arc<Gateway>>, mut request: Request) -> R
     if let Ok(value) = HeaderValue::from_str(gateway.service_token.expose()) {
         headers.insert(kit::auth::SERVICE_TOKEN_HEADER.clone(), value);
     }
-    let mut response = proxy(&gateway, service, &route.0, target.path, request).await;
+    let mut response = if upgrade {
+        websocket::proxy(&gateway, &service, &route.0, target.path, request).await
+    } else {
+        proxy(&gateway, service, &route.0, target.path, request).await
+    };
     if let Some(verdict) = &verdict {
         verdict.write_headers(response.headers_mut());
     }

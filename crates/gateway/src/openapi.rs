@@ -38,6 +38,7 @@ pub fn service_documents() -> Vec<(&'static str, Value)> {
         (orders::NAME, orders::openapi()),
         (notify::NAME, notify::openapi()),
         (cachesvc::NAME, cachesvc::openapi()),
+        (chat::NAME, chat::openapi()),
     ]
 }
 

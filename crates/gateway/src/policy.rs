@@ -13,6 +13,7 @@
 //! | cache | `GET`/`HEAD`/`OPTIONS` (values, `/cache/memory`) | anyone |
 //! | cache | every write (`POST`/`PUT`/`DELETE /cache/{key}`) | any signed-in user |
 //! | notify | everything | any signed-in user; the service shows a user only their own notifications |
+//! | chat | everything (the WebSocket too: its token may come as `?access_token=`) | any signed-in user; the service posts and subscribes them as participant `user-<id>`, and only participants may subscribe |
 //! | any other service | everything | any signed-in user; the service applies its own rules to the identity it receives (e.g. orders: another user's order is 404) |
 //!
 //! In `required` mode a request without a token to a route that is not public is 401

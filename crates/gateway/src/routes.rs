@@ -243,6 +243,22 @@ mod tests {
             ("/api/notifications/3", "/api/v1/notifications/3"),
         ];
         assert_routes(&table(), "notify", &notify);
+        let chat = [
+            ("/api/v1/chats", "/api/v1/chats"),
+            ("/api/chats", "/api/v1/chats"),
+            ("/api/chats/chat-1", "/api/v1/chats/chat-1"),
+            (
+                "/api/chats/chat-1/participants/user-2",
+                "/api/v1/chats/chat-1/participants/user-2",
+            ),
+            (
+                "/api/chats/participant/user-1",
+                "/api/v1/chats/participant/user-1",
+            ),
+            ("/api/chats/chat-1/stream", "/api/v1/chats/chat-1/stream"),
+            ("/api/chats/health", "/health"),
+        ];
+        assert_routes(&table(), "chat", &chat);
     }
 
     #[test]

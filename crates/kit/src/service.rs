@@ -194,6 +194,12 @@ impl Deps {
     /// ([`crate::auth::guard`]: identity headers believed only with the service credential,
     /// `/internal/...` refused without it).
     pub fn app(&self, router: Router) -> App {
+        self.app_with_dependencies(router, Vec::new())
+    }
+
+    /// [`Deps::app`], with `/ready` also checking `extra` (a store of the service's own that is
+    /// not kit's database, such as the chat service's DynamoDB).
+    pub fn app_with_dependencies(&self, router: Router, extra: Vec<Dependency>) -> App {
         let mut dependencies = Vec::new();
         if let Some(db) = &self.db {
             dependencies.push(Dependency::database(db));
@@ -202,6 +208,7 @@ impl Deps {
         if let Some(bus) = &self.bus {
             dependencies.push(Dependency::bus(bus));
         }
+        dependencies.extend(extra);
         self.cache.register_metrics(&self.metrics);
         let router = router
             .merge(crate::http::health_routes(self.name, dependencies))

@@ -602,11 +602,11 @@ impl Agora {
                 let mut command = agora.command("up", &env);
                 // Port 0 everywhere: `up` prints the ports it bound, so tests never collide.
                 for service in [
-                    "GATEWAY", "USERS", "CATALOG", "ORDERS", "WORKER", "NOTIFY", "CACHE",
+                    "GATEWAY", "USERS", "CATALOG", "ORDERS", "WORKER", "NOTIFY", "CACHE", "CHAT",
                 ] {
                     command.env(format!("AGORA_SERVICES__{service}__PORT"), "0");
                 }
-                let lines = agora.spawn("up", command, 7).await;
+                let lines = agora.spawn("up", command, 8).await;
                 // `  users    http://127.0.0.1:P   (metrics http://127.0.0.1:M/metrics)`
                 for line in lines {
                     if let Some((name, rest)) = line.trim().split_once(" http://") {

@@ -87,6 +87,10 @@ impl BusBackend for Faulty {
         self.inner.subscribe(consumer, topics, ack_wait).await
     }
 
+    async fn listen(&self, topics: Vec<String>) -> anyhow::Result<Box<dyn SubscriptionBackend>> {
+        self.inner.listen(topics).await
+    }
+
     async fn ping(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             !self.unavailable.load(Ordering::SeqCst),

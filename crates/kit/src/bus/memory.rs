@@ -10,11 +10,31 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Acker, BusBackend, Delivery, Message, SubscriptionBackend, topic_matches};
+use super::{Acker, BusBackend, Delivery, Message, NoAck, SubscriptionBackend, topic_matches};
 
 #[derive(Default)]
 pub(super) struct MemoryBus {
     consumers: Mutex<HashMap<String, Arc<MemoryConsumer>>>,
+    /// Listeners ([`super::Bus::listen`]): their topics and channel; a closed one (its
+    /// subscription dropped) is forgotten at the next publish.
+    listeners: Mutex<Vec<(Vec<String>, tokio::sync::mpsc::UnboundedSender<Message>)>>,
+}
+
+/// A listener's side: messages in the order published.
+struct MemoryListener {
+    messages: tokio::sync::mpsc::UnboundedReceiver<Message>,
+}
+
+#[async_trait]
+impl SubscriptionBackend for MemoryListener {
+    async fn next(&mut self) -> Option<anyhow::Result<Delivery>> {
+        let message = self.messages.recv().await?;
+        Some(Ok(Delivery {
+            message,
+            attempt: 1,
+            acker: Box::new(NoAck),
+        }))
+    }
 }
 
 /// One consumer name's queue, shared by its subscriptions and its outstanding deliveries.
@@ -66,6 +86,13 @@ impl BusBackend for MemoryBus {
     }
 
     async fn publish(&self, message: &Message) -> anyhow::Result<()> {
+        lock(&self.listeners).retain(|(topics, sender)| {
+            if topics.iter().any(|p| topic_matches(p, &message.topic)) {
+                sender.send(message.clone()).is_ok()
+            } else {
+                !sender.is_closed()
+            }
+        });
         let consumers: Vec<Arc<MemoryConsumer>> = lock(&self.consumers).values().cloned().collect();
         for consumer in consumers {
             let mut state = lock(&consumer.state);
@@ -100,6 +127,12 @@ impl BusBackend for MemoryBus {
             .clone();
         lock(&consumer.state).topics = topics;
         Ok(Box::new(MemorySubscription { consumer, ack_wait }))
+    }
+
+    async fn listen(&self, topics: Vec<String>) -> anyhow::Result<Box<dyn SubscriptionBackend>> {
+        let (sender, messages) = tokio::sync::mpsc::unbounded_channel();
+        lock(&self.listeners).push((topics, sender));
+        Ok(Box::new(MemoryListener { messages }))
     }
 
     async fn ping(&self) -> anyhow::Result<()> {

@@ -112,6 +112,8 @@ trait BusBackend: Send + Sync {
         topics: Vec<String>,
         ack_wait: Duration,
     ) -> anyhow::Result<Box<dyn SubscriptionBackend>>;
+    /// A fan-out subscription to valid, non-empty `topics` (see [`Bus::listen`]).
+    async fn listen(&self, topics: Vec<String>) -> anyhow::Result<Box<dyn SubscriptionBackend>>;
     async fn ping(&self) -> anyhow::Result<()>;
     async fn delete_stream(&self) -> anyhow::Result<()>;
 }
@@ -235,6 +237,25 @@ impl Bus {
         Ok(Subscription { inner })
     }
 
+    /// Listens to `topics` (exact or with wildcards) without a consumer name: every listener, in
+    /// every process, gets every message published while it listens (fan-out, where
+    /// [`Bus::subscribe`] shares a name's messages between its subscriptions). Nothing is kept
+    /// for a listener: it starts with the next message, gets none published while it was not
+    /// listening and none again; [`Delivery::ack`] and [`Delivery::nack`] do nothing. For state
+    /// that every replica must see at once and that is durable elsewhere (a chat's new messages,
+    /// pushed to the WebSocket clients of every replica). On NATS it is a core subscription to the
+    /// stream's subjects (no JetStream consumer to create or clean up); a re-publish the stream
+    /// drops as a duplicate still reaches listeners, so they dedupe too.
+    pub async fn listen(&self, topics: &[&str]) -> anyhow::Result<Subscription> {
+        anyhow::ensure!(!topics.is_empty(), "listening to no topic");
+        for topic in topics {
+            anyhow::ensure!(is_pattern(topic), "invalid topic `{topic}` to listen to");
+        }
+        let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+        let inner = self.backend.listen(topics).await?;
+        Ok(Subscription { inner })
+    }
+
     /// Checks that the bus can take messages (for `/ready`): on NATS, a round trip that finds the
     /// stream.
     pub async fn ping(&self) -> anyhow::Result<()> {
@@ -299,6 +320,20 @@ impl Delivery {
             .nack(delay)
             .await
             .with_context(|| format!("nacking message {}", message.id))
+    }
+}
+
+/// The acker of a listener's delivery: nothing to settle.
+struct NoAck;
+
+#[async_trait]
+impl Acker for NoAck {
+    async fn ack(self: Box<Self>) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, _delay: Duration) -> anyhow::Result<()> {
+        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, consumer, consumer::pull, stream};
 use async_trait::async_trait;
 use futures::StreamExt as _;
 
-use super::{Acker, BusBackend, Delivery, Message, SubscriptionBackend, topic_matches};
+use super::{Acker, BusBackend, Delivery, Message, NoAck, SubscriptionBackend, topic_matches};
 use crate::config::Settings;
 
 /// JetStream drops a re-publish of an id seen this recently (a relay that crashed after
@@ -46,6 +46,45 @@ struct NatsSubscription {
     /// is all NATS servers before 2.10 support).
     topics: Vec<String>,
     subjects: String,
+}
+
+/// A listener ([`super::Bus::listen`]): a core NATS subscription to the stream's subjects.
+struct NatsListener {
+    subscriber: async_nats::Subscriber,
+    topics: Vec<String>,
+    subjects: String,
+}
+
+#[async_trait]
+impl SubscriptionBackend for NatsListener {
+    async fn next(&mut self) -> Option<anyhow::Result<Delivery>> {
+        loop {
+            let message = self.subscriber.next().await?;
+            let topic = message
+                .subject
+                .as_str()
+                .strip_prefix(&self.subjects)
+                .unwrap_or(message.subject.as_str())
+                .to_owned();
+            if !self.topics.iter().any(|p| topic_matches(p, &topic)) {
+                continue;
+            }
+            let id = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                .map_or_else(String::new, |v| v.as_str().to_owned());
+            return Some(Ok(Delivery {
+                message: Message {
+                    id,
+                    topic,
+                    payload: message.payload,
+                },
+                attempt: 1,
+                acker: Box::new(NoAck),
+            }));
+        }
+    }
 }
 
 impl NatsBus {
@@ -289,6 +328,25 @@ impl BusBackend for NatsBus {
             .with_context(|| format!("pulling from consumer {name}"))?;
         Ok(Box::new(NatsSubscription {
             messages,
+            topics,
+            subjects: self.subjects.clone(),
+        }))
+    }
+
+    async fn listen(&self, topics: Vec<String>) -> anyhow::Result<Box<dyn SubscriptionBackend>> {
+        let subject = match topics.as_slice() {
+            [one] => format!("{}{one}", self.subjects),
+            _ => format!("{}>", self.subjects),
+        };
+        let subscriber = self
+            .js
+            .client()
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| format!("subscribing to {subject}"))?;
+        Ok(Box::new(NatsListener {
+            subscriber,
             topics,
             subjects: self.subjects.clone(),
         }))

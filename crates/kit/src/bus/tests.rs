@@ -470,3 +470,46 @@ async fn a_faulty_bus_fails_publishes_while_switched_off() {
         faulty.delete_stream().await.expect("delete stream");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listener_gets_every_message_published_while_it_listens() {
+    for (_env, bus) in buses().await {
+        let kind = bus.backend();
+        let mut early = bus.listen(&["chat.>"]).await.expect("listen");
+        // A durable consumer of the same topics still gets its own copy.
+        let mut durable = bus.subscribe("chatters", &["chat.>"]).await.expect("sub");
+        bus.publish(&message("l1", "chat.message_posted"))
+            .await
+            .expect("publish");
+        let mut late = bus.listen(&["chat.message_posted"]).await.expect("listen");
+        bus.publish(&message("l2", "chat.message_posted"))
+            .await
+            .expect("publish");
+        bus.publish(&message("l3", "order.created"))
+            .await
+            .expect("publish");
+        for id in ["l1", "l2"] {
+            let delivery = next(&mut early, &format!("{kind}: early listener")).await;
+            assert_eq!(delivery.message.id, id, "{kind}: in order");
+            delivery.ack().await.expect("ack is a no-op");
+        }
+        nothing_more(&mut early, &format!("{kind}: another topic")).await;
+        let delivery = next(&mut late, &format!("{kind}: late listener")).await;
+        assert_eq!(
+            delivery.message.id, "l2",
+            "{kind}: nothing from before it listened"
+        );
+        nothing_more(&mut late, &format!("{kind}: late listener")).await;
+        for id in ["l1", "l2"] {
+            let delivery = next(&mut durable, &format!("{kind}: durable")).await;
+            assert_eq!(delivery.message.id, id, "{kind}");
+            delivery.ack().await.expect("ack");
+        }
+        drop(early);
+        // A dropped listener is forgotten; publishing goes on.
+        bus.publish(&message("l4", "chat.message_posted"))
+            .await
+            .expect("publish after a listener left");
+        bus.delete_stream().await.expect("cleanup");
+    }
+}
