@@ -120,8 +120,7 @@ impl Context {
         row.note = Some(match self.mode {
             Mode::Embedded => "SQLite; no reference (ref-pg is PostgreSQL)".to_owned(),
             Mode::Distributed => {
-                "PostgreSQL; with TTL 0 each read still makes its Redis round trips (miss, store)"
-                    .to_owned()
+                "PostgreSQL; with TTL 0 the cache is not asked (no Redis round trip)".to_owned()
             }
         });
         drop(system);

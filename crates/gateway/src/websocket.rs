@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use kit::ApiError;
 
 use crate::Gateway;
+use crate::upstream::Outcome;
 
 /// Whether `headers` ask for a WebSocket upgrade.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -59,7 +60,7 @@ pub fn without_token(query: Option<&str>) -> Option<String> {
 pub(crate) async fn proxy(
     gateway: &Gateway,
     service: &str,
-    route: &str,
+    route: &std::sync::Arc<str>,
     path: String,
     mut request: Request,
 ) -> Response {
@@ -139,12 +140,17 @@ pub(crate) async fn proxy(
         tokio::time::timeout(gateway.upstream_timeout, gateway.client.request(outgoing)).await;
     let mut response = match sent {
         Ok(Ok(response)) => {
-            upstream.record(replica, route, response.status().as_str(), true);
+            upstream.record(
+                replica,
+                route,
+                Outcome::Status(response.status().as_u16()),
+                true,
+            );
             target.outage.succeeded();
             response
         }
         Ok(Err(err)) => {
-            upstream.record(replica, route, "error", false);
+            upstream.record(replica, route, Outcome::Error, false);
             target.outage.failed(&err);
             return ApiError::new(
                 StatusCode::BAD_GATEWAY,
@@ -155,7 +161,7 @@ pub(crate) async fn proxy(
             .into_response();
         }
         Err(_) => {
-            upstream.record(replica, route, "timeout", false);
+            upstream.record(replica, route, Outcome::Timeout, false);
             return ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
