@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 /// Services and their port offsets from the base port.
-pub const SERVICES: [(&str, u16); 7] = [
+pub const SERVICES: [(&str, u16); 8] = [
     ("gateway", 0),
     ("users", 1),
     ("catalog", 2),
@@ -20,6 +20,7 @@ pub const SERVICES: [(&str, u16); 7] = [
     ("worker", 4),
     ("notify", 5),
     ("cache", 6),
+    ("chat", 7),
 ];
 
 /// The gateway's rate-limit budgets a benchmarked system gets (see where it is started).
@@ -311,4 +312,26 @@ pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
     drop(client);
     let _ = task.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every service the binary runs gets a port of its own in a benchmarked system, at its
+    /// default port's offset from the gateway's (a service left out would collide on its default
+    /// port between the bench's systems).
+    #[test]
+    fn every_service_has_its_default_offset() {
+        let settings = kit::Settings::defaults();
+        let gateway = settings.service("gateway").port;
+        for service in crate::services::ALL {
+            let (_, offset) = SERVICES
+                .iter()
+                .find(|(name, _)| *name == service.name)
+                .unwrap_or_else(|| panic!("{} has no port in the bench", service.name));
+            let port = settings.service(service.name).port;
+            assert_eq!(port - gateway, *offset, "{}", service.name);
+        }
+    }
 }
