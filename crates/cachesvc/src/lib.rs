@@ -129,10 +129,22 @@ impl CacheSettings {
 }
 
 #[derive(Clone)]
-struct AppState {
+struct AppState(std::sync::Arc<SharedState>);
+
+/// What [`AppState`] shares: handlers extract the state per request, which clones one pointer
+/// rather than every field.
+struct SharedState {
     store: Arc<dyn Store>,
     settings: CacheSettings,
     counters: Counters,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
 }
 
 #[derive(Clone, Default)]
@@ -177,11 +189,11 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
         "Flushes of the keyspace by the memory guard (this process)",
         counters.flushes.clone(),
     );
-    let state = AppState {
+    let state = AppState(std::sync::Arc::new(SharedState {
         store,
         settings,
         counters,
-    };
+    }));
     Ok(deps.app(router(state).merge(kit::openapi::routes(openapi()))))
 }
 

@@ -80,7 +80,11 @@ impl CatalogSettings {
 
 /// What every handler shares.
 #[derive(Clone)]
-struct AppState {
+struct AppState(std::sync::Arc<SharedState>);
+
+/// What [`AppState`] shares: handlers extract the state per request, which clones one pointer
+/// rather than every field.
+struct SharedState {
     db: Db,
     cache: Cache,
     /// Wakes the outbox relay after a commit.
@@ -89,18 +93,26 @@ struct AppState {
     low_stock_threshold: i64,
 }
 
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
+}
+
 /// The service over its dependencies, with its outbox relay publishing to the bus.
 pub async fn app(deps: Deps) -> anyhow::Result<App> {
     let settings = CatalogSettings::load(&deps.settings)?;
     let db = deps.db()?;
     let relay = Relay::new(db.clone(), deps.bus()?, &deps.settings.bus);
     relay.register_metrics(&deps.metrics);
-    let state = AppState {
+    let state = AppState(std::sync::Arc::new(SharedState {
         db,
         cache: deps.cache.clone(),
         outbox: relay.notifier(),
         low_stock_threshold: settings.low_stock_threshold,
-    };
+    }));
     Ok(deps
         .app(routes::router(state).merge(kit::openapi::routes(openapi())))
         .with_task(move |shutdown| relay.spawn(shutdown)))

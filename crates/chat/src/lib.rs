@@ -52,12 +52,24 @@ pub static SERVICE: Service = Service {
 
 /// What every handler shares.
 #[derive(Clone)]
-struct AppState {
+struct AppState(std::sync::Arc<SharedState>);
+
+/// What [`AppState`] shares: handlers extract the state per request, which clones one pointer
+/// rather than every field.
+struct SharedState {
     store: Arc<dyn store::ChatStore>,
     settings: Arc<settings::ChatSettings>,
     hub: Arc<live::Hub>,
     /// Cancelled when the service stops: live streams close (1001).
     stop: CancellationToken,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
 }
 
 /// The store `deps` configure, with the relay it needs (run by the service; the seed loader
@@ -116,12 +128,12 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
             }),
         });
     }
-    let state = AppState {
+    let state = AppState(std::sync::Arc::new(SharedState {
         store,
         settings,
         hub,
         stop: stop.clone(),
-    };
+    }));
     let mut app = deps
         .app_with_dependencies(
             routes::router(state).merge(kit::openapi::routes(openapi())),

@@ -57,11 +57,23 @@ pub static SERVICE: Service = Service {
 
 /// What every handler shares.
 #[derive(Clone)]
-struct AppState {
+struct AppState(std::sync::Arc<SharedState>);
+
+/// What [`AppState`] shares: handlers extract the state per request, which clones one pointer
+/// rather than every field.
+struct SharedState {
     db: Db,
     /// Wakes the dispatcher (after a retry).
     wake: Arc<Notify>,
     dead_letters: DeadLetters,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
 }
 
 /// The service over its dependencies: the API, the consumer and the dispatcher. Settings and
@@ -100,11 +112,11 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
     consumer.register_metrics(&deps.metrics);
     let dispatcher =
         deliver::Dispatcher::new(db.clone(), channels, settings, wake.clone(), &deps.metrics);
-    let state = AppState {
+    let state = AppState(std::sync::Arc::new(SharedState {
         db,
         wake,
         dead_letters: consumer.dead_letters(),
-    };
+    }));
     Ok(deps
         .app(routes::router(state).merge(kit::openapi::routes(openapi())))
         .with_task(move |shutdown| consumer.spawn(shutdown))

@@ -164,7 +164,11 @@ fn load_settings(settings: &Settings) -> Result<(OrdersSettings, WorkerSettings)
 
 /// What every handler shares.
 #[derive(Clone)]
-struct AppState {
+struct AppState(std::sync::Arc<SharedState>);
+
+/// What [`AppState`] shares: handlers extract the state per request, which clones one pointer
+/// rather than every field.
+struct SharedState {
     db: Db,
     cache: Cache,
     /// Wakes the outbox relay after a commit.
@@ -173,13 +177,21 @@ struct AppState {
     settings: OrdersSettings,
 }
 
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
+}
+
 /// The service over its dependencies, with its outbox relay and the sweep of reservations made
 /// for orders that were never stored.
 pub async fn app(deps: Deps) -> anyhow::Result<App> {
     let (settings, _) = load_settings(&deps.settings)?;
     let db = deps.db()?;
     let (outbox, relay) = deps.relay()?;
-    let state = AppState {
+    let state = AppState(std::sync::Arc::new(SharedState {
         db,
         cache: deps.cache.clone(),
         outbox,
@@ -188,7 +200,7 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
             Duration::from_millis(settings.call_timeout_ms),
         )?),
         settings,
-    };
+    }));
     let sweeper = state.clone();
     let mut app = deps
         .app(routes::router(state).merge(kit::openapi::routes(openapi())))

@@ -55,7 +55,11 @@ pub struct UsersSettings {}
 
 /// What every handler shares.
 #[derive(Clone)]
-struct AppState {
+struct AppState(std::sync::Arc<SharedState>);
+
+/// What [`AppState`] shares: handlers extract the state per request, which clones one pointer
+/// rather than every field.
+struct SharedState {
     db: Db,
     cache: Cache,
     /// Signs access tokens (`auth.jwt_secret`).
@@ -63,6 +67,14 @@ struct AppState {
     hasher: password::Hasher,
     /// Wakes the outbox relay after a commit.
     outbox: Notifier,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
 }
 
 /// Builds the service from its dependencies, with its outbox relay publishing to the bus.
@@ -83,13 +95,13 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
     let db = deps.db()?;
     let relay = Relay::new(db.clone(), deps.bus()?, &deps.settings.bus);
     relay.register_metrics(&deps.metrics);
-    let state = AppState {
+    let state = AppState(std::sync::Arc::new(SharedState {
         db,
         cache: deps.cache.clone(),
         tokens,
         hasher: password::Hasher::new(deps.settings.auth.hash_concurrency).await?,
         outbox: relay.notifier(),
-    };
+    }));
     let router = routes::router(state.clone())
         .merge(accounts::router(state))
         .merge(kit::openapi::routes(openapi()));

@@ -39,17 +39,25 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// boxed future and a clone of the inner service per request, on every hop.
 /// `/metrics` is not among the routes: it is served on the private metrics listener
 /// ([`crate::service::App::with_metrics`]).
+///
+/// The layers are one `tower::ServiceBuilder` stack applied by one `Router::layer` call: axum
+/// boxes every route once per `layer` call and clones a matched route's whole chain of boxes on
+/// every request, so one call per layer cost a nested boxed clone (and free) each per request.
 pub fn with_standard_layers(router: Router, http: &HttpSettings, metrics: &Metrics) -> Router {
-    // `Router::layer` wraps what came before, so the last call is the outermost layer.
-    router
-        .layer(axum::extract::DefaultBodyLimit::max(http.body_limit_bytes))
-        .layer(RequestBodyLimitLayer::new(http.body_limit_bytes))
+    let stack = tower::ServiceBuilder::new()
+        .layer(middleware::from_fn_with_state(metrics.clone(), standard))
+        .layer(CatchPanicLayer::new())
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(http.request_timeout_secs),
         ))
-        .layer(CatchPanicLayer::new())
-        .layer(middleware::from_fn_with_state(metrics.clone(), standard))
+        // The limits wrap the request and response bodies; the layers around and inside them
+        // take axum's body types again.
+        .map_response(IntoResponse::into_response)
+        .layer(RequestBodyLimitLayer::new(http.body_limit_bytes))
+        .map_request(|req: Request<tower_http::body::Limited<Body>>| req.map(Body::new))
+        .layer(axum::extract::DefaultBodyLimit::max(http.body_limit_bytes));
+    router.layer(stack)
 }
 
 /// The standard middleware (see [`with_standard_layers`]).
