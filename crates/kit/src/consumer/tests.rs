@@ -312,7 +312,9 @@ async fn backoff_doubles_up_to_the_maximum() {
     let consumer = Consumer::new(
         "c",
         &["x"],
-        Db::Sqlite(sqlx::SqlitePool::connect_lazy("sqlite::memory:").expect("lazy pool")),
+        Db::Sqlite(crate::db::SqliteDb::single(
+            sqlx::SqlitePool::connect_lazy("sqlite::memory:").expect("lazy pool"),
+        )),
         Bus::memory(),
         &settings,
         Recorder::default(),

@@ -48,7 +48,48 @@ pub use query::{Arg, Bind, Executor, FromRow, Query, Scalar, Target, query};
 #[derive(Debug, Clone)]
 pub enum Db {
     Postgres(PgDb),
-    Sqlite(SqlitePool),
+    Sqlite(SqliteDb),
+}
+
+/// A SQLite file with one writer connection and a few readers.
+///
+/// SQLite lets one connection write at a time. With every pooled connection free to write, the
+/// others waited for the lock in SQLite's busy handler, which sleeps between attempts (up to
+/// 100 ms at a time, first come not first served): under a steady stream of writes one request
+/// could wait most of a second. Here every write (a [`Db::begin`] transaction, a statement
+/// other than a `select` on the pool, migrations) queues for the one writer connection in
+/// order, and reads run beside it on the readers (WAL: readers never wait for the writer).
+/// The busy timeout stays for another process writing the same file (`agora seed` beside
+/// `agora up`).
+#[derive(Debug, Clone)]
+pub struct SqliteDb {
+    read: SqlitePool,
+    write: SqlitePool,
+}
+
+/// At most this many reader connections per SQLite file: each has its own thread and page
+/// cache, and more readers than cores only queue in the kernel.
+const SQLITE_READERS: u32 = 4;
+
+impl SqliteDb {
+    /// One pool for reads and writes alike (a test's in-memory database, where two pools would
+    /// be two databases).
+    pub fn single(pool: SqlitePool) -> Self {
+        Self {
+            read: pool.clone(),
+            write: pool,
+        }
+    }
+
+    /// The pool a statement outside a transaction runs on.
+    pub(crate) fn pool_for(&self, read: bool) -> &SqlitePool {
+        if read { &self.read } else { &self.write }
+    }
+
+    /// The writer's pool (one connection).
+    pub fn writer(&self) -> &SqlitePool {
+        &self.write
+    }
 }
 
 /// A PostgreSQL pool that survives losing its server.
@@ -477,13 +518,19 @@ impl Db {
                     .synchronous(SqliteSynchronous::Normal)
                     .foreign_keys(true)
                     .busy_timeout(Duration::from_secs(5));
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(max)
-                    .acquire_timeout(timeout)
-                    .connect_with(options)
+                let open = |connections: u32| {
+                    SqlitePoolOptions::new()
+                        .max_connections(connections)
+                        .acquire_timeout(timeout)
+                        .connect_with(options.clone())
+                };
+                let context = || format!("opening SQLite database {}", path.display());
+                // The writer first: it creates the file and switches it to WAL.
+                let write = open(1).await.with_context(context)?;
+                let read = open(max.clamp(1, SQLITE_READERS))
                     .await
-                    .with_context(|| format!("opening SQLite database {}", path.display()))?;
-                Ok(Db::Sqlite(pool))
+                    .with_context(context)?;
+                Ok(Db::Sqlite(SqliteDb { read, write }))
             }
         }
     }
@@ -506,9 +553,9 @@ impl Db {
                     .await?;
                 result?
             }
-            Db::Sqlite(pool) => {
+            Db::Sqlite(sqlite) => {
                 with_kit(&migrations.sqlite, &KIT_MIGRATIONS.sqlite)?
-                    .run(pool)
+                    .run(&sqlite.write)
                     .await?
             }
         }
@@ -535,22 +582,24 @@ impl Db {
 
     /// Opens a transaction that will write.
     ///
-    /// On SQLite this is `BEGIN IMMEDIATE`, which takes the write lock up front: a deferred
-    /// transaction that reads and then writes can fail with "database is locked" when another
-    /// connection wrote in between, whereas an immediate one waits its turn (`busy_timeout`). On
+    /// On SQLite this is `BEGIN IMMEDIATE` on the one writer connection ([`SqliteDb`]), which
+    /// takes the write lock up front: a deferred transaction that reads and then writes can fail
+    /// with "database is locked" when another process wrote in between, whereas an immediate one
+    /// waits its turn. Transactions of this process queue for the writer in order. On
     /// PostgreSQL it is a plain `BEGIN` (row locks and conditional updates do the rest).
     pub async fn begin(&self) -> sqlx::Result<Tx> {
         Ok(match self {
             Db::Postgres(pg) => Tx::Postgres(pg.begin().await?),
-            Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            Db::Sqlite(sqlite) => Tx::Sqlite(sqlite.write.begin_with("BEGIN IMMEDIATE").await?),
         })
     }
 
-    /// A connection of the pool, for several statements outside a transaction.
+    /// A connection of the pool, for several statements outside a transaction (on SQLite the
+    /// writer, since they may write: hold it briefly).
     pub async fn acquire(&self) -> sqlx::Result<Conn> {
         Ok(match self {
             Db::Postgres(pg) => Conn::Postgres(pg.connection().await?),
-            Db::Sqlite(pool) => Conn::Sqlite(pool.acquire().await?),
+            Db::Sqlite(sqlite) => Conn::Sqlite(sqlite.write.acquire().await?),
         })
     }
 
@@ -558,7 +607,10 @@ impl Db {
     pub async fn close(&self) {
         match self {
             Db::Postgres(pg) => pg.pool.close().await,
-            Db::Sqlite(pool) => pool.close().await,
+            Db::Sqlite(sqlite) => {
+                sqlite.read.close().await;
+                sqlite.write.close().await;
+            }
         }
     }
 }

@@ -12,9 +12,9 @@ use std::borrow::Cow;
 use chrono::{DateTime, Utc};
 use sqlx::Arguments as _;
 use sqlx::postgres::{PgArguments, PgConnection, PgRow};
-use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqlitePool, SqliteRow};
+use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqliteRow};
 
-use super::{Conn, Db, Dialect, PgDb, Tx};
+use super::{Conn, Db, Dialect, PgDb, SqliteDb, Tx};
 
 /// A row type both backends can decode (`#[derive(sqlx::FromRow)]` structs whose fields both
 /// drivers know, and tuples of them).
@@ -121,7 +121,7 @@ impl<'q> Bind<'q> for Option<String> {
 pub enum Target<'e> {
     PgPool(&'e PgDb),
     PgConn(&'e mut PgConnection),
-    SqlitePool(&'e SqlitePool),
+    SqlitePool(&'e SqliteDb),
     SqliteConn(&'e mut SqliteConnection),
 }
 
@@ -139,7 +139,7 @@ impl<'e> Executor<'e> for &'e Db {
     fn target(self) -> Target<'e> {
         match self {
             Db::Postgres(pg) => Target::PgPool(pg),
-            Db::Sqlite(pool) => Target::SqlitePool(pool),
+            Db::Sqlite(sqlite) => Target::SqlitePool(sqlite),
         }
     }
 }
@@ -269,7 +269,8 @@ macro_rules! run {
             Target::PgConn(conn) => {
                 sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args(&$self.args)?).$call(conn).await
             }
-            Target::SqlitePool(pool) => {
+            Target::SqlitePool(sqlite) => {
+                let pool = sqlite.pool_for($self.is_read());
                 sqlx::$build $(::<_, $t, _>)? ($self.sql, sqlite_args($self.args)?).$call(pool).await
             }
             Target::SqliteConn(conn) => {
@@ -280,8 +281,9 @@ macro_rules! run {
 }
 
 impl<'q> Query<'q> {
-    /// A `select` (outside a transaction, it changes nothing, so it may run again on another
-    /// connection when its own was lost).
+    /// A `select`: outside a transaction it changes nothing, so on PostgreSQL it may run again on
+    /// another connection when its own was lost, and on SQLite it runs on a reader connection
+    /// instead of waiting for the one writer ([`SqliteDb`]).
     fn is_read(&self) -> bool {
         let sql = self.sql.trim_start();
         sql.get(..6)
@@ -305,10 +307,13 @@ impl<'q> Query<'q> {
                 .execute(conn)
                 .await?
                 .rows_affected(),
-            Target::SqlitePool(pool) => sqlx::query_with(self.sql, sqlite_args(self.args)?)
-                .execute(pool)
-                .await?
-                .rows_affected(),
+            Target::SqlitePool(sqlite) => {
+                let pool = sqlite.pool_for(self.is_read());
+                sqlx::query_with(self.sql, sqlite_args(self.args)?)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
             Target::SqliteConn(conn) => sqlx::query_with(self.sql, sqlite_args(self.args)?)
                 .execute(conn)
                 .await?

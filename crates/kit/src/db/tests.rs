@@ -72,6 +72,77 @@ async fn a_write_lock_held_past_the_busy_timeout_answers_503() {
     db.close().await;
 }
 
+/// SQLite: writes queue for the one writer in order instead of sleeping in SQLite's busy
+/// handler, and reads do not wait for them. With a write transaction open, a read on the pool
+/// answers at once and a write on the pool waits for the commit; then 40 concurrent writers all
+/// land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_writes_queue_for_one_writer_while_reads_go_on() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let db = Db::connect(&env.settings, "users", &Migrations::NONE)
+        .await
+        .expect("connects");
+    query("create table t (id integer primary key, n integer not null)")
+        .execute(&db)
+        .await
+        .expect("create");
+    let mut holder = db.begin().await.expect("writer");
+    query("insert into t (n) values (1)")
+        .execute(&mut holder)
+        .await
+        .expect("insert in the open transaction");
+
+    let started = Instant::now();
+    let seen: i64 = query("select count(*) from t")
+        .fetch_scalar(&db)
+        .await
+        .expect("a read beside the open write");
+    assert_eq!(seen, 0, "the uncommitted row is not visible");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the read waited {:?} for the writer",
+        started.elapsed()
+    );
+
+    let waiting = tokio::spawn({
+        let db = db.clone();
+        async move { query("insert into t (n) values (2)").execute(&db).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second write ran beside the first"
+    );
+    holder.commit().await.expect("commit");
+    waiting
+        .await
+        .expect("task")
+        .expect("the queued write runs after the commit");
+
+    let writers: Vec<_> = (0..40)
+        .map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let mut tx = db.begin().await?;
+                query("insert into t (n) values ($1)")
+                    .bind(i64::from(i))
+                    .execute(&mut tx)
+                    .await?;
+                tx.commit().await
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("task").expect("every writer lands");
+    }
+    let rows: i64 = query("select count(*) from t")
+        .fetch_scalar(&db)
+        .await
+        .expect("count");
+    assert_eq!(rows, 42);
+    db.close().await;
+}
+
 /// The server ended every connection of the pool (as a restart does): a read is run again on
 /// another connection instead of failing, and the broken idle connections are found before a
 /// write uses them, although no connection is pinged before use in normal operation.
