@@ -3,9 +3,14 @@
 //!
 //! - Embedded (no Redis): local limits, a keyed GCRA per class and scope ([`governor`]), so a
 //!   client gets `limit` requests per window with the budget refilling smoothly.
-//! - With Redis (`redis.url`): one fixed window per key shared by every gateway replica (`INCR`
+//! - With Redis (`redis.url`): one fixed window per key shared by every gateway replica (`INCRBY`
 //!   and `PEXPIRE` in one script, keys `<redis.prefix>gateway:rl:<class>:<scope>:<who>`), so N
-//!   replicas do not give a client N budgets.
+//!   replicas do not give a client N budgets. A replica draws a key's budget in leases of a
+//!   hundredth of the limit (at least 1) and spends each lease locally until it is used up or
+//!   its window ends, so a busy client costs one Redis call per lease, not one per request; a
+//!   refusal is remembered until the window ends. The shared count never admits more than the
+//!   limit; a client spread over N replicas can be refused up to N-1 leases early (what the
+//!   other replicas hold unused).
 //! - Redis down or slower than `redis.timeout_ms`: the local limits decide, never a 5xx; the
 //!   outage is logged when it starts and ends ([`kit::outage`]), and a background task tries
 //!   Redis again every `redis.retry_after_ms` while requests skip it.
@@ -14,11 +19,12 @@
 //! `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers, structured fields:
 //! `"read-ip";q=1000;w=1` and `"read-ip";r=0;t=1`).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use governor::clock::{Clock as _, DefaultClock};
@@ -283,7 +289,8 @@ impl Limits {
         );
         metrics.register(
             "gateway_rate_limit_decisions",
-            "Rate-limit decisions by where they were made (redis: shared; local: this process)",
+            "Rate-limit decisions by where they were made (redis: a round trip to the shared \
+             window; lease: budget this replica drew from it earlier; local: this process alone)",
             self.decisions.clone(),
         );
     }
@@ -291,6 +298,9 @@ impl Limits {
     /// Forgets the local state of clients idle for a window (bounded memory under many
     /// addresses); run periodically.
     pub fn shrink(&self) {
+        if let Some(redis) = &self.redis {
+            redis.forget_expired_leases();
+        }
         for class in &self.local {
             if let Some(ip) = &class.ip {
                 ip.retain_recent();
@@ -319,9 +329,9 @@ impl Limits {
             return None;
         }
         if let Some(redis) = &self.redis
-            && let Some(verdict) = redis.check(class, local.limits, ip, user).await
+            && let Some((verdict, backend)) = redis.check(class, local.limits, ip, user).await
         {
-            self.count(&verdict, class, "redis");
+            self.count(&verdict, class, backend);
             return Some(verdict);
         }
         let verdict = self.check_local(class, ip, user);
@@ -427,21 +437,99 @@ fn tightest(verdicts: Vec<Verdict>) -> Option<Verdict> {
         .min_by_key(|v| (v.allowed, v.remaining))
 }
 
-/// Fixed windows in Redis: every key's count and how long its window has left, in one round trip.
+/// Fixed windows in Redis: adds each key's lease (`ARGV[2i-1]`) to its count and returns the
+/// count and how long its window has left (`ARGV[2i]` ms for a new window), in one round trip.
 const WINDOW_SCRIPT: &str = r"
 local out = {}
 for i, key in ipairs(KEYS) do
-  local n = redis.call('INCR', key)
+  local want = tonumber(ARGV[2 * i - 1])
+  local n = redis.call('INCRBY', key, want)
   local ttl = redis.call('PTTL', key)
-  if n == 1 or ttl < 0 then
-    redis.call('PEXPIRE', key, ARGV[i])
-    ttl = tonumber(ARGV[i])
+  if n == want or ttl < 0 then
+    redis.call('PEXPIRE', key, ARGV[2 * i])
+    ttl = tonumber(ARGV[2 * i])
   end
   out[#out + 1] = n
   out[#out + 1] = ttl
 end
 return out
 ";
+
+/// A lease is this fraction of the limit (at least one request).
+const LEASE_DIVISOR: u32 = 100;
+
+fn lease_size(limit: u32) -> u32 {
+    (limit / LEASE_DIVISOR).max(1)
+}
+
+/// Whose budget, in one class: the key of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Who {
+    Ip(IpAddr),
+    User(i64),
+}
+
+impl Who {
+    fn scope(self) -> Scope {
+        match self {
+            Who::Ip(_) => Scope::Ip,
+            Who::User(_) => Scope::User,
+        }
+    }
+}
+
+/// Budget this replica drew from a shared window and has not spent yet.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    /// Requests it may still admit without asking Redis.
+    left: u32,
+    /// The shared count when it was drawn (what every replica had claimed).
+    count: u64,
+    /// When the shared window ends.
+    expires: Instant,
+    /// The shared budget was spent: refuse until the window ends.
+    refused: bool,
+}
+
+impl Lease {
+    /// Spends one request of the lease, if it can decide.
+    fn spend(&mut self, now: Instant) -> Option<bool> {
+        if now >= self.expires {
+            return None;
+        }
+        if self.refused {
+            return Some(false);
+        }
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        Some(true)
+    }
+
+    fn verdict(&self, class: Class, scope: Scope, limits: ClassLimits, now: Instant) -> Verdict {
+        let limit = limit_of(limits, scope);
+        let unclaimed = u64::from(limit).saturating_sub(self.count);
+        let remaining = if self.refused {
+            0
+        } else {
+            u32::try_from(unclaimed + u64::from(self.left)).unwrap_or(u32::MAX)
+        };
+        Verdict {
+            policy: policy_name(class, scope),
+            limit,
+            window_secs: limits.window_secs,
+            remaining,
+            reset_secs: self
+                .expires
+                .saturating_duration_since(now)
+                .as_secs_f64()
+                .ceil() as u64,
+            allowed: !self.refused,
+            scope: scope_word(scope),
+        }
+    }
+}
 
 /// Limits shared by the gateway replicas through Redis.
 struct SharedLimits {
@@ -451,6 +539,7 @@ struct SharedLimits {
     timeout: Duration,
     retry_after: Duration,
     live: RwLock<Option<MultiplexedConnection>>,
+    leases: Mutex<HashMap<(Class, Who), Lease>>,
     first: tokio::sync::OnceCell<()>,
     recovering: AtomicBool,
     outage: Outage,
@@ -466,6 +555,7 @@ impl SharedLimits {
             timeout: Duration::from_millis(settings.redis.timeout_ms.max(1)),
             retry_after: Duration::from_millis(settings.redis.retry_after_ms.max(1)),
             live: RwLock::new(None),
+            leases: Mutex::new(HashMap::new()),
             first: tokio::sync::OnceCell::new(),
             recovering: AtomicBool::new(false),
             outage: Outage::new("rate limits (redis; local limits meanwhile)"),
@@ -506,13 +596,87 @@ impl SharedLimits {
         });
     }
 
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<(Class, Who), Lease>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the leases of windows that have ended.
+    fn forget_expired_leases(&self) {
+        let now = Instant::now();
+        self.leases().retain(|_, lease| lease.expires > now);
+    }
+
+    /// Draws one request from each budget: from this replica's leases where they can decide,
+    /// from Redis (one round trip for every budget needing a new lease) otherwise; with where it
+    /// was decided (`lease` or `redis`). `None`: Redis is unreachable and no lease decides (the
+    /// local limits decide).
     async fn check(
         self: &Arc<Self>,
         class: Class,
         limits: ClassLimits,
         ip: Option<IpAddr>,
         user: Option<i64>,
-    ) -> Option<Verdict> {
+    ) -> Option<(Verdict, &'static str)> {
+        let whos = [ip.map(Who::Ip), user.map(Who::User)];
+        let mut verdicts = Vec::with_capacity(2);
+        let mut wanted = Vec::with_capacity(2);
+        let now = Instant::now();
+        {
+            let mut leases = self.leases();
+            for who in whos.into_iter().flatten() {
+                let decided = leases.get_mut(&(class, who)).and_then(|lease| {
+                    lease
+                        .spend(now)
+                        .map(|_| lease.verdict(class, who.scope(), limits, now))
+                });
+                match decided {
+                    Some(verdict) => verdicts.push(verdict),
+                    None => wanted.push(who),
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return tightest(verdicts).map(|v| (v, "lease"));
+        }
+        let drawn = self.draw(class, limits, &wanted).await?;
+        let now = Instant::now();
+        let mut leases = self.leases();
+        for (who, (count, ttl_ms)) in wanted.into_iter().zip(drawn) {
+            let limit = u64::from(limit_of(limits, who.scope()));
+            let want = u64::from(lease_size(limit_of(limits, who.scope())));
+            // What this lease could take before the count passed the limit.
+            let granted = limit.saturating_sub(count.saturating_sub(want)).min(want);
+            let expires = now + Duration::from_millis(ttl_ms);
+            let lease = leases.entry((class, who)).or_insert(Lease {
+                left: 0,
+                count,
+                expires,
+                refused: false,
+            });
+            if lease.expires <= now || lease.refused {
+                // A lease of an ended window, or a refusal the new count contradicts.
+                lease.left = 0;
+            }
+            lease.expires = expires;
+            lease.count = lease.count.max(count);
+            // One of the granted requests is this one.
+            lease.left = lease
+                .left
+                .saturating_add(u32::try_from(granted.saturating_sub(1)).unwrap_or(u32::MAX));
+            lease.refused = granted == 0;
+            verdicts.push(lease.verdict(class, who.scope(), limits, now));
+        }
+        tightest(verdicts).map(|v| (v, "redis"))
+    }
+
+    /// Claims a lease of each of `wanted`'s budgets from its shared window: the window's count
+    /// after the claim and the ms it has left, per budget. `None` when Redis is out of service.
+    async fn draw(
+        self: &Arc<Self>,
+        class: Class,
+        limits: ClassLimits,
+        wanted: &[Who],
+    ) -> Option<Vec<(u64, u64)>> {
         if self.live().is_none() && !self.recovering.load(Ordering::SeqCst) {
             // The first request waits for the first connection (one attempt, shared).
             self.first
@@ -528,25 +692,22 @@ impl SharedLimits {
         }
         let mut conn = self.live()?;
         let window_ms = limits.window_secs * 1000;
-        let mut scopes = Vec::with_capacity(2);
         let mut invocation = self.script.prepare_invoke();
-        if let Some(ip) = ip {
-            scopes.push(Scope::Ip);
+        for who in wanted {
+            let key = match who {
+                Who::Ip(ip) => format!("{}{}:ip:{ip}", self.prefix, class.as_str()),
+                Who::User(user) => format!("{}{}:user:{user}", self.prefix, class.as_str()),
+            };
             invocation
-                .key(format!("{}{}:ip:{ip}", self.prefix, class.as_str()))
-                .arg(window_ms);
-        }
-        if let Some(user) = user {
-            scopes.push(Scope::User);
-            invocation
-                .key(format!("{}{}:user:{user}", self.prefix, class.as_str()))
+                .key(key)
+                .arg(lease_size(limit_of(limits, who.scope())))
                 .arg(window_ms);
         }
         let result =
             tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut conn))
                 .await;
         let counts = match result {
-            Ok(Ok(counts)) if counts.len() == scopes.len() * 2 => counts,
+            Ok(Ok(counts)) if counts.len() == wanted.len() * 2 => counts,
             Ok(Ok(counts)) => {
                 self.went_down(&format_args!("unexpected answer {counts:?}"));
                 return None;
@@ -561,25 +722,17 @@ impl SharedLimits {
             }
         };
         self.outage.succeeded();
-        let verdicts = scopes
-            .iter()
-            .zip(counts.chunks(2))
-            .map(|(scope, pair)| {
-                let limit = limit_of(limits, *scope);
-                let count = u64::try_from(pair[0]).unwrap_or(u64::MAX);
-                let ttl_ms = u64::try_from(pair[1]).unwrap_or(window_ms);
-                Verdict {
-                    policy: policy_name(class, *scope),
-                    limit,
-                    window_secs: limits.window_secs,
-                    remaining: u32::try_from(u64::from(limit).saturating_sub(count)).unwrap_or(0),
-                    reset_secs: ttl_ms.div_ceil(1000),
-                    allowed: count <= u64::from(limit),
-                    scope: scope_word(*scope),
-                }
-            })
-            .collect();
-        tightest(verdicts)
+        Some(
+            counts
+                .chunks(2)
+                .map(|pair| {
+                    (
+                        u64::try_from(pair[0]).unwrap_or(u64::MAX),
+                        u64::try_from(pair[1]).unwrap_or(window_ms).min(window_ms),
+                    )
+                })
+                .collect(),
+        )
     }
 }
 

@@ -191,6 +191,49 @@ async fn two_gateways_share_one_budget_through_redis() {
     );
 }
 
+/// A large shared budget is drawn from Redis in leases (a hundredth of the limit), so most
+/// requests are decided without a round trip, and two replicas together still admit no more
+/// than the limit, and at most one lease fewer (what the other replica holds unused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_budgets_are_drawn_in_leases_and_never_exceeded() {
+    let mut env = TestEnv::new(Backend::Sqlite).await;
+    env.settings.redis.url = Some(kit::testing::test_redis_url());
+    read_budget(&mut env, 1000);
+    let upstream = echo_upstream(&env).await;
+    let first = gateway_to(&env, vec![url_of(&upstream)]).await;
+    let second = gateway_to(&env, vec![url_of(&upstream)]).await;
+    let mut allowed = 0;
+    for i in 0..1100 {
+        let gateway = if i % 2 == 0 { &first } else { &second };
+        let status = gateway.get("/api/v1/users").await.status();
+        assert!(status == 200 || status == 429, "{i}: {status}");
+        allowed += usize::from(status == 200);
+    }
+    assert!(
+        (990..=1000).contains(&allowed),
+        "1000 per window shared by two replicas with leases of 10: {allowed} admitted"
+    );
+    for gateway in [&first, &second] {
+        let text = gateway.metrics_text().await;
+        let leased = series(
+            &text,
+            "agora_gateway_rate_limit_decisions_total",
+            &["backend=\"lease\""],
+        )
+        .unwrap_or_default();
+        let asked = series(
+            &text,
+            "agora_gateway_rate_limit_decisions_total",
+            &["backend=\"redis\""],
+        )
+        .unwrap_or_default();
+        assert!(
+            leased >= 400.0 && asked <= 100.0,
+            "most of 550 requests were decided by a lease: {leased} by a lease, {asked} by Redis"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_falls_back_to_local_limits_and_never_to_a_5xx() {
     let mut env = TestEnv::new(Backend::Sqlite).await;
