@@ -312,7 +312,7 @@ async fn backoff_doubles_up_to_the_maximum() {
     let consumer = Consumer::new(
         "c",
         &["x"],
-        Db::Sqlite(crate::db::SqliteDb::single(
+        Db::Sqlite(crate::db::SqliteDb::readers_only(
             sqlx::SqlitePool::connect_lazy("sqlite::memory:").expect("lazy pool"),
         )),
         Bus::memory(),

@@ -33,15 +33,17 @@ use sqlx::migrate::{Migration, Migrator};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous,
 };
 
 use crate::config::{DatabaseBackend, Settings, is_identifier};
 use crate::outage::Outage;
 
 mod query;
+mod sqlite;
 
 pub use query::{Arg, Bind, Executor, FromRow, Query, Scalar, Target, query};
+pub use sqlite::{SqliteDb, SqliteTx, SqliteWriter};
 
 /// A service's database handle; cheap to clone. Only the entry point chooses the variant; stores
 /// use [`query`] and [`Db::begin`].
@@ -49,47 +51,6 @@ pub use query::{Arg, Bind, Executor, FromRow, Query, Scalar, Target, query};
 pub enum Db {
     Postgres(PgDb),
     Sqlite(SqliteDb),
-}
-
-/// A SQLite file with one writer connection and a few readers.
-///
-/// SQLite lets one connection write at a time. With every pooled connection free to write, the
-/// others waited for the lock in SQLite's busy handler, which sleeps between attempts (up to
-/// 100 ms at a time, first come not first served): under a steady stream of writes one request
-/// could wait most of a second. Here every write (a [`Db::begin`] transaction, a statement
-/// other than a `select` on the pool, migrations) queues for the one writer connection in
-/// order, and reads run beside it on the readers (WAL: readers never wait for the writer).
-/// The busy timeout stays for another process writing the same file (`agora seed` beside
-/// `agora up`).
-#[derive(Debug, Clone)]
-pub struct SqliteDb {
-    read: SqlitePool,
-    write: SqlitePool,
-}
-
-/// At most this many reader connections per SQLite file: each has its own thread and page
-/// cache, and more readers than cores only queue in the kernel.
-const SQLITE_READERS: u32 = 4;
-
-impl SqliteDb {
-    /// One pool for reads and writes alike (a test's in-memory database, where two pools would
-    /// be two databases).
-    pub fn single(pool: SqlitePool) -> Self {
-        Self {
-            read: pool.clone(),
-            write: pool,
-        }
-    }
-
-    /// The pool a statement outside a transaction runs on.
-    pub(crate) fn pool_for(&self, read: bool) -> &SqlitePool {
-        if read { &self.read } else { &self.write }
-    }
-
-    /// The writer's pool (one connection).
-    pub fn writer(&self) -> &SqlitePool {
-        &self.write
-    }
 }
 
 /// A PostgreSQL pool that survives losing its server.
@@ -330,7 +291,7 @@ impl Dialect {
 #[derive(Debug)]
 pub enum Tx {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
-    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Sqlite(SqliteTx),
 }
 
 impl Tx {
@@ -376,7 +337,7 @@ impl Tx {
 #[derive(Debug)]
 pub enum Conn {
     Postgres(PoolConnection<sqlx::Postgres>),
-    Sqlite(PoolConnection<sqlx::Sqlite>),
+    Sqlite(SqliteWriter),
 }
 
 impl Conn {
@@ -523,19 +484,10 @@ impl Db {
                     // keeps the file's pages; 7 services x 5 connections x 2 MiB was most of the
                     // memory `agora up` held under load.
                     .pragma("cache_size", "-512");
-                let open = |connections: u32| {
-                    SqlitePoolOptions::new()
-                        .max_connections(connections)
-                        .acquire_timeout(timeout)
-                        .connect_with(options.clone())
-                };
-                let context = || format!("opening SQLite database {}", path.display());
-                // The writer first: it creates the file and switches it to WAL.
-                let write = open(1).await.with_context(context)?;
-                let read = open(max.clamp(1, SQLITE_READERS))
+                let sqlite = SqliteDb::open(options, max, timeout)
                     .await
-                    .with_context(context)?;
-                Ok(Db::Sqlite(SqliteDb { read, write }))
+                    .with_context(|| format!("opening SQLite database {}", path.display()))?;
+                Ok(Db::Sqlite(sqlite))
             }
         }
     }
@@ -559,8 +511,9 @@ impl Db {
                 result?
             }
             Db::Sqlite(sqlite) => {
+                let mut writer = sqlite.writer().await?;
                 with_kit(&migrations.sqlite, &KIT_MIGRATIONS.sqlite)?
-                    .run(&sqlite.write)
+                    .run(&mut *writer)
                     .await?
             }
         }
@@ -595,7 +548,7 @@ impl Db {
     pub async fn begin(&self) -> sqlx::Result<Tx> {
         Ok(match self {
             Db::Postgres(pg) => Tx::Postgres(pg.begin().await?),
-            Db::Sqlite(sqlite) => Tx::Sqlite(sqlite.write.begin_with("BEGIN IMMEDIATE").await?),
+            Db::Sqlite(sqlite) => Tx::Sqlite(sqlite.begin().await?),
         })
     }
 
@@ -604,7 +557,7 @@ impl Db {
     pub async fn acquire(&self) -> sqlx::Result<Conn> {
         Ok(match self {
             Db::Postgres(pg) => Conn::Postgres(pg.connection().await?),
-            Db::Sqlite(sqlite) => Conn::Sqlite(sqlite.write.acquire().await?),
+            Db::Sqlite(sqlite) => Conn::Sqlite(sqlite.writer().await?),
         })
     }
 
@@ -612,10 +565,7 @@ impl Db {
     pub async fn close(&self) {
         match self {
             Db::Postgres(pg) => pg.pool.close().await,
-            Db::Sqlite(sqlite) => {
-                sqlite.read.close().await;
-                sqlite.write.close().await;
-            }
+            Db::Sqlite(sqlite) => sqlite.close().await,
         }
     }
 }

@@ -151,7 +151,7 @@ impl<'e> Executor<'e> for &'e mut Tx {
     fn target(self) -> Target<'e> {
         match self {
             Tx::Postgres(tx) => Target::PgConn(tx),
-            Tx::Sqlite(tx) => Target::SqliteConn(tx),
+            Tx::Sqlite(tx) => Target::SqliteConn(tx.connection()),
         }
     }
 }
@@ -270,8 +270,13 @@ macro_rules! run {
                 sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args(&$self.args)?).$call(conn).await
             }
             Target::SqlitePool(sqlite) => {
-                let pool = sqlite.pool_for($self.is_read());
-                sqlx::$build $(::<_, $t, _>)? ($self.sql, sqlite_args($self.args)?).$call(pool).await
+                let read = $self.is_read();
+                let statement = sqlx::$build $(::<_, $t, _>)? ($self.sql, sqlite_args($self.args)?);
+                if read {
+                    statement.$call(sqlite.readers()).await
+                } else {
+                    statement.$call(&mut *sqlite.writer().await?).await
+                }
             }
             Target::SqliteConn(conn) => {
                 sqlx::$build $(::<_, $t, _>)? ($self.sql, sqlite_args($self.args)?).$call(conn).await
@@ -308,11 +313,14 @@ impl<'q> Query<'q> {
                 .await?
                 .rows_affected(),
             Target::SqlitePool(sqlite) => {
-                let pool = sqlite.pool_for(self.is_read());
-                sqlx::query_with(self.sql, sqlite_args(self.args)?)
-                    .execute(pool)
-                    .await?
-                    .rows_affected()
+                let read = self.is_read();
+                let statement = sqlx::query_with(self.sql, sqlite_args(self.args)?);
+                if read {
+                    statement.execute(sqlite.readers()).await?
+                } else {
+                    statement.execute(&mut *sqlite.writer().await?).await?
+                }
+                .rows_affected()
             }
             Target::SqliteConn(conn) => sqlx::query_with(self.sql, sqlite_args(self.args)?)
                 .execute(conn)
