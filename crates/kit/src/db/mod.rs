@@ -32,9 +32,7 @@ use anyhow::Context as _;
 use sqlx::migrate::{Migration, Migrator};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use crate::config::{DatabaseBackend, Settings, is_identifier};
 use crate::outage::Outage;
@@ -481,8 +479,8 @@ impl Db {
                     .busy_timeout(Duration::from_secs(5))
                     // A page cache of 512 KiB per connection instead of SQLite's 2 MiB: under
                     // writes, WAL readers drop their cache at every commit anyway, and the OS
-                    // keeps the file's pages; 7 services x 5 connections x 2 MiB was most of the
-                    // memory `agora up` held under load.
+                    // keeps the file's pages (7 services x 5 connections x 2 MiB could grow
+                    // to 70 MiB in `agora up`).
                     .pragma("cache_size", "-512");
                 let sqlite = SqliteDb::open(options, max, timeout)
                     .await
