@@ -111,6 +111,12 @@ impl Row {
 
 /// Processes sampled at the start of a scenario: `(name, pids)`, several pids adding up to one
 /// (a server and its children).
+///
+/// A group of several pids is a server whose children do the work (PostgreSQL: a backend per
+/// connection, and autovacuum workers that come and go). Its children are counted whole: those
+/// born during the scenario (found again at the end) and those that ended during it (their CPU
+/// is in the server's cutime + cstime once it has waited for them; this also counts what such a
+/// child spent before the start, a small excess next to missing it all).
 pub struct Watch {
     groups: Vec<(String, Vec<u32>, Vec<Sample>)>,
     ticks_per_second: u64,
@@ -143,12 +149,24 @@ impl Watch {
                     .iter()
                     .map(|&p| procs::sample(p).unwrap_or_default())
                     .collect();
-                let ticks: u64 = after
+                let mut ticks: u64 = after
                     .iter()
                     .zip(&before)
                     .map(|(a, b)| a.cpu_ticks.saturating_sub(b.cpu_ticks))
                     .sum();
                 let first = after.first().copied().unwrap_or_default();
+                if pids.len() > 1 {
+                    let parent_before = before.first().copied().unwrap_or_default();
+                    ticks += first
+                        .ended_children_ticks
+                        .saturating_sub(parent_before.ended_children_ticks);
+                    ticks += procs::with_children(pids[0])
+                        .into_iter()
+                        .filter(|p| !pids.contains(p))
+                        .filter_map(procs::sample)
+                        .map(|s| s.cpu_ticks)
+                        .sum::<u64>();
+                }
                 ProcessFigures {
                     name,
                     pid: pids.first().copied().unwrap_or(0),

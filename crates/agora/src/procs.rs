@@ -9,6 +9,8 @@ use std::collections::HashMap;
 pub struct Sample {
     /// utime + stime, in clock ticks.
     pub cpu_ticks: u64,
+    /// cutime + cstime: the CPU of its children that have ended (and been waited for).
+    pub ended_children_ticks: u64,
     pub rss_kb: u64,
     pub peak_rss_kb: u64,
 }
@@ -23,6 +25,16 @@ pub fn parse_stat(line: &str) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// cutime + cstime (fields 16 and 17) of a `/proc/<pid>/stat` line: what its ended children
+/// spent.
+pub fn parse_children_stat(line: &str) -> Option<u64> {
+    let rest = &line[line.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let cutime: u64 = fields.get(13)?.parse().ok()?;
+    let cstime: u64 = fields.get(14)?.parse().ok()?;
+    Some(cutime + cstime)
 }
 
 /// VmRSS and VmHWM (kB) of a `/proc/<pid>/status` text.
@@ -44,6 +56,7 @@ pub fn sample(pid: u32) -> Option<Sample> {
     let (rss_kb, peak_rss_kb) = parse_status(&status);
     Some(Sample {
         cpu_ticks: parse_stat(&stat)?,
+        ended_children_ticks: parse_children_stat(&stat).unwrap_or(0),
         rss_kb,
         peak_rss_kb,
     })
@@ -156,10 +169,12 @@ mod tests {
 
     #[test]
     fn stat_cpu_is_utime_plus_stime_even_with_a_strange_name() {
-        let line = "4242 (agora (up) x) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 75 0 0 20 0 \
+        let line = "4242 (agora (up) x) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 75 20 5 20 0 \
                     9 0 12345 123456789 4567 18446744073709551615";
         assert_eq!(parse_stat(line), Some(325));
         assert_eq!(parse_stat("garbage"), None);
+        // cutime 20 and cstime 5 (fields 16 and 17).
+        assert_eq!(parse_children_stat(line), Some(25));
     }
 
     #[test]
