@@ -9,6 +9,10 @@
 //! 3. commit, then ack. A crash before the commit leaves nothing behind and the bus redelivers;
 //!    a crash between commit and ack redelivers a message that step 1 then skips.
 //!
+//! A handler whose effects are idempotent by its own state (it re-reads under its locks and a
+//! repeat changes nothing) says so with [`Handler::idempotent`]: step 1 is skipped, saving a
+//! write per message, and a redelivery runs the handler again, harmlessly.
+//!
 //! A handler error rolls everything back and nacks the delivery, which comes back after
 //! `bus.consumer_backoff_ms`, doubling up to `bus.consumer_backoff_max_ms`. At delivery number
 //! `bus.consumer_max_attempts` (or at once for a message that is not an event at all) the
@@ -61,6 +65,15 @@ pub trait Handler: Send + Sync + 'static {
     /// consumer of a busy topic pays nothing for the events it ignores. Every event by default.
     fn wants(&self, _event: &Event) -> bool {
         true
+    }
+
+    /// Whether a repeat of [`Handler::handle`] for the same event changes nothing, by the
+    /// handler's own state (a state machine that re-reads under its row locks): then the message
+    /// id is not recorded in `consumed_messages` (one write fewer per message), and a redelivery
+    /// simply runs the handler again. False by default: the id is recorded and a redelivery is
+    /// skipped.
+    fn idempotent(&self) -> bool {
+        false
     }
 
     /// Runs after the effects of `event` committed: what must follow a commit and may be lost
@@ -380,17 +393,19 @@ impl Inner {
             .await
             .context("starting the consumer transaction")
             .map_err(Failure::Handler)?;
-        let fresh = query(RECORD)
-            .bind(&self.name)
-            .bind(&message.id)
-            .bind(Utc::now())
-            .execute(&mut tx)
-            .await
-            .context("recording the message as handled")
-            .map_err(Failure::Handler)?
-            == 1;
-        if !fresh {
-            return Ok(Outcome::Duplicate);
+        if !self.handler.idempotent() {
+            let fresh = query(RECORD)
+                .bind(&self.name)
+                .bind(&message.id)
+                .bind(Utc::now())
+                .execute(&mut tx)
+                .await
+                .context("recording the message as handled")
+                .map_err(Failure::Handler)?
+                == 1;
+            if !fresh {
+                return Ok(Outcome::Duplicate);
+            }
         }
         self.handler
             .handle(&mut tx, &event)

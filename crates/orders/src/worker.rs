@@ -1,7 +1,9 @@
 //! The order worker (`agora serve worker`, and inside `agora up`): drives every order from
 //! `pending` to `processed` or `failed`, and keeps catalog's stock in step with each order's
-//! status. It consumes the orders service's own events through kit's consumer (a redelivery is
-//! skipped, a failure retried with back-off, dead-lettered after `bus.consumer_max_attempts`).
+//! status. It consumes the orders service's own events through kit's consumer (a failure retried
+//! with back-off, dead-lettered after `bus.consumer_max_attempts`). Its steps are idempotent by
+//! the order's own state (below), so it tells the consumer not to record message ids
+//! ([`Handler::idempotent`]): a redelivery finds its order moved on and changes nothing.
 //!
 //! Each step writes in one transaction with the order's row locked, so two workers (or a
 //! worker and the sweep) never change one order at once, and each is safe to repeat:
@@ -262,6 +264,13 @@ impl Handler for Worker {
             Ok(_) => Ok(()),
             Err(err) => Err(failure(id, err)),
         }
+    }
+
+    /// Every step re-reads the order under its row lock and acts only on what is still due (an
+    /// undecided order, unsettled stock), and each catalog call is idempotent there: a
+    /// redelivered event finds nothing left to do.
+    fn idempotent(&self) -> bool {
+        true
     }
 
     async fn committed(&self, event: &Event) {

@@ -57,6 +57,8 @@ async fn a_reservation_holds_commits_and_releases_stock(backend: Backend) {
     assert_eq!(response.status(), 200);
     let committed: Value = response.json().await.expect("json");
     assert_eq!(committed["status"], "committed");
+    let (_, stored) = app.get_json("/internal/v1/reservations/order-1").await;
+    assert_eq!(committed, stored, "the commit answers what it stored");
     assert_eq!(
         app.stored_stock(laptop).await,
         (4, 0),

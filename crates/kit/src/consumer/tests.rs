@@ -393,3 +393,61 @@ async fn unwanted_events_are_acked_without_being_handled_or_recorded() {
         teardown(s).await;
     }
 }
+
+/// Idempotent by its own state: a second insert of one id changes nothing.
+#[derive(Clone, Default)]
+struct Upsert {
+    calls: Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl Handler for Upsert {
+    async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        query("insert into effects (message_id, topic) values ($1, $2) on conflict do nothing")
+            .bind(event.id.to_string())
+            .bind(&event.topic)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    fn idempotent(&self) -> bool {
+        true
+    }
+}
+
+/// An idempotent handler's messages are not recorded: a redelivery runs it again (handled, not a
+/// duplicate), and its own state keeps the effect single.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_handler_runs_again_on_redelivery_without_a_record() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let s = setup(backend).await;
+        let what = s.bus.backend();
+        let handler = Upsert::default();
+        let consumer = Consumer::new(
+            "mailer",
+            &["order.*"],
+            s.db.clone(),
+            s.bus.clone(),
+            &s.env.settings.bus,
+            handler.clone(),
+        );
+        let message = Message::from_event(&event(1)).expect("message");
+        for attempt in 1..=2 {
+            assert!(
+                matches!(consumer.inner.handle(&message).await, Ok(Outcome::Handled)),
+                "{what}: delivery {attempt} handled"
+            );
+        }
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 2, "{what}: ran twice");
+        assert_eq!(effects(&s.db).await, 1, "{what}: one effect");
+        let recorded: i64 = query("select count(*) from consumed_messages where consumer = $1")
+            .bind("mailer")
+            .fetch_scalar(&s.db)
+            .await
+            .expect("count");
+        assert_eq!(recorded, 0, "{what}: nothing recorded");
+        teardown(s).await;
+    }
+}

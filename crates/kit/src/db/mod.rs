@@ -9,7 +9,7 @@
 //!   its items, its idempotency key and its outbox event commit together.
 //! - [`Dialect`] holds the few differences a statement must spell per backend (the row-lock
 //!   clause, `skip locked`); [`Db::begin`] opens a transaction that will write (`BEGIN
-//!   IMMEDIATE` on SQLite, see there); [`Tx::try_lock`] takes a transaction-scoped named lock.
+//!   IMMEDIATE` on SQLite, see there).
 //! - [`ResultExt::on_constraint`] maps a constraint violation to the service's error by
 //!   constraint name, on both backends.
 //!
@@ -311,22 +311,6 @@ impl Tx {
         match self {
             Tx::Postgres(tx) => tx.rollback().await,
             Tx::Sqlite(tx) => tx.rollback().await,
-        }
-    }
-
-    /// Takes the lock `name` (scoped to the service's schema) until this transaction ends, if
-    /// nobody holds it; false when another transaction does. PostgreSQL uses an advisory lock, so
-    /// replicas of a service can take turns; on SQLite the write transaction already excludes
-    /// every other writer, so it is always true.
-    pub async fn try_lock(&mut self, name: &str) -> sqlx::Result<bool> {
-        match self.dialect() {
-            Dialect::Postgres => {
-                query("select pg_try_advisory_xact_lock(hashtext(current_schema() || '.' || $1))")
-                    .bind(name)
-                    .fetch_scalar(self)
-                    .await
-            }
-            Dialect::Sqlite => Ok(true),
         }
     }
 }
