@@ -275,15 +275,10 @@ async fn place(state: &AppState, order: &CreateOrder, key: Option<&str>) -> Resu
     };
 
     let mut tx = state.db.begin().await?;
-    // The intent first: if this request was slower than the reservation timeout, the sweep may
+    // With its intent: if this request was slower than the reservation timeout, the sweep may
     // have claimed it and be giving the stock back; storing the order then would sell stock
     // that is not held. Nothing is stored; the client may send it again (a new reservation).
-    if !store::take_intent(&mut tx, &reservation_id).await? {
-        return Err(Error::ReservationExpired {
-            timeout_secs: state.settings.reservation_timeout_secs,
-        });
-    }
-    let stored = store::insert(
+    let stored = store::insert_reserved(
         &mut tx,
         &NewOrder {
             id: None,
@@ -297,7 +292,10 @@ async fn place(state: &AppState, order: &CreateOrder, key: Option<&str>) -> Resu
             announce: true,
         },
     )
-    .await?;
+    .await?
+    .ok_or(Error::ReservationExpired {
+        timeout_secs: state.settings.reservation_timeout_secs,
+    })?;
     if let Some(key) = key {
         let body = serde_json::to_string(&stored).map_err(anyhow::Error::from)?;
         query("update idempotency_keys set status_code = 201, body = $1, order_id = $2 where key = $3")

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Duration as Age, SubsecRound as _, Utc};
 use kit::Db;
-use kit::db::{Executor, Tx, query};
+use kit::db::{Dialect, Executor, Tx, query};
 use kit::money::Money;
 
 use crate::domain::{Item, Order, Status};
@@ -138,6 +138,66 @@ pub async fn insert(tx: &mut Tx, new: &NewOrder<'_>) -> Result<Order> {
         .execute(&mut *tx)
         .await?;
     }
+    stored(tx, new, row).await
+}
+
+/// Stores a new order made on a reservation, taking the reservation's intent in the same
+/// transaction (see `create.rs`); `None`, and nothing stored, when the sweep claimed the intent
+/// first. On PostgreSQL the intent, the order and its lines are one statement.
+pub async fn insert_reserved(tx: &mut Tx, new: &NewOrder<'_>) -> Result<Option<Order>> {
+    let Some(reservation_id) = new.reservation_id else {
+        return Err(anyhow::anyhow!("an order on a reservation without its id").into());
+    };
+    if tx.dialect() == Dialect::Sqlite || new.id.is_some() || new.items.is_empty() {
+        if !take_intent(tx, reservation_id).await? {
+            return Ok(None);
+        }
+        return insert(tx, new).await.map(Some);
+    }
+    let lines: Vec<String> = (0..new.items.len())
+        .map(|i| {
+            let n = 8 + i * 3;
+            format!("(${n}::bigint, ${}::bigint, ${}::bigint)", n + 1, n + 2)
+        })
+        .collect();
+    let sql = format!(
+        "with taken as ( \
+             delete from reservation_intents where reservation_id = $6 and releasing_at is null \
+             returning reservation_id), \
+         placed as ( \
+             insert into orders (user_id, status, total_cents, client_total_cents, warning, \
+             reservation_id, stock_settled, created_at, updated_at) \
+             select $1, $2, $3, $4, $5, reservation_id, true, $7, $7 from taken \
+             returning {COLUMNS}), \
+         lines as ( \
+             insert into order_items (order_id, product_id, quantity, unit_price_cents) \
+             select placed.id, l.product_id, l.quantity, l.unit_price_cents \
+             from placed, (values {}) as l (product_id, quantity, unit_price_cents)) \
+         select {COLUMNS} from placed",
+        lines.join(", ")
+    );
+    let mut statement = query(&sql)
+        .bind(new.user_id)
+        .bind(new.status.as_str())
+        .bind(new.total.cents())
+        .bind(new.client_total.map(Money::cents))
+        .bind(new.warning.clone())
+        .bind(reservation_id)
+        .bind(now());
+    for item in new.items {
+        statement = statement
+            .bind(item.product_id)
+            .bind(item.quantity)
+            .bind(item.unit_price.cents());
+    }
+    let Some(row) = statement.fetch_optional::<Row>(&mut *tx).await? else {
+        return Ok(None);
+    };
+    stored(tx, new, row).await.map(Some)
+}
+
+/// The order just stored as `row` with its lines, announced when it is to be.
+async fn stored(tx: &mut Tx, new: &NewOrder<'_>, row: Row) -> Result<Order> {
     let lines = new
         .items
         .iter()
@@ -372,7 +432,7 @@ pub async fn insert_intent(db: &Db, reservation_id: &str) -> Result<()> {
 /// The order being stored takes its intent, in the order's transaction; false when the sweep
 /// has claimed it ([`claim_intent`]): its reservation is being released, so the order must not
 /// be stored. On PostgreSQL the delete waits for a claim in progress and then sees it.
-pub async fn take_intent(tx: &mut Tx, reservation_id: &str) -> Result<bool> {
+async fn take_intent(tx: &mut Tx, reservation_id: &str) -> Result<bool> {
     Ok(
         query("delete from reservation_intents where reservation_id = $1 and releasing_at is null")
             .bind(reservation_id)
@@ -443,4 +503,77 @@ pub async fn recent_latencies(db: &Db, limit: i64) -> Result<Vec<i64>> {
         .into_iter()
         .map(|(created, processed)| (processed - created).num_milliseconds().max(0))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use kit::testing::{Backend, TestEnv};
+
+    use super::*;
+
+    fn item(product_id: i64, quantity: i64, cents: i64) -> Item {
+        let unit_price = Money::from_cents(cents);
+        Item {
+            product_id,
+            quantity,
+            unit_price,
+            line_total: unit_price.times(quantity).expect("in range"),
+        }
+    }
+
+    async fn count(db: &Db, sql: &str) -> i64 {
+        query(sql).fetch_scalar(db).await.expect("count")
+    }
+
+    /// An order on a reservation is stored with its lines and takes its intent; once the sweep has
+    /// claimed the intent, nothing is stored.
+    async fn an_order_on_a_reservation_takes_its_intent_or_is_not_stored(backend: Backend) {
+        let mut env = TestEnv::new(backend).await;
+        let db = env.kit_db("orderstore").await;
+        db.migrate(&crate::MIGRATIONS).await.expect("migrations");
+        let items = [item(3, 2, 1_500), item(7, 1, 999)];
+        let order = |reservation_id| NewOrder {
+            id: None,
+            user_id: 1,
+            status: Status::Pending,
+            items: &items,
+            total: Money::from_cents(3_999),
+            client_total: None,
+            warning: None,
+            reservation_id: Some(reservation_id),
+            announce: true,
+        };
+
+        insert_intent(&db, "ord-kept").await.expect("intent");
+        let mut tx = db.begin().await.expect("begin");
+        let stored = insert_reserved(&mut tx, &order("ord-kept"))
+            .await
+            .expect("insert")
+            .expect("stored: the intent was unclaimed");
+        tx.commit().await.expect("commit");
+        let found = find(&db, stored.id).await.expect("find").expect("found");
+        assert_eq!(found, stored, "{backend:?}: stored as answered");
+        assert_eq!(found.items, items, "{backend:?}: with its lines");
+        assert_eq!(
+            count(&db, "select count(*) from reservation_intents").await,
+            0,
+            "{backend:?}: the intent is taken"
+        );
+        assert_eq!(count(&db, "select count(*) from outbox").await, 1);
+
+        insert_intent(&db, "ord-swept").await.expect("intent");
+        assert!(claim_intent(&db, "ord-swept").await.expect("claim"));
+        let mut tx = db.begin().await.expect("begin");
+        let refused = insert_reserved(&mut tx, &order("ord-swept"))
+            .await
+            .expect("insert");
+        assert!(refused.is_none(), "{backend:?}: the sweep claimed it");
+        tx.commit().await.expect("commit");
+        assert_eq!(count(&db, "select count(*) from orders").await, 1);
+        assert_eq!(count(&db, "select count(*) from order_items").await, 2);
+        assert_eq!(count(&db, "select count(*) from outbox").await, 1);
+        env.drop_kit_db("orderstore", db).await;
+    }
+
+    kit::on_both_backends!(an_order_on_a_reservation_takes_its_intent_or_is_not_stored);
 }
