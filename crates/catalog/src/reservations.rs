@@ -88,18 +88,29 @@ async fn take(
         "update products set stock = stock - $1, reserved = reserved + $1, updated_at = $2 \
          where id = $3 and stock >= $1 returning {COLUMNS}"
     );
+    // PostgreSQL records the line in the same statement; SQLite (no writes in `with`) after it.
+    let postgres = tx.dialect() == Dialect::Postgres;
+    let take = if postgres {
+        format!(
+            "with taken as ({take}), line as ( \
+                 insert into reservation_items (order_id, product_id, quantity, unit_price_cents) \
+                 select $4, id, $1, price_cents from taken) \
+             select {COLUMNS} from taken"
+        )
+    } else {
+        take
+    };
     let order_id = request.order_id.as_str();
     let mut events = Vec::new();
     let mut short = Vec::new();
     let mut items = Vec::with_capacity(request.items.len());
     let mut total = Some(Money::default());
     for (i, &(product_id, quantity)) in request.items.iter().enumerate() {
-        let product: Option<Product> = query(&take)
-            .bind(quantity)
-            .bind(now)
-            .bind(product_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let mut statement = query(&take).bind(quantity).bind(now).bind(product_id);
+        if postgres {
+            statement = statement.bind(order_id);
+        }
+        let product: Option<Product> = statement.fetch_optional(&mut *tx).await?;
         let Some(product) = product else {
             let available: Option<i64> = query("select stock from products where id = $1")
                 .bind(product_id)
@@ -108,16 +119,18 @@ async fn take(
             short.push((i, product_id, quantity, available));
             continue;
         };
-        query(
-            "insert into reservation_items (order_id, product_id, quantity, unit_price_cents) \
-             values ($1, $2, $3, $4)",
-        )
-        .bind(order_id)
-        .bind(product_id)
-        .bind(quantity)
-        .bind(product.price.cents())
-        .execute(&mut *tx)
-        .await?;
+        if !postgres {
+            query(
+                "insert into reservation_items (order_id, product_id, quantity, unit_price_cents) \
+                 values ($1, $2, $3, $4)",
+            )
+            .bind(order_id)
+            .bind(product_id)
+            .bind(quantity)
+            .bind(product.price.cents())
+            .execute(&mut *tx)
+            .await?;
+        }
         let line_total = product.price.times(quantity);
         total = total.and_then(|t| t.plus(line_total?));
         if let Some(line_total) = line_total {
