@@ -13,6 +13,10 @@ use crate::bench_report::{Row, Watch};
 use crate::bench_system::{Mode, Spec, System};
 use crate::load::{self, Plan, Req, Zipf};
 
+/// The processes an order keeps busy: the services it passes through, the worker, and notify
+/// (an order's events are mailed).
+const ORDER_PROCESSES: &[&str] = &["gateway", "orders", "users", "catalog", "worker", "notify"];
+
 impl Context {
     pub(crate) fn user_create_plan(&self) -> Plan {
         let stamp = self.stamp;
@@ -184,11 +188,8 @@ impl Context {
                 bodies[(c + n as usize) % bodies.len()].clone(),
             )
         });
-        let groups = self.agora_processes(
-            self.main.as_ref(),
-            &["gateway", "orders", "users", "catalog", "worker"],
-            &["postgres", "nats"],
-        );
+        let groups =
+            self.agora_processes(self.main.as_ref(), ORDER_PROCESSES, &["postgres", "nats"]);
         let mut row = self
             .measure(
                 "order-create",
@@ -215,11 +216,8 @@ impl Context {
                 .filter_map(|b| serde_json::from_slice(b).ok())
                 .collect(),
         );
-        let groups = self.agora_processes(
-            self.main.as_ref(),
-            &["gateway", "orders", "users", "catalog", "worker"],
-            &["postgres", "nats"],
-        );
+        let groups =
+            self.agora_processes(self.main.as_ref(), ORDER_PROCESSES, &["postgres", "nats"]);
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
             .timeout(Duration::from_secs(10))
