@@ -52,15 +52,7 @@ struct ApiDoc;
 
 /// The service's OpenAPI document (served at `/openapi.json`; the gateway merges it).
 pub fn openapi() -> serde_json::Value {
-    let mut doc = kit::openapi::finish(ApiDoc::openapi(), true);
-    kit::openapi::alias(
-        &mut doc,
-        "/api/v1/products/stats",
-        "/api/v1/stats",
-        &["get"],
-        "_service",
-    );
-    doc
+    kit::openapi::finish_service(ApiDoc::openapi(), "/api/v1/products/stats")
 }
 
 pub fn router(state: AppState) -> Router {

@@ -39,15 +39,7 @@ struct ApiDoc;
 
 /// The service's OpenAPI document (served at `/openapi.json`; the gateway merges it).
 pub fn openapi() -> serde_json::Value {
-    let mut doc = kit::openapi::finish(ApiDoc::openapi(), true);
-    kit::openapi::alias(
-        &mut doc,
-        "/api/v1/chats/stats",
-        "/api/v1/stats",
-        &["get"],
-        "_service",
-    );
-    doc
+    kit::openapi::finish_service(ApiDoc::openapi(), "/api/v1/chats/stats")
 }
 
 pub fn router(state: AppState) -> Router {
@@ -366,13 +358,15 @@ struct ParticipantChats {
     next_cursor: Option<String>,
 }
 
+/// A `limit` of 1 to [`kit::page::MAX_PER_PAGE`], the bound of every paginated list.
 fn limit(value: Option<usize>, default: usize) -> ApiResult<usize> {
+    const MAX: usize = kit::page::MAX_PER_PAGE as usize;
     match value.unwrap_or(default) {
-        n @ 1..=100 => Ok(n),
+        n @ 1..=MAX => Ok(n),
         _ => Err(ApiError::validation(vec![FieldError::new(
             "limit",
             "out_of_range",
-            "limit is 1 to 100",
+            format!("limit is 1 to {MAX}"),
         )])),
     }
 }

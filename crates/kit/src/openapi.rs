@@ -231,6 +231,15 @@ pub fn finish(doc: utoipa::openapi::OpenApi, has_database: bool) -> Value {
     doc
 }
 
+/// [`finish`] for a service with a database whose stats are at `stats_path`: it answers them at
+/// `/api/v1/stats` too (through the gateway that path aggregates every service's), documented as
+/// a copy with operation ids ending in `_service`.
+pub fn finish_service(doc: utoipa::openapi::OpenApi, stats_path: &str) -> Value {
+    let mut doc = finish(doc, true);
+    alias(&mut doc, stats_path, "/api/v1/stats", &["get"], "_service");
+    doc
+}
+
 /// Documents `path` as a copy of `canonical`'s `methods` (a second route to the same handlers):
 /// their operation ids get `suffix`, so they stay unique.
 pub fn alias(doc: &mut Value, canonical: &str, path: &str, methods: &[&str], suffix: &str) {

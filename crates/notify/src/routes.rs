@@ -27,15 +27,7 @@ struct ApiDoc;
 
 /// The service's OpenAPI document (served at `/openapi.json`; the gateway merges it).
 pub fn openapi() -> serde_json::Value {
-    let mut doc = kit::openapi::finish(ApiDoc::openapi(), true);
-    kit::openapi::alias(
-        &mut doc,
-        "/api/v1/notifications/stats",
-        "/api/v1/stats",
-        &["get"],
-        "_service",
-    );
-    doc
+    kit::openapi::finish_service(ApiDoc::openapi(), "/api/v1/notifications/stats")
 }
 
 pub fn router(state: AppState) -> Router {

@@ -42,20 +42,13 @@ struct ApiDoc;
 
 /// The service's OpenAPI document (served at `/openapi.json`; the gateway merges it).
 pub fn openapi() -> serde_json::Value {
-    let mut doc = kit::openapi::finish(ApiDoc::openapi(), true);
+    let mut doc = kit::openapi::finish_service(ApiDoc::openapi(), "/api/v1/users/stats");
     kit::openapi::alias(
         &mut doc,
         "/api/v1/users/{id}",
         "/api/v1/users/id/{id}",
         &["get"],
         "_id_path",
-    );
-    kit::openapi::alias(
-        &mut doc,
-        "/api/v1/users/stats",
-        "/api/v1/stats",
-        &["get"],
-        "_service",
     );
     doc
 }

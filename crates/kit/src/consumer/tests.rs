@@ -56,15 +56,15 @@ impl Handler for Recorder {
     }
 }
 
-/// The consumer `mailer` of `topics` on the test's database and bus, handling with `recorder`.
-fn consumer(s: &Setup, topics: &[&str], recorder: &Recorder) -> Consumer {
+/// The consumer `mailer` of `topics` on the test's database and bus, handling with `handler`.
+fn consumer<H: Handler + Clone>(s: &Setup, topics: &[&str], handler: &H) -> Consumer {
     Consumer::new(
         "mailer",
         topics,
         s.db.clone(),
         s.bus.clone(),
         &s.env.settings.bus,
-        recorder.clone(),
+        handler.clone(),
     )
 }
 
@@ -89,6 +89,15 @@ async fn effects(db: &Db) -> i64 {
         .fetch_scalar(db)
         .await
         .expect("count effects")
+}
+
+/// The message ids the test's consumer recorded as handled.
+async fn recorded(db: &Db) -> i64 {
+    query("select count(*) from consumed_messages where consumer = $1")
+        .bind("mailer")
+        .fetch_scalar(db)
+        .await
+        .expect("count recorded ids")
 }
 
 /// Waits until `check` holds, or fails the test with `what`.
@@ -348,14 +357,7 @@ async fn unwanted_events_are_acked_without_being_handled_or_recorded() {
         let s = setup(backend).await;
         let what = s.bus.backend();
         let handler = EvenOnly::default();
-        let consumer = Consumer::new(
-            "mailer",
-            &["order.*"],
-            s.db.clone(),
-            s.bus.clone(),
-            &s.env.settings.bus,
-            handler.clone(),
-        );
+        let consumer = consumer(&s, &["order.*"], &handler);
         let metrics = crate::metrics::Metrics::new("consumertest");
         consumer.register_metrics(&metrics);
         let mut sub = s.bus.subscribe("mailer", &["order.*"]).await.expect("sub");
@@ -383,12 +385,11 @@ async fn unwanted_events_are_acked_without_being_handled_or_recorded() {
         assert_eq!(counter(&metrics, "ignored"), 3, "{what}");
         assert_eq!(effects(&s.db).await, 3, "{what}");
         assert_eq!(handler.0.calls.load(Ordering::SeqCst), 3, "{what}");
-        let recorded: i64 = query("select count(*) from consumed_messages where consumer = $1")
-            .bind("mailer")
-            .fetch_scalar(&s.db)
-            .await
-            .expect("count");
-        assert_eq!(recorded, 3, "{what}: only handled messages are recorded");
+        assert_eq!(
+            recorded(&s.db).await,
+            3,
+            "{what}: only handled messages are recorded"
+        );
         drop(sub);
         teardown(s).await;
     }
@@ -425,14 +426,7 @@ async fn an_idempotent_handler_runs_again_on_redelivery_without_a_record() {
         let s = setup(backend).await;
         let what = s.bus.backend();
         let handler = Upsert::default();
-        let consumer = Consumer::new(
-            "mailer",
-            &["order.*"],
-            s.db.clone(),
-            s.bus.clone(),
-            &s.env.settings.bus,
-            handler.clone(),
-        );
+        let consumer = consumer(&s, &["order.*"], &handler);
         let message = Message::from_event(&event(1)).expect("message");
         for attempt in 1..=2 {
             assert!(
@@ -442,12 +436,7 @@ async fn an_idempotent_handler_runs_again_on_redelivery_without_a_record() {
         }
         assert_eq!(handler.calls.load(Ordering::SeqCst), 2, "{what}: ran twice");
         assert_eq!(effects(&s.db).await, 1, "{what}: one effect");
-        let recorded: i64 = query("select count(*) from consumed_messages where consumer = $1")
-            .bind("mailer")
-            .fetch_scalar(&s.db)
-            .await
-            .expect("count");
-        assert_eq!(recorded, 0, "{what}: nothing recorded");
+        assert_eq!(recorded(&s.db).await, 0, "{what}: nothing recorded");
         teardown(s).await;
     }
 }
