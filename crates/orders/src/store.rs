@@ -346,7 +346,6 @@ pub async fn decide(tx: &mut Tx, row: Row, to: Status, reason: Option<&str>) -> 
     {
         return Err(Error::Transition { id, from, to });
     }
-    let now = now();
     let sql = format!(
         "update orders set status = $1, updated_at = $2, failure_reason = $3, \
          processed_at = case when $4 then $2 else processed_at end, stock_settled = true \
@@ -354,12 +353,68 @@ pub async fn decide(tx: &mut Tx, row: Row, to: Status, reason: Option<&str>) -> 
     );
     let updated: Row = query(&sql)
         .bind(to.as_str())
-        .bind(now)
+        .bind(now())
         .bind(reason)
         .bind(to == Status::Processed)
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
+    announce_decided(tx, from, updated).await
+}
+
+/// An undecided order's row, as it was before [`decide_if_due`] decided it.
+#[derive(sqlx::FromRow)]
+struct Decided {
+    previous: String,
+    #[sqlx(flatten)]
+    row: Row,
+}
+
+/// PostgreSQL: decides order `id` (as [`decide`] does) if it is still undecided, locking and
+/// moving it in one statement; `None` when it is not undecided (or on SQLite): take the lock
+/// with [`lock`] and look.
+pub async fn decide_if_due(
+    tx: &mut Tx,
+    id: i64,
+    to: Status,
+    reason: Option<&str>,
+) -> Result<Option<Order>> {
+    if tx.dialect() != Dialect::Postgres || !matches!(to, Status::Processed | Status::Failed) {
+        return Ok(None);
+    }
+    let returned: Vec<String> = COLUMNS
+        .split(',')
+        .map(|column| format!("o.{}", column.trim()))
+        .collect();
+    let sql = format!(
+        "with due as (select id, status from orders \
+             where id = $5 and status in ('pending', 'processing') for update) \
+         update orders o set status = $1, updated_at = $2, failure_reason = $3, \
+             processed_at = case when $4 then $2 else o.processed_at end, stock_settled = true \
+         from due where o.id = due.id \
+         returning due.status as previous, {}",
+        returned.join(", ")
+    );
+    let decided: Option<Decided> = query(&sql)
+        .bind(to.as_str())
+        .bind(now())
+        .bind(reason)
+        .bind(to == Status::Processed)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(Decided { previous, row }) = decided else {
+        return Ok(None);
+    };
+    let from = Status::parse(&previous)
+        .ok_or_else(|| anyhow::anyhow!("unknown order status `{previous}` stored"))?;
+    announce_decided(tx, from, row).await.map(Some)
+}
+
+/// The order just decided (was `from`), with its lines; its events written to the outbox: each
+/// state it went through.
+async fn announce_decided(tx: &mut Tx, from: Status, updated: Row) -> Result<Order> {
+    let id = updated.id;
     let lines = lines_of(&mut *tx, id).await?;
     let order = updated.into_order(lines)?;
     let mut announced = Vec::with_capacity(2);
