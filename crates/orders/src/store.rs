@@ -1,8 +1,10 @@
 //! The orders service's queries, written once for both backends (see `kit::db`).
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Duration as Age, SubsecRound as _, Utc};
 use kit::Db;
-use kit::db::{Dialect, Executor, Tx, query};
+use kit::db::{Dialect, Executor, Query, Tx, query};
 use kit::money::Money;
 
 use crate::domain::{Item, Order, Status};
@@ -346,20 +348,53 @@ pub async fn decide(tx: &mut Tx, row: Row, to: Status, reason: Option<&str>) -> 
     {
         return Err(Error::Transition { id, from, to });
     }
-    let sql = format!(
-        "update orders set status = $1, updated_at = $2, failure_reason = $3, \
-         processed_at = case when $4 then $2 else processed_at end, stock_settled = true \
-         where id = $5 returning {COLUMNS}"
-    );
-    let updated: Row = query(&sql)
+    let updated: Row = decision(&DECIDE, to, reason, id)
+        .fetch_one(&mut *tx)
+        .await?;
+    announce_decided(tx, from, updated).await
+}
+
+/// What a decision sets ($1 the status, $2 the time, $3 the reason, $4 whether processed); `{o}`
+/// is the table's alias.
+fn decision_set(o: &str) -> String {
+    format!(
+        "set status = $1, updated_at = $2, failure_reason = $3, \
+         processed_at = case when $4 then $2 else {o}processed_at end, stock_settled = true"
+    )
+}
+
+/// [`decide`]'s update of order $5.
+static DECIDE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "update orders {} where id = $5 returning {COLUMNS}",
+        decision_set("")
+    )
+});
+
+/// [`decide_if_due`]'s: order $5 locked and updated only while undecided, with its status before.
+static DECIDE_IF_DUE: LazyLock<String> = LazyLock::new(|| {
+    let returned: Vec<String> = COLUMNS
+        .split(',')
+        .map(|column| format!("o.{}", column.trim()))
+        .collect();
+    format!(
+        "with due as (select id, status from orders \
+             where id = $5 and status in ('pending', 'processing') for update) \
+         update orders o {} from due where o.id = due.id \
+         returning due.status as previous, {}",
+        decision_set("o."),
+        returned.join(", ")
+    )
+});
+
+/// `sql` (one of the decisions) bound for order `id` becoming `to`.
+fn decision<'q>(sql: &'q str, to: Status, reason: Option<&'q str>, id: i64) -> Query<'q> {
+    query(sql)
         .bind(to.as_str())
         .bind(now())
         .bind(reason)
         .bind(to == Status::Processed)
         .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-    announce_decided(tx, from, updated).await
 }
 
 /// An undecided order's row, as it was before [`decide_if_due`] decided it.
@@ -382,25 +417,7 @@ pub async fn decide_if_due(
     if tx.dialect() != Dialect::Postgres || !matches!(to, Status::Processed | Status::Failed) {
         return Ok(None);
     }
-    let returned: Vec<String> = COLUMNS
-        .split(',')
-        .map(|column| format!("o.{}", column.trim()))
-        .collect();
-    let sql = format!(
-        "with due as (select id, status from orders \
-             where id = $5 and status in ('pending', 'processing') for update) \
-         update orders o set status = $1, updated_at = $2, failure_reason = $3, \
-             processed_at = case when $4 then $2 else o.processed_at end, stock_settled = true \
-         from due where o.id = due.id \
-         returning due.status as previous, {}",
-        returned.join(", ")
-    );
-    let decided: Option<Decided> = query(&sql)
-        .bind(to.as_str())
-        .bind(now())
-        .bind(reason)
-        .bind(to == Status::Processed)
-        .bind(id)
+    let decided: Option<Decided> = decision(&DECIDE_IF_DUE, to, reason, id)
         .fetch_optional(&mut *tx)
         .await?;
     let Some(Decided { previous, row }) = decided else {
