@@ -31,7 +31,7 @@ const LIST_GROUP: &str = "list";
 const CATEGORIES_GROUP: &str = "categories";
 
 fn item_key(id: i64) -> String {
-    format!("product:{id}")
+    kit::cache::item_key("product", id)
 }
 
 /// The service's API. The internal routes (reservations, the lookup by name) are for the orders

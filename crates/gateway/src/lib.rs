@@ -178,18 +178,22 @@ pub fn app_with_upstreams(
 }
 
 /// Headers that describe one connection, not the request; never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
+/// Names, not strings: removing by `&str` parses the name again on every call.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
     // Not standard, but some clients send it and some proxies honour it.
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
@@ -203,9 +207,33 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
+}
+
+/// The `X-Forwarded-For` value: `earlier, ip` when a trusted proxy sent `earlier`, else `ip`.
+/// An IPv4 address is written with `itoa` (`Ipv4Addr`'s `Display` costs more than the rest of
+/// this function, on every request).
+fn forwarded_for(earlier: Option<&str>, ip: std::net::IpAddr) -> Option<HeaderValue> {
+    let mut out = Vec::with_capacity(earlier.map_or(0, |e| e.len() + 2) + 15);
+    if let Some(earlier) = earlier {
+        out.extend_from_slice(earlier.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(digits.format(octet).as_bytes());
+            }
+        }
+        std::net::IpAddr::V6(v6) => out.extend_from_slice(v6.to_string().as_bytes()),
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
 }
 
 /// Requests that can be retried on another replica: no body, no side effects.
@@ -342,7 +370,7 @@ fn client_ip(gateway: &Gateway, request: &Request) -> Option<std::net::IpAddr> {
     }
     let forwarded = request
         .headers()
-        .get("x-forwarded-for")
+        .get(&X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.rsplit(',').next())
         .and_then(|ip| ip.trim().parse().ok());
@@ -392,22 +420,18 @@ async fn proxy(
     // X-Forwarded-For is built from the real peer. What a client claims is kept only when the
     // peer is a trusted proxy (which appended the address it saw); otherwise it is dropped, so a
     // client cannot pose as another address to the services behind.
-    let claimed = parts.headers.remove("x-forwarded-for");
+    let claimed = parts.headers.remove(&X_FORWARDED_FOR);
     if let Some(ip) = client_ip {
-        let forwarded_for = match claimed
+        let earlier = claimed
             .as_ref()
             .and_then(|v| v.to_str().ok())
-            .filter(|_| gateway.trusted_proxies.contains(&ip))
-        {
-            Some(earlier) => format!("{earlier}, {ip}"),
-            None => ip.to_string(),
-        };
-        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-            parts.headers.insert("x-forwarded-for", value);
+            .filter(|_| gateway.trusted_proxies.contains(&ip));
+        if let Some(value) = forwarded_for(earlier, ip) {
+            parts.headers.insert(X_FORWARDED_FOR.clone(), value);
         }
     }
     if let Some(host) = parts.headers.remove(header::HOST) {
-        parts.headers.insert("x-forwarded-host", host);
+        parts.headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     // The trace goes on with the gateway's hop as the parent (the standard layers made sure the
     // request has a context: the client's, or a new trace).
@@ -438,15 +462,14 @@ async fn proxy(
         let last = tried.len() == max_attempts;
         let target = &upstream.replicas[replica];
         let (base, outage) = (&target.url, &target.outage);
-        let uri: Uri =
-            match format!("{}{}", base.as_str().trim_end_matches('/'), path_and_query).parse() {
-                Ok(uri) => uri,
-                Err(err) => {
-                    upstream.record(replica, route, Outcome::Error, false);
-                    last_error = Some(anyhow::Error::from(err));
-                    continue;
-                }
-            };
+        let uri = match target.uri(&path_and_query) {
+            Ok(uri) => uri,
+            Err(err) => {
+                upstream.record(replica, route, Outcome::Error, false);
+                last_error = Some(err);
+                continue;
+            }
+        };
         let mut outgoing = Request::new(body.take().unwrap_or_default());
         *outgoing.method_mut() = parts.method.clone();
         *outgoing.uri_mut() = uri;

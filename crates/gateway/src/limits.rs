@@ -148,20 +148,11 @@ enum Scope {
     User,
 }
 
-impl Scope {
-    fn as_str(self) -> &'static str {
-        match self {
-            Scope::Ip => "ip",
-            Scope::User => "user",
-        }
-    }
-}
-
 /// What the limits said about one request.
 #[derive(Debug, Clone)]
 pub struct Verdict {
     /// The policy closest to its limit (the one refused, if any).
-    policy: String,
+    policy: &'static str,
     limit: u32,
     window_secs: u64,
     remaining: u32,
@@ -189,17 +180,20 @@ impl Verdict {
 
     /// Adds `RateLimit-Policy` and `RateLimit` (and `Retry-After` when refused).
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        let policy = format!(
-            "\"{}\";q={};w={}",
-            self.policy, self.limit, self.window_secs
+        // On every request through the gateway: written with `itoa`, not `format!`.
+        let policy = structured_item(
+            self.policy,
+            ("q", self.limit.into()),
+            ("w", self.window_secs),
         );
-        let state = format!(
-            "\"{}\";r={};t={}",
-            self.policy, self.remaining, self.reset_secs
+        let state = structured_item(
+            self.policy,
+            ("r", self.remaining.into()),
+            ("t", self.reset_secs),
         );
         if let (Ok(policy), Ok(state)) = (
-            HeaderValue::from_str(&policy),
-            HeaderValue::from_str(&state),
+            HeaderValue::from_maybe_shared(policy),
+            HeaderValue::from_maybe_shared(state),
         ) {
             headers.insert(RATELIMIT_POLICY.clone(), policy);
             headers.insert(RATELIMIT.clone(), state);
@@ -211,6 +205,23 @@ impl Verdict {
             );
         }
     }
+}
+
+/// `"<name>";<a>=<n>;<b>=<m>`: one item of the RateLimit headers (RFC 9651 structured fields).
+fn structured_item(name: &str, (a, n): (&str, u64), (b, m): (&str, u64)) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(name.len() + 32);
+    let mut digits = itoa::Buffer::new();
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\";");
+    out.extend_from_slice(a.as_bytes());
+    out.push(b'=');
+    out.extend_from_slice(digits.format(n).as_bytes());
+    out.push(b';');
+    out.extend_from_slice(b.as_bytes());
+    out.push(b'=');
+    out.extend_from_slice(digits.format(m).as_bytes());
+    out.into()
 }
 
 type Local<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
@@ -386,8 +397,16 @@ fn limit_of(limits: ClassLimits, scope: Scope) -> u32 {
     }
 }
 
-fn policy_name(class: Class, scope: Scope) -> String {
-    format!("{}-{}", class.as_str(), scope.as_str())
+/// `<class>-<scope>`, as the RateLimit headers name a policy (static: no allocation per request).
+fn policy_name(class: Class, scope: Scope) -> &'static str {
+    match (class, scope) {
+        (Class::Auth, Scope::Ip) => "auth-ip",
+        (Class::Auth, Scope::User) => "auth-user",
+        (Class::Read, Scope::Ip) => "read-ip",
+        (Class::Read, Scope::User) => "read-user",
+        (Class::Write, Scope::Ip) => "write-ip",
+        (Class::Write, Scope::User) => "write-user",
+    }
 }
 
 fn scope_word(scope: Scope) -> &'static str {
@@ -752,6 +771,24 @@ mod tests {
             read: class,
             write: class,
         }
+    }
+
+    #[test]
+    fn a_refusal_writes_both_ratelimit_headers_and_retry_after() {
+        let verdict = Verdict {
+            policy: "write-user",
+            limit: 100,
+            window_secs: 60,
+            remaining: 0,
+            reset_secs: 17,
+            allowed: false,
+            scope: "account",
+        };
+        let mut headers = HeaderMap::new();
+        verdict.write_headers(&mut headers);
+        assert_eq!(headers["ratelimit-policy"], "\"write-user\";q=100;w=60");
+        assert_eq!(headers["ratelimit"], "\"write-user\";r=0;t=17");
+        assert_eq!(headers["retry-after"], "17");
     }
 
     #[tokio::test]

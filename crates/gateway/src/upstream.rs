@@ -22,6 +22,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::Uri;
+use axum::http::uri::{Authority, Scheme};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use kit::breaker::{Breaker, BreakerPolicy, Circuit};
@@ -192,6 +193,9 @@ impl UpstreamMetrics {
 /// One replica.
 pub struct Replica {
     pub url: Url,
+    /// The URL's scheme and authority, parsed once, when it has no path of its own (the usual
+    /// case): a forwarded request's URI is then built from them and the request's path.
+    origin: Option<(Scheme, Authority)>,
     /// A replica that stops answering is logged once, not per request.
     pub outage: Outage,
     breaker: Breaker,
@@ -199,6 +203,34 @@ pub struct Replica {
     /// Consecutive active-check results against the current verdict.
     streak: AtomicU32,
     labels: ReplicaLabels,
+}
+
+impl Replica {
+    /// The URI of `path_and_query` (`/api/v1/users/1?x=y`) on this replica.
+    pub fn uri(&self, path_and_query: &str) -> anyhow::Result<Uri> {
+        Ok(match &self.origin {
+            Some((scheme, authority)) => Uri::builder()
+                .scheme(scheme.clone())
+                .authority(authority.clone())
+                .path_and_query(path_and_query)
+                .build()?,
+            None => format!(
+                "{}{path_and_query}",
+                self.url.as_str().trim_end_matches('/')
+            )
+            .parse()?,
+        })
+    }
+}
+
+/// `url`'s scheme and authority, when it has no path (other than `/`), query or fragment.
+fn origin_of(url: &Url) -> Option<(Scheme, Authority)> {
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return None;
+    }
+    let uri: Uri = url.as_str().parse().ok()?;
+    let parts = uri.into_parts();
+    Some((parts.scheme?, parts.authority?))
 }
 
 /// The replicas of one service.
@@ -231,6 +263,7 @@ impl Upstream {
                 metrics.circuit.get_or_create(&labels).set(0);
                 Replica {
                     outage: Outage::new(format!("upstream {service} at {url}")),
+                    origin: origin_of(&url),
                     url,
                     breaker: Breaker::new(policy),
                     healthy: AtomicBool::new(true),
@@ -410,5 +443,38 @@ pub async fn run_health_checks(
             _ = futures::future::join_all(checks) => {}
             () = stop.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(url: &str) -> Upstream {
+        let url = Url::parse(url).expect("url");
+        Upstream::new(
+            "users",
+            vec![url],
+            &BreakerSettings::default(),
+            &UpstreamMetrics::default(),
+        )
+    }
+
+    #[test]
+    fn a_forwarded_uri_is_the_replica_origin_and_the_request_path() {
+        let users = upstream("http://127.0.0.1:8081");
+        let uri = users.replicas[0]
+            .uri("/api/v1/users/1?page=2")
+            .expect("uri");
+        assert_eq!(
+            uri.to_string(),
+            "http://127.0.0.1:8081/api/v1/users/1?page=2"
+        );
+        // A replica URL with a path of its own keeps it in front of the request's.
+        let prefixed = upstream("http://10.0.0.5:9000/users/");
+        let uri = prefixed.replicas[0].uri("/api/v1/users/1").expect("uri");
+        assert_eq!(uri.to_string(), "http://10.0.0.5:9000/users/api/v1/users/1");
+        // A path no URI can hold is an error, not a panic.
+        assert!(users.replicas[0].uri("/a b").is_err());
     }
 }

@@ -113,15 +113,15 @@ pub(crate) async fn proxy(
         headers.insert(header::UPGRADE, upgrade);
     }
     if let Some(host) = headers.remove(header::HOST) {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(crate::X_FORWARDED_HOST.clone(), host);
     }
-    headers.remove("x-forwarded-for");
+    headers.remove(&crate::X_FORWARDED_FOR);
     if let Some(peer) = parts
         .extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        && let Ok(value) = HeaderValue::from_str(&peer.0.ip().to_string())
+        && let Some(value) = crate::forwarded_for(None, peer.0.ip())
     {
-        headers.insert("x-forwarded-for", value);
+        headers.insert(crate::X_FORWARDED_FOR.clone(), value);
     }
     let trace = parts
         .extensions

@@ -27,7 +27,7 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const MAX_KEY_CHARS: usize = 200;
 
 pub fn item_key(id: i64) -> String {
-    format!("order:{id}")
+    kit::cache::item_key("order", id)
 }
 
 /// The service's API.

@@ -24,7 +24,7 @@ const LIST_GROUP: &str = "list";
 const LOOKUP_GROUP: &str = "lookup";
 
 fn item_key(id: i64) -> String {
-    format!("user:{id}")
+    kit::cache::item_key("user", id)
 }
 
 /// The service's API, from the handlers below and in [`crate::accounts`].

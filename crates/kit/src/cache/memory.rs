@@ -104,9 +104,11 @@ impl MemoryBackend {
     }
 
     fn entry_key(slot: &Slot, version: u64) -> String {
+        let mut digits = itoa::Buffer::new();
+        let version = digits.format(version);
         match slot {
-            Slot::Key(key) => format!("{key}#{version}"),
-            Slot::Field(group, field) => format!("{group}#{version}\u{1f}{field}"),
+            Slot::Key(key) => super::concat(&[key, "#", version]),
+            Slot::Field(group, field) => super::concat(&[group, "#", version, "\u{1f}", field]),
         }
     }
 }

@@ -299,7 +299,7 @@ impl Cache {
     }
 
     fn key(&self, key: &str) -> String {
-        format!("{}{key}", self.inner.namespace)
+        concat(&[&self.inner.namespace, key])
     }
 
     fn ttl(&self, ttl: Ttl) -> Duration {
@@ -503,6 +503,21 @@ impl Slot {
             Slot::Field(group, field) => format!("{group}\u{1f}{field}"),
         }
     }
+}
+
+/// `<kind>:<id>`, the cache key of one item (`user:1`).
+pub fn item_key(kind: &str, id: i64) -> String {
+    concat(&[kind, ":", itoa::Buffer::new().format(id)])
+}
+
+/// The parts joined, in one allocation of the right size: keys are built on every request, and
+/// `format!` costs several times as much.
+pub(crate) fn concat(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        out.push_str(part);
+    }
+    out
 }
 
 /// How many times a key or group has been invalidated (`None`: never, or too long ago to matter).

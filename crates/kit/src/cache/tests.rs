@@ -7,6 +7,16 @@ fn memory_cache() -> Cache {
     Cache::new(&Settings::defaults(), "t").expect("memory cache")
 }
 
+#[test]
+fn item_keys_are_kind_colon_id() {
+    assert_eq!(item_key("user", 1), "user:1");
+    assert_eq!(item_key("order", -42), "order:-42");
+    assert_eq!(
+        item_key("product", i64::MAX),
+        format!("product:{}", i64::MAX)
+    );
+}
+
 #[tokio::test]
 async fn second_read_is_a_hit() {
     let cache = memory_cache();
