@@ -2,7 +2,8 @@
 //! many services in one process): requests by matched route and status, latency, cache counters.
 //! Served at `/metrics` in the text exposition format.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use axum::Router;
@@ -102,6 +103,18 @@ pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
+    /// The two families' handles by (method, route, status), found with one fast hash per
+    /// request: each family hashes its label set with SipHash behind its own lock.
+    series: Arc<RwLock<HashMap<SeriesKey, Series, foldhash::fast::RandomState>>>,
+}
+
+type SeriesKey = (&'static str, Route, u16);
+
+/// The latency histogram and request counter of one (method, route, status): handles to the
+/// families' own series, so the exposition is unchanged.
+struct Series {
+    latency: Histogram,
+    requests: Counter,
 }
 
 impl Metrics {
@@ -129,7 +142,44 @@ impl Metrics {
             registry: Arc::new(Mutex::new(registry)),
             requests,
             latency,
+            series: Arc::default(),
         }
+    }
+
+    /// Counts one request and its latency.
+    fn record(&self, key: SeriesKey, seconds: f64) {
+        let series = self.series.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = series.get(&key) {
+            found.latency.observe(seconds);
+            found.requests.inc();
+            return;
+        }
+        drop(series);
+        let (method, route, status) = key;
+        let found = Series {
+            latency: self
+                .latency
+                .get_or_create(&LatencyLabels {
+                    method,
+                    route: route.clone(),
+                })
+                .clone(),
+            requests: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    method,
+                    route: route.clone(),
+                    status,
+                })
+                .clone(),
+        };
+        found.latency.observe(seconds);
+        found.requests.inc();
+        self.series
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((method, route, status))
+            .or_insert(found);
     }
 
     /// Registers a counter kept elsewhere (e.g. the cache's hits).
@@ -228,22 +278,10 @@ pub async fn track(metrics: &Metrics, req: Request, next: Next) -> Response {
             None => Route::Fixed("unmatched"),
         },
     };
-    let latency = LatencyLabels {
-        method,
-        route: route.clone(),
-    };
-    metrics
-        .latency
-        .get_or_create(&latency)
-        .observe(started.elapsed().as_secs_f64());
-    metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            method,
-            route,
-            status: response.status().as_u16(),
-        })
-        .inc();
+    metrics.record(
+        (method, route, response.status().as_u16()),
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 
@@ -289,6 +327,39 @@ mod tests {
         assert!(
             !text.contains("M9999") && !text.contains("/nothing/"),
             "{text}"
+        );
+    }
+
+    /// The second request of a series goes through the fast lookup: it must count in the same
+    /// exposed series as the first, latency included.
+    #[test]
+    fn repeated_requests_count_in_one_series() {
+        let metrics = Metrics::new("t");
+        let route = || Route::Fixed("/items/{id}");
+        for _ in 0..3 {
+            metrics.record(("GET", route(), 200), 0.001);
+        }
+        metrics.record(("GET", route(), 404), 0.002);
+        let text = metrics.encode();
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+                .rsplit(' ')
+                .next()
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            line(r#"agora_http_requests_total{service="t",method="GET",route="/items/{id}",status="200"}"#).as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            line(r#"agora_http_requests_total{service="t",method="GET",route="/items/{id}",status="404"}"#).as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            line(r#"agora_http_request_duration_seconds_count{service="t",method="GET",route="/items/{id}"}"#).as_deref(),
+            Some("4")
         );
     }
 }
