@@ -19,7 +19,7 @@ use axum::routing::get;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use kit::auth::{AuthMode, Secret, Tokens};
+use kit::auth::{AuthMode, Tokens};
 use kit::service::{App, Deps, Service};
 use kit::{ApiError, Settings};
 use url::Url;
@@ -62,7 +62,9 @@ struct Gateway {
     tokens: Tokens,
     mode: AuthMode,
     /// Sent with every forwarded request, so services believe the identity headers.
-    service_token: Secret,
+    /// `auth.service_token` as the header value sent to the services (made once, marked
+    /// sensitive so no debug output shows it).
+    service_token: HeaderValue,
 }
 
 /// The gateway with upstreams as configured (`services.<name>.upstreams`, or each service's
@@ -97,7 +99,11 @@ pub fn app_with_upstreams(
     let limits = Limits::new(&rate_limit, settings)?;
     limits.register_metrics(&metrics);
     let tokens = Tokens::new(&settings.auth)?;
-    let service_token = settings.auth.require_service_token()?.clone();
+    let mut service_token = HeaderValue::from_str(settings.auth.require_service_token()?.expose())
+        .map_err(|_| {
+            anyhow::anyhow!("auth.service_token must be printable ASCII (it is sent as a header)")
+        })?;
+    service_token.set_sensitive(true);
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
     connector.set_nodelay(true);
@@ -342,9 +348,10 @@ async fn forward(State(gateway): State<Arc<Gateway>>, mut request: Request) -> R
     if let Some(caller) = caller {
         caller.write_headers(headers);
     }
-    if let Ok(value) = HeaderValue::from_str(gateway.service_token.expose()) {
-        headers.insert(kit::auth::SERVICE_TOKEN_HEADER.clone(), value);
-    }
+    headers.insert(
+        kit::auth::SERVICE_TOKEN_HEADER.clone(),
+        gateway.service_token.clone(),
+    );
     let mut response = if upgrade {
         websocket::proxy(&gateway, &service, &route.0, target.path, request).await
     } else {

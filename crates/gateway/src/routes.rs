@@ -98,19 +98,21 @@ pub struct Target<'a> {
 /// it names once a hop behind the gateway decodes or normalises it: a `.` or `..` segment, an
 /// encoded `/`, `.` or `\\`, or a backslash. Such paths are refused before routing.
 pub fn is_ambiguous(path: &str) -> bool {
-    // Compared without a lower-cased copy: this runs on every request.
-    let encoded_separator = path.as_bytes().windows(3).any(|w| {
-        w[0] == b'%'
-            && matches!(
-                (w[1], w[2].to_ascii_lowercase()),
-                (b'2', b'f' | b'e') | (b'5', b'c')
-            )
-    });
-    encoded_separator
-        || path.contains('\\')
-        || path
-            .split('/')
-            .any(|segment| segment == "." || segment == "..")
+    // One pass over the bytes, no lower-cased copy: this runs on every request.
+    let bytes = path.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| match b {
+        b'\\' => true,
+        b'%' => matches!(
+            (bytes.get(i + 1), bytes.get(i + 2).map(u8::to_ascii_lowercase)),
+            (Some(b'2'), Some(b'f' | b'e')) | (Some(b'5'), Some(b'c'))
+        ),
+        // A segment that is `.` or `..`: it starts here and ends at the next `/` or the end.
+        b'.' if i == 0 || bytes[i - 1] == b'/' => {
+            let rest = &bytes[i + 1..];
+            matches!(rest, [] | [b'/', ..] | [b'.'] | [b'.', b'/', ..])
+        }
+        _ => false,
+    })
 }
 
 impl RouteTable {
@@ -271,6 +273,9 @@ mod tests {
             "/api/v1/users/1%5c..",
             "/api/v1/users\\1",
             "/api/v1/users/a%2fb",
+            "/api/v1/users/.",
+            "/api/v1/users/..",
+            "..",
         ] {
             assert!(is_ambiguous(path), "{path}");
         }
@@ -278,6 +283,10 @@ mod tests {
             "/api/v1/users/1",
             "/users/name/Jo%20Ann",
             "/api/v1/products/..x",
+            "/api/v1/products/.hidden/x",
+            "/api/v1/products/v1.2",
+            "/api/v1/products/...",
+            "/api/v1/users/1%2",
             "/",
         ] {
             assert!(!is_ambiguous(path), "{path}");

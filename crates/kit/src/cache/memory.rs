@@ -17,10 +17,14 @@ use bytes::Bytes;
 
 use super::{Backend, Slot, Version};
 
+/// foldhash rather than SipHash for the keys looked up on every cached read: they are built by
+/// the services (a kind and an id), and foldhash's seed is random per process.
+type Hasher = foldhash::fast::RandomState;
+
 pub(super) struct MemoryBackend {
-    entries: moka::future::Cache<String, (Bytes, Duration)>,
+    entries: moka::future::Cache<String, (Bytes, Duration), Hasher>,
     /// Versions of the keys and groups invalidated so far.
-    versions: Mutex<HashMap<String, u64>>,
+    versions: Mutex<HashMap<String, u64, Hasher>>,
     /// The current lifetime of each group (one entry per group name, which code chooses).
     groups: Mutex<HashMap<String, GroupWindow>>,
     max_group_members: u64,
@@ -54,10 +58,10 @@ impl MemoryBackend {
                 u32::try_from(key.len() + value.0.len() + 64).unwrap_or(u32::MAX)
             })
             .expire_after(PerEntryTtl)
-            .build();
+            .build_with_hasher(Hasher::default());
         Self {
             entries,
-            versions: Mutex::new(HashMap::new()),
+            versions: Mutex::default(),
             groups: Mutex::new(HashMap::new()),
             max_group_members,
         }

@@ -50,9 +50,10 @@ impl From<&HttpSettings> for ServeOptions {
 }
 
 /// A request extension set by [`serve`]: whether the server has begun to stop (`/ready` answers
-/// 503 from then on).
+/// 503 from then on). Behind an `Arc`: it is cloned into every request, and a clone of
+/// [`Shutdown`]'s cancellation tokens takes a lock when dropped.
 #[derive(Debug, Clone, Default)]
-pub struct Stopping(Shutdown);
+pub struct Stopping(Arc<Shutdown>);
 
 impl Stopping {
     pub fn is_stopping(&self) -> bool {
@@ -86,7 +87,7 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(options.max_connections));
     // Cancelled once the listener is closed: connections then finish their request and close.
     let closing = CancellationToken::new();
-    let stopping = Stopping(shutdown.clone());
+    let stopping = Stopping(Arc::new(shutdown.clone()));
     let mut connections = JoinSet::new();
     let mut warned_at: Option<Instant> = None;
 
