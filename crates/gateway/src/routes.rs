@@ -103,7 +103,10 @@ pub fn is_ambiguous(path: &str) -> bool {
     bytes.iter().enumerate().any(|(i, &b)| match b {
         b'\\' => true,
         b'%' => matches!(
-            (bytes.get(i + 1), bytes.get(i + 2).map(u8::to_ascii_lowercase)),
+            (
+                bytes.get(i + 1),
+                bytes.get(i + 2).map(u8::to_ascii_lowercase)
+            ),
             (Some(b'2'), Some(b'f' | b'e')) | (Some(b'5'), Some(b'c'))
         ),
         // A segment that is `.` or `..`: it starts here and ends at the next `/` or the end.
