@@ -30,15 +30,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sqlx::migrate::{Migration, Migrator};
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use tokio::sync::Semaphore;
 
 use crate::config::{DatabaseBackend, Settings, is_identifier};
 use crate::outage::Outage;
 
+mod lease;
 mod query;
 mod sqlite;
+
+use lease::Warm;
+pub use lease::{PgLease, PgTx};
 
 pub use query::{Arg, Bind, Executor, FromRow, Query, Scalar, Target, query};
 pub use sqlite::{SqliteDb, SqliteTx, SqliteWriter};
@@ -53,18 +57,27 @@ pub enum Db {
 
 /// A PostgreSQL pool that survives losing its server.
 ///
-/// The pool does not ping a connection before every use (that round trip costs measurable
-/// throughput). Instead, the first statement that finds its connection lost (a restart, a
-/// failover, a reset) marks the moment, and from then on a connection that has been idle since
-/// before that moment is pinged before reuse (broken ones are dropped, sqlx drops a connection
-/// that errors when it is returned). A read (a `select` outside a transaction) that lost its
-/// connection is run once more on another; `begin` likewise, since nothing has run yet. A
-/// database that stays unreachable is a 503 `dependency_unavailable` with `Retry-After`
-/// ([`crate::ApiError`]), never a 500, and its outage is logged once per state change.
+/// The pool does not ping a connection before every use, nor after (those round trips cost
+/// measurable throughput; see the module `lease`). Instead, the first statement that finds its
+/// connection lost (a restart, a failover, a reset) marks the moment, and from then on a
+/// connection that has been idle since before that moment is pinged before reuse (broken ones
+/// are dropped, sqlx drops a connection that errors when it is returned). A read (a `select`
+/// outside a transaction) that lost its connection is run once more on another; `begin`
+/// likewise, since nothing has run yet. A database that stays unreachable is a 503
+/// `dependency_unavailable` with `Retry-After` ([`crate::ApiError`]), never a 500, and its
+/// outage is logged once per state change.
+///
+/// Connections are leased (the module `lease`): a fair semaphore of `database.max_connections`
+/// permits decides who holds one, and a connection that finished cleanly is kept for the next
+/// statement of this process instead of going back through sqlx's release ping (a round trip
+/// per statement).
 #[derive(Debug, Clone)]
 pub struct PgDb {
     pool: PgPool,
     health: Arc<PgHealth>,
+    permits: Arc<Semaphore>,
+    warm: Arc<Warm>,
+    acquire_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -127,27 +140,47 @@ impl PgHealth {
 const DOWN_WAIT: Duration = Duration::from_millis(250);
 
 impl PgDb {
-    /// The pool itself (for sqlx APIs kit does not wrap).
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// A connection of the pool, waiting at most [`DOWN_WAIT`] while the last attempt failed.
-    pub(crate) async fn connection(&self) -> sqlx::Result<PoolConnection<sqlx::Postgres>> {
+    pub(crate) async fn connection(&self) -> sqlx::Result<PgLease> {
         let unreachable = self.health.unreachable.load(Ordering::Relaxed);
-        let result = if unreachable {
-            tokio::time::timeout(DOWN_WAIT, self.pool.acquire())
-                .await
-                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
-        } else {
-            self.pool.acquire().await
-        };
+        let result = self
+            .lease(if unreachable {
+                DOWN_WAIT
+            } else {
+                self.acquire_timeout
+            })
+            .await;
         if unreachable != result.is_err() {
             self.health
                 .unreachable
                 .store(result.is_err(), Ordering::Relaxed);
         }
         result
+    }
+
+    /// A permit, then a connection kept warm by this process or else one of sqlx's pool; within
+    /// `wait` in all.
+    async fn lease(&self, wait: Duration) -> sqlx::Result<PgLease> {
+        let lease = async {
+            let permit = self
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+            let health = &self.health;
+            let conn = match self.warm.take(|idle_for| health.is_suspect(idle_for)) {
+                Some(conn) => conn,
+                None => {
+                    let _waiting = self.warm.waiting();
+                    self.pool.acquire().await?
+                }
+            };
+            Ok(PgLease::new(conn, self.warm.clone(), permit))
+        };
+        tokio::time::timeout(wait, lease)
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolTimedOut))
     }
 
     /// After an attempt on a connection of the pool: whether to make it once more on another
@@ -172,19 +205,25 @@ impl PgDb {
     /// has run in it yet).
     ///
     /// The `BEGIN` runs in a task of its own, so a caller dropped while it is on the wire (a
-    /// client that hung up, a timeout) cannot leave the connection inside a transaction: sqlx
-    /// 0.8's `Pool::begin` is not cancel-safe on PostgreSQL (transact-rs/sqlx#4393), and the
-    /// next user of such a connection would run in that transaction, its writes never
-    /// committed. Finished, the task's transaction is dropped, which rolls it back.
-    async fn begin(&self) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    /// client that hung up, a timeout) cannot leave the connection inside a transaction (sqlx
+    /// 0.8's `Pool::begin` is not cancel-safe on PostgreSQL, transact-rs/sqlx#4393, and the next
+    /// user of such a connection would run in that transaction, its writes never committed).
+    /// Finished, the task's transaction is dropped, which rolls it back.
+    async fn begin(&self) -> sqlx::Result<PgTx> {
         let once = async || {
-            let pool = self.pool.clone();
+            let db = self.clone();
+            let unreachable = self.health.unreachable.load(Ordering::Relaxed);
+            let wait = if unreachable {
+                DOWN_WAIT
+            } else {
+                self.acquire_timeout
+            };
             let begin = async move {
-                tokio::spawn(async move { pool.begin().await })
+                tokio::spawn(async move { PgTx::begin(db.lease(wait).await?).await })
                     .await
                     .unwrap_or_else(|join| Err(sqlx::Error::Io(std::io::Error::other(join))))
             };
-            if self.health.unreachable.load(Ordering::Relaxed) {
+            if unreachable {
                 tokio::time::timeout(DOWN_WAIT, begin)
                     .await
                     .unwrap_or(Err(sqlx::Error::PoolTimedOut))
@@ -288,7 +327,7 @@ impl Dialect {
 /// A transaction; commit it, or drop it to roll back.
 #[derive(Debug)]
 pub enum Tx {
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Postgres(PgTx),
     Sqlite(SqliteTx),
 }
 
@@ -318,7 +357,7 @@ impl Tx {
 /// A connection taken from the pool, for several statements that need no transaction.
 #[derive(Debug)]
 pub enum Conn {
-    Postgres(PoolConnection<sqlx::Postgres>),
+    Postgres(PgLease),
     Sqlite(SqliteWriter),
 }
 
@@ -447,7 +486,13 @@ impl Db {
                 {
                     return Err(err).context("creating the service schema");
                 }
-                Ok(Db::Postgres(PgDb { pool, health }))
+                Ok(Db::Postgres(PgDb {
+                    pool,
+                    health,
+                    permits: Arc::new(Semaphore::new(max as usize)),
+                    warm: Arc::default(),
+                    acquire_timeout: timeout,
+                }))
             }
             DatabaseBackend::Sqlite { path } => {
                 if let Some(dir) = path.parent() {
@@ -480,7 +525,7 @@ impl Db {
         match self {
             Db::Postgres(pg) => {
                 // A migration may legitimately run longer than any request's statement.
-                let mut conn = pg.pool.acquire().await?;
+                let mut conn = pg.connection().await?;
                 sqlx::query("set statement_timeout = 0")
                     .execute(&mut *conn)
                     .await?;
@@ -546,7 +591,11 @@ impl Db {
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
         match self {
-            Db::Postgres(pg) => pg.pool.close().await,
+            Db::Postgres(pg) => {
+                pg.permits.close();
+                pg.warm.close();
+                pg.pool.close().await
+            }
             Db::Sqlite(sqlite) => sqlite.close().await,
         }
     }

@@ -244,9 +244,15 @@ macro_rules! on_pool {
         let mut first = true;
         loop {
             let result = match pg.connection().await {
-                Ok(mut pooled) => {
-                    let $conn: &mut PgConnection = &mut pooled;
-                    $run.await
+                Ok(mut lease) => {
+                    let $conn: &mut PgConnection = &mut lease;
+                    let result = $run.await;
+                    // Answered (rows or a database error): the connection is ready for the next
+                    // statement, so it is kept warm (`lease`) rather than pinged by sqlx.
+                    if !result.as_ref().is_err_and(super::is_connection_lost) {
+                        lease.reusable();
+                    }
+                    result
                 }
                 Err(err) => Err(err),
             };

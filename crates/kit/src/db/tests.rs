@@ -317,3 +317,139 @@ async fn a_begin_cancelled_mid_flight_leaves_no_transaction_behind() {
     assert!(cancelled > 0, "no begin was cancelled");
     db.close().await;
 }
+
+/// The leased connections of [`PgDb`] (`lease`): one that answered its statement is kept for the
+/// next statement instead of going back through sqlx's release ping, and the next takes it.
+#[tokio::test]
+async fn a_connection_that_answered_is_kept_for_the_next_statement() {
+    let mut env = TestEnv::new(Backend::Postgres).await;
+    let db = env.kit_db("warm").await;
+    let Db::Postgres(pg) = &db else {
+        panic!("a PostgreSQL test database")
+    };
+    let pid = async || -> i32 {
+        query("select pg_backend_pid()")
+            .fetch_scalar(&db)
+            .await
+            .expect("pid")
+    };
+    let first = pid().await;
+    assert_eq!(pg.warm.len(), 1, "kept after it answered");
+    for _ in 0..10 {
+        assert_eq!(pid().await, first, "the next statement takes the kept one");
+    }
+    // A database error is an answer too: the connection is ready for the next statement.
+    query("create table t (id bigint primary key)")
+        .execute(&db)
+        .await
+        .expect("create");
+    query("insert into t values (1)")
+        .execute(&db)
+        .await
+        .expect("insert");
+    let taken = query("insert into t values (1)").execute(&db).await;
+    assert!(taken.as_ref().is_err_and(is_unique_violation), "{taken:?}");
+    assert_eq!(pid().await, first);
+    assert_eq!(pg.warm.len(), 1);
+    db.close().await;
+}
+
+/// A transaction dropped open (an error, a cancelled request) is rolled back before its
+/// connection serves anyone, and is not kept warm; a committed one's connection is. One
+/// connection, so the next statement must use the same one.
+#[tokio::test]
+async fn a_transaction_dropped_open_is_rolled_back_before_its_connection_is_reused() {
+    let mut env = TestEnv::new(Backend::Postgres).await;
+    env.settings.database.max_connections = 1;
+    let db = env.kit_db("dropped").await;
+    let Db::Postgres(pg) = &db else {
+        panic!("a PostgreSQL test database")
+    };
+    query("create table t (id bigint primary key)")
+        .execute(&db)
+        .await
+        .expect("create");
+    let count = async || -> i64 {
+        query("select count(*) from t")
+            .fetch_scalar(&db)
+            .await
+            .expect("count")
+    };
+    let mut tx = db.begin().await.expect("begin");
+    query("insert into t values (1)")
+        .execute(&mut tx)
+        .await
+        .expect("insert");
+    drop(tx);
+    assert_eq!(
+        pg.warm.len(),
+        0,
+        "a connection left in a transaction is not kept"
+    );
+    assert_eq!(count().await, 0, "the dropped transaction was rolled back");
+    let xid = async || -> String {
+        query("select pg_current_xact_id()::text")
+            .fetch_scalar(&db)
+            .await
+            .expect("xid")
+    };
+    assert_ne!(xid().await, xid().await, "no transaction left open");
+
+    let mut tx = db.begin().await.expect("begin");
+    query("insert into t values (2)")
+        .execute(&mut tx)
+        .await
+        .expect("insert");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        pg.warm.len(),
+        1,
+        "a committed transaction's connection is kept"
+    );
+    assert_eq!(count().await, 1);
+    db.close().await;
+}
+
+/// More users than connections, statements and transactions mixed: every one gets a connection
+/// in turn (permits are served in order, and a connection given back while someone waits in
+/// sqlx's pool goes to them), none times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_users_than_connections_are_all_served() {
+    let mut env = TestEnv::new(Backend::Postgres).await;
+    env.settings.database.max_connections = 2;
+    env.settings.database.connect_timeout_secs = 5;
+    let db = env.kit_db("contended").await;
+    query("create table t (id bigint primary key)")
+        .execute(&db)
+        .await
+        .expect("create");
+    let tasks: Vec<_> = (0..60i64)
+        .map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    let mut tx = db.begin().await?;
+                    query("insert into t values ($1)")
+                        .bind(i)
+                        .execute(&mut tx)
+                        .await?;
+                    query("select pg_sleep(0.002)").execute(&mut tx).await?;
+                    tx.commit().await
+                } else {
+                    query("select pg_sleep(0.002)").execute(&db).await.map(drop)
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await
+            .expect("task")
+            .expect("served within the timeout");
+    }
+    let rows: i64 = query("select count(*) from t")
+        .fetch_scalar(&db)
+        .await
+        .expect("count");
+    assert_eq!(rows, 30);
+    db.close().await;
+}
