@@ -26,7 +26,7 @@ use axum::http::uri::{Authority, Scheme};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use kit::breaker::{Breaker, BreakerPolicy, Circuit};
-use kit::metrics::SharedLabel;
+use kit::metrics::{FastFamily, SharedLabel};
 use kit::outage::Outage;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -152,7 +152,8 @@ impl prometheus_client::encoding::EncodeLabelValue for Outcome {
 /// The gateway's metrics about its upstreams.
 #[derive(Clone, Default)]
 pub struct UpstreamMetrics {
-    pub forwarded: Family<ForwardLabels, Counter>,
+    /// Counted on every forward: its series found with one foldhash lookup.
+    pub forwarded: FastFamily<ForwardLabels, Counter>,
     pub circuit: Family<ReplicaLabels, Gauge>,
     pub circuit_opened: Family<ReplicaLabels, Counter>,
     pub healthy: Family<ReplicaLabels, Gauge>,
@@ -165,7 +166,7 @@ impl UpstreamMetrics {
         metrics.register(
             "gateway_upstream_requests",
             "Requests forwarded, by route table entry, service, replica and upstream status",
-            self.forwarded.clone(),
+            self.forwarded.family().clone(),
         );
         metrics.register(
             "gateway_circuit_state",
@@ -330,15 +331,13 @@ impl Upstream {
         if after != before {
             self.publish_circuit(replica);
         }
-        self.metrics
-            .forwarded
-            .get_or_create(&ForwardLabels {
-                route: SharedLabel(route.clone()),
-                service: replica.labels.service.clone(),
-                upstream: replica.labels.upstream.clone(),
-                status,
-            })
-            .inc();
+        let labels = ForwardLabels {
+            route: SharedLabel(route.clone()),
+            service: replica.labels.service.clone(),
+            upstream: replica.labels.upstream.clone(),
+            status,
+        };
+        self.metrics.forwarded.with(&labels, Counter::inc);
     }
 
     /// A request answered 503 because no replica could take it.

@@ -3,6 +3,7 @@
 //! Served at `/metrics` in the text exposition format.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -97,15 +98,93 @@ impl prometheus_client::encoding::EncodeLabelValue for Route {
     }
 }
 
+/// Handles to series of one or more families, found by a key with one foldhash lookup:
+/// prometheus-client's `Family::get_or_create` hashes the whole label set with SipHash behind
+/// the family's lock on every call. A key's series are made once, on its first use, by the
+/// caller's constructor (usually `family.get_or_create(&labels).clone()`: a handle to the
+/// family's own series, so the exposition is unchanged). Cheap to clone (shared).
+pub struct SeriesCache<K, V> {
+    found: Arc<RwLock<HashMap<K, V, foldhash::fast::RandomState>>>,
+}
+
+impl<K, V> Clone for SeriesCache<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            found: self.found.clone(),
+        }
+    }
+}
+
+impl<K, V> Default for SeriesCache<K, V> {
+    fn default() -> Self {
+        Self {
+            found: Arc::default(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, V> SeriesCache<K, V> {
+    /// Runs `with` on the series of `key`, made by `make` the first time.
+    pub fn with<R>(&self, key: &K, make: impl FnOnce(&K) -> V, with: impl FnOnce(&V) -> R) -> R {
+        let found = self.found.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(series) = found.get(key) {
+            return with(series);
+        }
+        drop(found);
+        let mut found = self.found.write().unwrap_or_else(|p| p.into_inner());
+        with(found.entry(key.clone()).or_insert_with(|| make(key)))
+    }
+}
+
+/// A labelled family of metrics whose series are found through a [`SeriesCache`]: for a family
+/// touched on every request. Register [`FastFamily::family`]. Cheap to clone (shared).
+pub struct FastFamily<S, M> {
+    family: Family<S, M>,
+    series: SeriesCache<S, M>,
+}
+
+impl<S, M> Clone for FastFamily<S, M> {
+    fn clone(&self) -> Self {
+        Self {
+            family: self.family.clone(),
+            series: self.series.clone(),
+        }
+    }
+}
+
+impl<S: Clone + Hash + Eq, M: Default> Default for FastFamily<S, M> {
+    fn default() -> Self {
+        Self {
+            family: Family::default(),
+            series: SeriesCache::default(),
+        }
+    }
+}
+
+impl<S: Clone + Hash + Eq, M: Clone> FastFamily<S, M> {
+    /// The family, to register.
+    pub fn family(&self) -> &Family<S, M> {
+        &self.family
+    }
+
+    /// Runs `with` on the series of `labels` (made in the family the first time).
+    pub fn with<R>(&self, labels: &S, with: impl FnOnce(&M) -> R) -> R {
+        self.series.with(
+            labels,
+            |labels| self.family.get_or_create(labels).clone(),
+            with,
+        )
+    }
+}
+
 /// A service's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
-    /// The two families' handles by (method, route, status), found with one fast hash per
-    /// request: each family hashes its label set with SipHash behind its own lock.
-    series: Arc<RwLock<HashMap<SeriesKey, Series, foldhash::fast::RandomState>>>,
+    /// The two families' series by (method, route, status).
+    series: SeriesCache<SeriesKey, Series>,
 }
 
 type SeriesKey = (&'static str, Route, u16);
@@ -142,21 +221,13 @@ impl Metrics {
             registry: Arc::new(Mutex::new(registry)),
             requests,
             latency,
-            series: Arc::default(),
+            series: SeriesCache::default(),
         }
     }
 
     /// Counts one request and its latency.
     fn record(&self, key: SeriesKey, seconds: f64) {
-        let series = self.series.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(found) = series.get(&key) {
-            found.latency.observe(seconds);
-            found.requests.inc();
-            return;
-        }
-        drop(series);
-        let (method, route, status) = key;
-        let found = Series {
+        let make = |(method, route, status): &SeriesKey| Series {
             latency: self
                 .latency
                 .get_or_create(&LatencyLabels {
@@ -169,17 +240,14 @@ impl Metrics {
                 .get_or_create(&RequestLabels {
                     method,
                     route: route.clone(),
-                    status,
+                    status: *status,
                 })
                 .clone(),
         };
-        found.latency.observe(seconds);
-        found.requests.inc();
-        self.series
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((method, route, status))
-            .or_insert(found);
+        self.series.with(&key, make, |series| {
+            series.latency.observe(seconds);
+            series.requests.inc();
+        });
     }
 
     /// Registers a counter kept elsewhere (e.g. the cache's hits).
@@ -360,6 +428,33 @@ mod tests {
         assert_eq!(
             line(r#"agora_http_request_duration_seconds_count{service="t",method="GET",route="/items/{id}"}"#).as_deref(),
             Some("4")
+        );
+    }
+    /// A fast family's series are its family's own: what `with` counts is what the registered
+    /// family exposes, one series per label set.
+    #[test]
+    fn a_fast_family_counts_into_the_family_it_registers() {
+        #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct Labels {
+            backend: &'static str,
+        }
+        let metrics = Metrics::new("t");
+        let family = FastFamily::<Labels, Counter>::default();
+        metrics.register("decisions", "Decisions", family.family().clone());
+        for _ in 0..3 {
+            family.with(&Labels { backend: "redis" }, Counter::inc);
+        }
+        family
+            .clone()
+            .with(&Labels { backend: "local" }, Counter::inc);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"agora_decisions_total{service="t",backend="redis"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"agora_decisions_total{service="t",backend="local"} 1"#),
+            "{text}"
         );
     }
 }
