@@ -1,11 +1,12 @@
-//! Connections of the PostgreSQL pool handed out without sqlx's release ping.
+//! Connections of sqlx's pools handed out without sqlx's release ping.
 //!
 //! sqlx 0.8 (and 0.9) pings every connection given back to its pool before another user may
-//! take it: one more round trip to the server, and a spawned task, for every statement outside a
-//! transaction and every transaction. That doubles the server's wake-ups for a primary-key read.
-//! So a connection that finished cleanly (its statement answered, its transaction committed or
-//! rolled back) is kept here, [`Warm`], for the next user of this process, and only goes back to
-//! sqlx's pool (through the ping) when:
+//! take it, and spawns a task to do so. On PostgreSQL that is one more round trip to the server
+//! for every statement outside a transaction and every transaction (it doubled the server's
+//! wake-ups for a primary-key read); on SQLite a round trip to the connection's thread for every
+//! read. So a connection that finished cleanly (its statement answered, its transaction
+//! committed or rolled back) is kept here, in [`Warm`], for the next user of this process, and
+//! only goes back to sqlx's pool (through the ping) when:
 //! - it was dropped mid-statement (a cancelled request) or inside a transaction: the ping, with
 //!   the queued `ROLLBACK`, is exactly what such a connection needs before anyone reuses it;
 //! - it lost its connection (sqlx then closes it);
@@ -13,9 +14,10 @@
 //!   idle timeout, lifetime and health checks manage them as before;
 //! - a user holding a permit is waiting in sqlx's pool for a connection (so it gets this one).
 //!
-//! Who may hold a connection is decided by a fair semaphore of `database.max_connections`
-//! permits in front of both ([`super::PgDb`]): a permit guarantees a connection, from here or from
-//! sqlx's pool, and waiters are served in order.
+//! Who may hold a connection is decided by a fair semaphore with as many permits as the pool has
+//! connections at most, in front of both ([`Leases`]): a permit guarantees a connection, from
+//! here or from sqlx's pool, and waiters are served in order. Used by [`super::PgDb`] for every
+//! connection and by [`super::SqliteDb`] for its readers (its writer is a connection of its own).
 
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
@@ -23,29 +25,126 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::TransactionManager as _;
-use sqlx::pool::PoolConnection;
+use sqlx::pool::{Pool, PoolConnection};
 use sqlx::postgres::{PgConnection, PgTransactionManager};
-use tokio::sync::OwnedSemaphorePermit;
-
-type Pooled = PoolConnection<sqlx::Postgres>;
+use sqlx::{Database, TransactionManager as _};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// A connection kept longer than this without use goes back to sqlx's pool.
 pub(crate) const WARM_FOR: Duration = Duration::from_secs(1);
 
+/// A sqlx pool whose connections are leased (see the module docs). Cheap to clone.
+#[derive(Debug)]
+pub(crate) struct Leases<DB: Database> {
+    pool: Pool<DB>,
+    permits: Arc<Semaphore>,
+    warm: Arc<Warm<DB>>,
+}
+
+impl<DB: Database> Clone for Leases<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            permits: self.permits.clone(),
+            warm: self.warm.clone(),
+        }
+    }
+}
+
+impl<DB: Database> Leases<DB> {
+    /// As many permits as `pool` has connections at most.
+    pub(crate) fn new(pool: Pool<DB>) -> Self {
+        let max = pool.options().get_max_connections();
+        Self {
+            pool,
+            permits: Arc::new(Semaphore::new(max as usize)),
+            warm: Arc::new(Warm::default()),
+        }
+    }
+
+    /// A permit, then a connection kept warm by this process (unless `suspect` of its idle
+    /// time) or else one of sqlx's pool; within `wait` in all (`PoolTimedOut` after it).
+    pub(crate) async fn lease(
+        &self,
+        wait: Duration,
+        suspect: impl FnOnce(Duration) -> bool,
+    ) -> sqlx::Result<Lease<DB>> {
+        let lease = async {
+            let permit = self
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+            let conn = match self.warm.take(suspect) {
+                Some(conn) => conn,
+                None => {
+                    let _waiting = self.warm.waiting();
+                    self.pool.acquire().await?
+                }
+            };
+            Ok(Lease {
+                conn: Some(conn),
+                warm: self.warm.clone(),
+                reusable: false,
+                _permit: permit,
+            })
+        };
+        tokio::time::timeout(wait, lease)
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+    }
+
+    /// Gives back the kept connections and closes the pool, waiting for the leased ones.
+    pub(crate) async fn close(&self) {
+        self.permits.close();
+        self.warm.close();
+        self.pool.close().await;
+    }
+
+    /// How many connections are kept warm (for tests).
+    #[cfg(test)]
+    pub(crate) fn warm_len(&self) -> usize {
+        self.warm
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+/// Whether a statement's outcome leaves its connection ready for the next one: it answered
+/// (rows, or a database error such as a constraint violation), rather than losing its
+/// connection.
+pub(crate) fn answered<T>(result: &sqlx::Result<T>) -> bool {
+    !result.as_ref().is_err_and(|err| {
+        super::is_connection_lost(err) || matches!(err, sqlx::Error::WorkerCrashed)
+    })
+}
+
 /// Connections used a moment ago, newest last, each with the moment it was given back.
-#[derive(Debug, Default)]
-pub(crate) struct Warm {
-    conns: Mutex<VecDeque<(Pooled, Instant)>>,
+#[derive(Debug)]
+struct Warm<DB: Database> {
+    conns: Mutex<VecDeque<(PoolConnection<DB>, Instant)>>,
     /// Permit holders waiting in sqlx's pool: while any is, a connection given back goes there.
     waiting: AtomicUsize,
     closed: AtomicBool,
 }
 
-impl Warm {
+impl<DB: Database> Default for Warm<DB> {
+    fn default() -> Self {
+        Self {
+            conns: Mutex::default(),
+            waiting: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl<DB: Database> Warm<DB> {
     /// The most recently used connection, unless it has been idle since before a lost
     /// connection was seen (`suspect`): that one goes back through sqlx's ping instead.
-    pub(crate) fn take(&self, suspect: impl FnOnce(Duration) -> bool) -> Option<Pooled> {
+    fn take(&self, suspect: impl FnOnce(Duration) -> bool) -> Option<PoolConnection<DB>> {
         let mut expired = Vec::new();
         let newest = {
             let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -59,7 +158,7 @@ impl Warm {
 
     /// Keeps a connection that finished cleanly for the next user (see the module docs for when
     /// it goes to sqlx's pool instead).
-    fn keep(&self, conn: Pooled) {
+    fn keep(&self, conn: PoolConnection<DB>) {
         if self.waiting.load(Ordering::Acquire) > 0 || self.closed.load(Ordering::Acquire) {
             return;
         }
@@ -74,7 +173,7 @@ impl Warm {
 
     /// Gives every kept connection back to sqlx's pool and keeps none from now on (before the
     /// pool is closed, which waits for them).
-    pub(crate) fn close(&self) {
+    fn close(&self) {
         self.closed.store(true, Ordering::Release);
         let all: Vec<_> = self
             .conns
@@ -86,21 +185,15 @@ impl Warm {
     }
 
     /// Counts a permit holder waiting in sqlx's pool while the guard lives.
-    pub(crate) fn waiting(&self) -> Waiting<'_> {
+    fn waiting(&self) -> Waiting<'_> {
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Waiting(&self.waiting)
-    }
-
-    /// How many connections are kept (for tests).
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
 /// Moves the connections idle longer than [`WARM_FOR`] (the oldest, at the front) to `out`, to be
 /// dropped once the lock is released (dropping gives them back to sqlx's pool).
-fn expire(conns: &mut VecDeque<(Pooled, Instant)>, out: &mut Vec<Pooled>) {
+fn expire<C>(conns: &mut VecDeque<(C, Instant)>, out: &mut Vec<C>) {
     while conns
         .front()
         .is_some_and(|(_, kept_at)| kept_at.elapsed() > WARM_FOR)
@@ -111,7 +204,7 @@ fn expire(conns: &mut VecDeque<(Pooled, Instant)>, out: &mut Vec<Pooled>) {
     }
 }
 
-impl Drop for Warm {
+impl<DB: Database> Drop for Warm<DB> {
     fn drop(&mut self) {
         let conns = std::mem::take(self.conns.get_mut().unwrap_or_else(|p| p.into_inner()));
         // Giving a connection back to sqlx's pool spawns a task; without a runtime (a pool
@@ -125,7 +218,7 @@ impl Drop for Warm {
 }
 
 /// See [`Warm::waiting`].
-pub(crate) struct Waiting<'a>(&'a AtomicUsize);
+struct Waiting<'a>(&'a AtomicUsize);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
@@ -134,50 +227,44 @@ impl Drop for Waiting<'_> {
 }
 
 /// A connection and the permit to hold it. Dropped, the connection is kept warm when it finished
-/// cleanly ([`PgLease::reusable`]), otherwise given back to sqlx's pool; then the permit is
+/// cleanly ([`Lease::reusable`]), otherwise given back to sqlx's pool; then the permit is
 /// released.
 #[derive(Debug)]
-pub struct PgLease {
-    conn: Option<Pooled>,
-    warm: Arc<Warm>,
+pub struct Lease<DB: Database> {
+    conn: Option<PoolConnection<DB>>,
+    warm: Arc<Warm<DB>>,
     reusable: bool,
     _permit: OwnedSemaphorePermit,
 }
 
-impl PgLease {
-    pub(crate) fn new(conn: Pooled, warm: Arc<Warm>, permit: OwnedSemaphorePermit) -> Self {
-        Self {
-            conn: Some(conn),
-            warm,
-            reusable: false,
-            _permit: permit,
-        }
-    }
+/// A leased PostgreSQL connection.
+pub type PgLease = Lease<sqlx::Postgres>;
 
+impl<DB: Database> Lease<DB> {
     /// Marks the connection as finished cleanly (its statement answered): it may be kept warm.
     pub(crate) fn reusable(&mut self) {
         self.reusable = true;
     }
 }
 
-impl Deref for PgLease {
-    type Target = PgConnection;
-    fn deref(&self) -> &PgConnection {
+impl<DB: Database> Deref for Lease<DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
         self.conn
             .as_ref()
             .expect("a lease holds its connection until dropped")
     }
 }
 
-impl DerefMut for PgLease {
-    fn deref_mut(&mut self) -> &mut PgConnection {
+impl<DB: Database> DerefMut for Lease<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
         self.conn
             .as_mut()
             .expect("a lease holds its connection until dropped")
     }
 }
 
-impl Drop for PgLease {
+impl<DB: Database> Drop for Lease<DB> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take()
             && self.reusable

@@ -30,9 +30,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sqlx::migrate::{Migration, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-use tokio::sync::Semaphore;
 
 use crate::config::{DatabaseBackend, Settings, is_identifier};
 use crate::outage::Outage;
@@ -41,8 +40,8 @@ mod lease;
 mod query;
 mod sqlite;
 
-use lease::Warm;
-pub use lease::{PgLease, PgTx};
+use lease::Leases;
+pub use lease::{Lease, PgLease, PgTx};
 
 pub use query::{Arg, Bind, Executor, FromRow, Query, Scalar, Target, query};
 pub use sqlite::{SqliteDb, SqliteTx, SqliteWriter};
@@ -73,10 +72,8 @@ pub enum Db {
 /// per statement).
 #[derive(Debug, Clone)]
 pub struct PgDb {
-    pool: PgPool,
+    leases: Leases<sqlx::Postgres>,
     health: Arc<PgHealth>,
-    permits: Arc<Semaphore>,
-    warm: Arc<Warm>,
     acquire_timeout: Duration,
 }
 
@@ -158,29 +155,12 @@ impl PgDb {
         result
     }
 
-    /// A permit, then a connection kept warm by this process or else one of sqlx's pool; within
-    /// `wait` in all.
+    /// A leased connection (see the module `lease`), within `wait`.
     async fn lease(&self, wait: Duration) -> sqlx::Result<PgLease> {
-        let lease = async {
-            let permit = self
-                .permits
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| sqlx::Error::PoolClosed)?;
-            let health = &self.health;
-            let conn = match self.warm.take(|idle_for| health.is_suspect(idle_for)) {
-                Some(conn) => conn,
-                None => {
-                    let _waiting = self.warm.waiting();
-                    self.pool.acquire().await?
-                }
-            };
-            Ok(PgLease::new(conn, self.warm.clone(), permit))
-        };
-        tokio::time::timeout(wait, lease)
+        let health = &self.health;
+        self.leases
+            .lease(wait, |idle_for| health.is_suspect(idle_for))
             .await
-            .unwrap_or(Err(sqlx::Error::PoolTimedOut))
     }
 
     /// After an attempt on a connection of the pool: whether to make it once more on another
@@ -487,10 +467,8 @@ impl Db {
                     return Err(err).context("creating the service schema");
                 }
                 Ok(Db::Postgres(PgDb {
-                    pool,
+                    leases: Leases::new(pool),
                     health,
-                    permits: Arc::new(Semaphore::new(max as usize)),
-                    warm: Arc::default(),
                     acquire_timeout: timeout,
                 }))
             }
@@ -591,11 +569,7 @@ impl Db {
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
         match self {
-            Db::Postgres(pg) => {
-                pg.permits.close();
-                pg.warm.close();
-                pg.pool.close().await
-            }
+            Db::Postgres(pg) => pg.leases.close().await,
             Db::Sqlite(sqlite) => sqlite.close().await,
         }
     }

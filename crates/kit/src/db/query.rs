@@ -249,7 +249,7 @@ macro_rules! on_pool {
                     let result = $run.await;
                     // Answered (rows or a database error): the connection is ready for the next
                     // statement, so it is kept warm (`lease`) rather than pinged by sqlx.
-                    if !result.as_ref().is_err_and(super::is_connection_lost) {
+                    if super::lease::answered(&result) {
                         lease.reusable();
                     }
                     result
@@ -279,7 +279,12 @@ macro_rules! run {
                 let read = $self.is_read();
                 let statement = sqlx::$build $(::<_, $t, _>)? ($self.sql, sqlite_args($self.args)?);
                 if read {
-                    statement.$call(sqlite.readers()).await
+                    let mut reader = sqlite.reader().await?;
+                    let result = statement.$call(&mut *reader).await;
+                    if super::lease::answered(&result) {
+                        reader.reusable();
+                    }
+                    result
                 } else {
                     statement.$call(&mut *sqlite.writer().await?).await
                 }
@@ -322,7 +327,12 @@ impl<'q> Query<'q> {
                 let read = self.is_read();
                 let statement = sqlx::query_with(self.sql, sqlite_args(self.args)?);
                 if read {
-                    statement.execute(sqlite.readers()).await?
+                    let mut reader = sqlite.reader().await?;
+                    let result = statement.execute(&mut *reader).await;
+                    if super::lease::answered(&result) {
+                        reader.reusable();
+                    }
+                    result?
                 } else {
                     statement.execute(&mut *sqlite.writer().await?).await?
                 }

@@ -22,6 +22,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool, SqlitePoo
 use sqlx::{ConnectOptions as _, Connection as _, TransactionManager as _};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use super::lease::{Lease, Leases};
+
 /// At most this many reader connections per SQLite file: each has its own thread and page
 /// cache, and more readers than cores only queue in the kernel.
 const READERS: u32 = 4;
@@ -29,7 +31,10 @@ const READERS: u32 = 4;
 /// A SQLite file's connections: see the module docs. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SqliteDb {
-    read: SqlitePool,
+    /// The readers, leased like PostgreSQL's connections (`super::lease`): a reader that
+    /// answered is kept for the next read instead of going back through sqlx's release ping (a
+    /// round trip to the connection's thread).
+    pub(super) read: Leases<sqlx::Sqlite>,
     /// `None` once closed (or never opened, see [`SqliteDb::readers_only`]).
     write: Arc<Mutex<Option<SqliteConnection>>>,
     /// How long a write waits for the writer.
@@ -51,7 +56,7 @@ impl SqliteDb {
             .connect_with(options)
             .await?;
         Ok(Self {
-            read,
+            read: Leases::new(read),
             write: Arc::new(Mutex::new(Some(writer))),
             wait,
         })
@@ -60,15 +65,15 @@ impl SqliteDb {
     /// Readers and no writer: every write fails (a test's placeholder that is never written to).
     pub fn readers_only(read: SqlitePool) -> Self {
         Self {
-            read,
+            read: Leases::new(read),
             write: Arc::new(Mutex::new(None)),
             wait: Duration::from_secs(1),
         }
     }
 
-    /// The readers' pool.
-    pub(crate) fn readers(&self) -> &SqlitePool {
-        &self.read
+    /// A reader connection (`PoolTimedOut` after the wait, a 503).
+    pub(crate) async fn reader(&self) -> sqlx::Result<Lease<sqlx::Sqlite>> {
+        self.read.lease(self.wait, |_| false).await
     }
 
     /// The writer, once it is this caller's turn (`PoolTimedOut` after the wait, a 503).

@@ -334,7 +334,7 @@ async fn a_connection_that_answered_is_kept_for_the_next_statement() {
             .expect("pid")
     };
     let first = pid().await;
-    assert_eq!(pg.warm.len(), 1, "kept after it answered");
+    assert_eq!(pg.leases.warm_len(), 1, "kept after it answered");
     for _ in 0..10 {
         assert_eq!(pid().await, first, "the next statement takes the kept one");
     }
@@ -350,7 +350,7 @@ async fn a_connection_that_answered_is_kept_for_the_next_statement() {
     let taken = query("insert into t values (1)").execute(&db).await;
     assert!(taken.as_ref().is_err_and(is_unique_violation), "{taken:?}");
     assert_eq!(pid().await, first);
-    assert_eq!(pg.warm.len(), 1);
+    assert_eq!(pg.leases.warm_len(), 1);
     db.close().await;
 }
 
@@ -382,7 +382,7 @@ async fn a_transaction_dropped_open_is_rolled_back_before_its_connection_is_reus
         .expect("insert");
     drop(tx);
     assert_eq!(
-        pg.warm.len(),
+        pg.leases.warm_len(),
         0,
         "a connection left in a transaction is not kept"
     );
@@ -402,7 +402,7 @@ async fn a_transaction_dropped_open_is_rolled_back_before_its_connection_is_reus
         .expect("insert");
     tx.commit().await.expect("commit");
     assert_eq!(
-        pg.warm.len(),
+        pg.leases.warm_len(),
         1,
         "a committed transaction's connection is kept"
     );
@@ -451,5 +451,40 @@ async fn more_users_than_connections_are_all_served() {
         .await
         .expect("count");
     assert_eq!(rows, 30);
+    db.close().await;
+}
+
+/// SQLite's readers are leased too: a reader that answered is kept for the next read (no round
+/// trip to its thread for sqlx's release ping), and sees what the writer committed since.
+#[tokio::test]
+async fn a_sqlite_reader_that_answered_is_kept_for_the_next_read() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let db = Db::connect(&env.settings, "users", &Migrations::NONE)
+        .await
+        .expect("connects");
+    let Db::Sqlite(sqlite) = &db else {
+        panic!("a SQLite test database")
+    };
+    query("create table t (id integer primary key)")
+        .execute(&db)
+        .await
+        .expect("create");
+    let count = async || -> i64 {
+        query("select count(*) from t")
+            .fetch_scalar(&db)
+            .await
+            .expect("count")
+    };
+    assert_eq!(count().await, 0);
+    assert_eq!(sqlite.read.warm_len(), 1, "kept after it answered");
+    for id in 1..=3i64 {
+        query("insert into t (id) values ($1)")
+            .bind(id)
+            .execute(&db)
+            .await
+            .expect("insert");
+        assert_eq!(count().await, id, "the kept reader sees each commit");
+    }
+    assert_eq!(sqlite.read.warm_len(), 1);
     db.close().await;
 }
