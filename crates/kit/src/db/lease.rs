@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use sqlx::pool::{Pool, PoolConnection};
 use sqlx::postgres::{PgConnection, PgTransactionManager};
 use sqlx::{Database, TransactionManager as _};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 /// A connection kept longer than this without use goes back to sqlx's pool.
 pub(crate) const WARM_FOR: Duration = Duration::from_secs(1);
@@ -67,32 +67,49 @@ impl<DB: Database> Leases<DB> {
     pub(crate) async fn lease(
         &self,
         wait: Duration,
-        suspect: impl FnOnce(Duration) -> bool,
+        suspect: impl Fn(Duration) -> bool,
     ) -> sqlx::Result<Lease<DB>> {
+        // The usual case under load: a free permit and a kept connection, nothing to wait for
+        // (and no timer to set).
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => match self.warm.take(&suspect) {
+                Some(conn) => return Ok(self.lease_of(conn, permit)),
+                None => Some(permit),
+            },
+            Err(TryAcquireError::Closed) => return Err(sqlx::Error::PoolClosed),
+            Err(TryAcquireError::NoPermits) => None,
+        };
         let lease = async {
-            let permit = self
-                .permits
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| sqlx::Error::PoolClosed)?;
-            let conn = match self.warm.take(suspect) {
+            let permit = match permit {
+                Some(permit) => permit,
+                None => self
+                    .permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| sqlx::Error::PoolClosed)?,
+            };
+            let conn = match self.warm.take(&suspect) {
                 Some(conn) => conn,
                 None => {
                     let _waiting = self.warm.waiting();
                     self.pool.acquire().await?
                 }
             };
-            Ok(Lease {
-                conn: Some(conn),
-                warm: self.warm.clone(),
-                reusable: false,
-                _permit: permit,
-            })
+            Ok(self.lease_of(conn, permit))
         };
         tokio::time::timeout(wait, lease)
             .await
             .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+    }
+
+    fn lease_of(&self, conn: PoolConnection<DB>, permit: OwnedSemaphorePermit) -> Lease<DB> {
+        Lease {
+            conn: Some(conn),
+            warm: self.warm.clone(),
+            reusable: false,
+            _permit: permit,
+        }
     }
 
     /// Gives back the kept connections and closes the pool, waiting for the leased ones.
@@ -144,7 +161,7 @@ impl<DB: Database> Default for Warm<DB> {
 impl<DB: Database> Warm<DB> {
     /// The most recently used connection, unless it has been idle since before a lost
     /// connection was seen (`suspect`): that one goes back through sqlx's ping instead.
-    fn take(&self, suspect: impl FnOnce(Duration) -> bool) -> Option<PoolConnection<DB>> {
+    fn take(&self, suspect: impl Fn(Duration) -> bool) -> Option<PoolConnection<DB>> {
         let mut expired = Vec::new();
         let newest = {
             let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());

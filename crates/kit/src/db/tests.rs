@@ -318,6 +318,22 @@ async fn a_begin_cancelled_mid_flight_leaves_no_transaction_behind() {
     db.close().await;
 }
 
+/// Creates table `t (id bigint primary key)`.
+async fn create_t(db: &Db) {
+    query("create table t (id bigint primary key)")
+        .execute(db)
+        .await
+        .expect("create");
+}
+
+/// The rows in table `t`.
+async fn rows_in_t(db: &Db) -> i64 {
+    query("select count(*) from t")
+        .fetch_scalar(db)
+        .await
+        .expect("count")
+}
+
 /// The leased connections of [`PgDb`] (`lease`): one that answered its statement is kept for the
 /// next statement instead of going back through sqlx's release ping, and the next takes it.
 #[tokio::test]
@@ -339,10 +355,7 @@ async fn a_connection_that_answered_is_kept_for_the_next_statement() {
         assert_eq!(pid().await, first, "the next statement takes the kept one");
     }
     // A database error is an answer too: the connection is ready for the next statement.
-    query("create table t (id bigint primary key)")
-        .execute(&db)
-        .await
-        .expect("create");
+    create_t(&db).await;
     query("insert into t values (1)")
         .execute(&db)
         .await
@@ -365,16 +378,7 @@ async fn a_transaction_dropped_open_is_rolled_back_before_its_connection_is_reus
     let Db::Postgres(pg) = &db else {
         panic!("a PostgreSQL test database")
     };
-    query("create table t (id bigint primary key)")
-        .execute(&db)
-        .await
-        .expect("create");
-    let count = async || -> i64 {
-        query("select count(*) from t")
-            .fetch_scalar(&db)
-            .await
-            .expect("count")
-    };
+    create_t(&db).await;
     let mut tx = db.begin().await.expect("begin");
     query("insert into t values (1)")
         .execute(&mut tx)
@@ -386,7 +390,11 @@ async fn a_transaction_dropped_open_is_rolled_back_before_its_connection_is_reus
         0,
         "a connection left in a transaction is not kept"
     );
-    assert_eq!(count().await, 0, "the dropped transaction was rolled back");
+    assert_eq!(
+        rows_in_t(&db).await,
+        0,
+        "the dropped transaction was rolled back"
+    );
     let xid = async || -> String {
         query("select pg_current_xact_id()::text")
             .fetch_scalar(&db)
@@ -406,7 +414,7 @@ async fn a_transaction_dropped_open_is_rolled_back_before_its_connection_is_reus
         1,
         "a committed transaction's connection is kept"
     );
-    assert_eq!(count().await, 1);
+    assert_eq!(rows_in_t(&db).await, 1);
     db.close().await;
 }
 
@@ -419,10 +427,7 @@ async fn more_users_than_connections_are_all_served() {
     env.settings.database.max_connections = 2;
     env.settings.database.connect_timeout_secs = 5;
     let db = env.kit_db("contended").await;
-    query("create table t (id bigint primary key)")
-        .execute(&db)
-        .await
-        .expect("create");
+    create_t(&db).await;
     let tasks: Vec<_> = (0..60i64)
         .map(|i| {
             let db = db.clone();
@@ -446,11 +451,7 @@ async fn more_users_than_connections_are_all_served() {
             .expect("task")
             .expect("served within the timeout");
     }
-    let rows: i64 = query("select count(*) from t")
-        .fetch_scalar(&db)
-        .await
-        .expect("count");
-    assert_eq!(rows, 30);
+    assert_eq!(rows_in_t(&db).await, 30);
     db.close().await;
 }
 
@@ -465,17 +466,8 @@ async fn a_sqlite_reader_that_answered_is_kept_for_the_next_read() {
     let Db::Sqlite(sqlite) = &db else {
         panic!("a SQLite test database")
     };
-    query("create table t (id integer primary key)")
-        .execute(&db)
-        .await
-        .expect("create");
-    let count = async || -> i64 {
-        query("select count(*) from t")
-            .fetch_scalar(&db)
-            .await
-            .expect("count")
-    };
-    assert_eq!(count().await, 0);
+    create_t(&db).await;
+    assert_eq!(rows_in_t(&db).await, 0);
     assert_eq!(sqlite.read.warm_len(), 1, "kept after it answered");
     for id in 1..=3i64 {
         query("insert into t (id) values ($1)")
@@ -483,7 +475,7 @@ async fn a_sqlite_reader_that_answered_is_kept_for_the_next_read() {
             .execute(&db)
             .await
             .expect("insert");
-        assert_eq!(count().await, id, "the kept reader sees each commit");
+        assert_eq!(rows_in_t(&db).await, id, "the kept reader sees each commit");
     }
     assert_eq!(sqlite.read.warm_len(), 1);
     db.close().await;
