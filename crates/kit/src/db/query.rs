@@ -265,6 +265,20 @@ macro_rules! on_pool {
     }};
 }
 
+/// Runs the future `$run` (built from `$conn`, a leased reader of the SQLite file `$sqlite`),
+/// keeping the reader for the next read when the statement answered (`lease`).
+macro_rules! on_reader {
+    ($sqlite:expr, $conn:ident => $run:expr) => {{
+        let mut reader = $sqlite.reader().await?;
+        let $conn: &mut SqliteConnection = &mut reader;
+        let result = $run.await;
+        if super::lease::answered(&result) {
+            reader.reusable();
+        }
+        result
+    }};
+}
+
 /// Runs `$call` (a method of sqlx's query types) on the target with the native arguments.
 macro_rules! run {
     ($self:ident, $ex:ident, $build:ident $(::<$t:ty>)?, $call:ident) => {
@@ -279,12 +293,7 @@ macro_rules! run {
                 let read = $self.is_read();
                 let statement = sqlx::$build $(::<_, $t, _>)? ($self.sql, sqlite_args($self.args)?);
                 if read {
-                    let mut reader = sqlite.reader().await?;
-                    let result = statement.$call(&mut *reader).await;
-                    if super::lease::answered(&result) {
-                        reader.reusable();
-                    }
-                    result
+                    on_reader!(sqlite, conn => statement.$call(conn))
                 } else {
                     statement.$call(&mut *sqlite.writer().await?).await
                 }
@@ -327,12 +336,7 @@ impl<'q> Query<'q> {
                 let read = self.is_read();
                 let statement = sqlx::query_with(self.sql, sqlite_args(self.args)?);
                 if read {
-                    let mut reader = sqlite.reader().await?;
-                    let result = statement.execute(&mut *reader).await;
-                    if super::lease::answered(&result) {
-                        reader.reusable();
-                    }
-                    result?
+                    on_reader!(sqlite, conn => statement.execute(conn))?
                 } else {
                     statement.execute(&mut *sqlite.writer().await?).await?
                 }
