@@ -61,9 +61,8 @@ struct Gateway {
     /// Verifies bearer tokens (`auth.jwt_secret`, and the previous key).
     tokens: Tokens,
     mode: AuthMode,
-    /// Sent with every forwarded request, so services believe the identity headers.
-    /// `auth.service_token` as the header value sent to the services (made once, marked
-    /// sensitive so no debug output shows it).
+    /// `auth.service_token`, sent with every forwarded request so services believe the identity
+    /// headers: the header value made once, marked sensitive so no debug output shows it.
     service_token: HeaderValue,
 }
 

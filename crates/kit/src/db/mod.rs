@@ -140,19 +140,22 @@ impl PgDb {
     /// A connection of the pool, waiting at most [`DOWN_WAIT`] while the last attempt failed.
     pub(crate) async fn connection(&self) -> sqlx::Result<PgLease> {
         let unreachable = self.health.unreachable.load(Ordering::Relaxed);
-        let result = self
-            .lease(if unreachable {
-                DOWN_WAIT
-            } else {
-                self.acquire_timeout
-            })
-            .await;
+        let result = self.lease(self.wait(unreachable)).await;
         if unreachable != result.is_err() {
             self.health
                 .unreachable
                 .store(result.is_err(), Ordering::Relaxed);
         }
         result
+    }
+
+    /// How long to wait for a connection: [`DOWN_WAIT`] while the database is unreachable.
+    fn wait(&self, unreachable: bool) -> Duration {
+        if unreachable {
+            DOWN_WAIT
+        } else {
+            self.acquire_timeout
+        }
     }
 
     /// A leased connection (see the module `lease`), within `wait`.
@@ -193,11 +196,7 @@ impl PgDb {
         let once = async || {
             let db = self.clone();
             let unreachable = self.health.unreachable.load(Ordering::Relaxed);
-            let wait = if unreachable {
-                DOWN_WAIT
-            } else {
-                self.acquire_timeout
-            };
+            let wait = self.wait(unreachable);
             let begin = async move {
                 tokio::spawn(async move { PgTx::begin(db.lease(wait).await?).await })
                     .await
