@@ -39,14 +39,19 @@ use crate::db::{Db, Dialect, Tx, query};
 const PIPELINE: usize = 32;
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
-/// The next rows to publish; `{lock}` is the dialect's `skip locked` claim.
+/// SQLite: the next rows to publish.
 const SELECT: &str = "select seq, id, topic, payload, attempts from outbox \
                       where published_at is null and set_aside_at is null order by seq limit $1";
-/// PostgreSQL: the lock replicas of one service take turns with (scoped to the service's
-/// schema; it ends with the transaction), and a commit that does not wait for the WAL flush
-/// (see the module docs), in one statement.
-const TAKE_TURN: &str = "select pg_try_advisory_xact_lock(hashtext(current_schema() || '.outbox.relay')), \
-                         set_config('synchronous_commit', 'off', true)";
+/// PostgreSQL: the rows of [`SELECT`], claimed (`skip locked`) only while this replica has the
+/// turn: the lock replicas of one service take turns with (scoped to the service's schema; it
+/// ends with the transaction), taken in the same statement together with a commit that does not
+/// wait for the WAL flush (see the module docs). No rows when another replica has the turn.
+const CLAIM_TURN: &str = "with turn as materialized (select \
+                          pg_try_advisory_xact_lock(hashtext(current_schema() || '.outbox.relay')) as ours, \
+                          set_config('synchronous_commit', 'off', true)) \
+                          select o.seq, o.id, o.topic, o.payload, o.attempts from outbox o, turn \
+                          where turn.ours and o.published_at is null and o.set_aside_at is null \
+                          order by o.seq limit $1 for update of o skip locked";
 /// A failure while the bus is down: keep the error, count no attempt.
 const MARK_ERROR: &str = "update outbox set last_error = $1 where seq = $2";
 /// A failure of this row while the bus is healthy.
@@ -256,7 +261,6 @@ impl Relay {
     pub async fn run_once(&self) -> anyhow::Result<usize> {
         let batch = i64::from(self.batch);
         let dialect = self.db.dialect();
-        let select = format!("{SELECT}{}", dialect.skip_locked());
         // PostgreSQL: claim the batch in a transaction held across the publish, so replicas
         // neither wait for each other nor publish a row twice. SQLite: read, publish, then take
         // the write lock only to mark.
@@ -267,14 +271,7 @@ impl Relay {
                     .begin()
                     .await
                     .context("starting the relay transaction")?;
-                let (turn, _): (bool, String) = query(TAKE_TURN)
-                    .fetch_one(&mut tx)
-                    .await
-                    .context("taking the relay lock")?;
-                if !turn {
-                    return Ok(0);
-                }
-                let rows = query(&select)
+                let rows = query(CLAIM_TURN)
                     .bind(batch)
                     .fetch_all(&mut tx)
                     .await
@@ -282,7 +279,7 @@ impl Relay {
                 (rows, Some(tx))
             }
             Dialect::Sqlite => {
-                let rows = query(&select)
+                let rows = query(SELECT)
                     .bind(batch)
                     .fetch_all(&self.db)
                     .await
@@ -801,6 +798,40 @@ mod tests {
         assert_eq!(published, sent.len(), "each row published by one replica");
         expect_in_order(&mut sub, &sent, "replicas").await;
         nothing_delivered(&mut sub, "replicas").await;
+        teardown(s).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_postgres_replica_without_the_turn_claims_nothing() {
+        let s = setup(Backend::Postgres).await;
+        let mut sub = s
+            .bus
+            .subscribe("mailer", &["stock.low"])
+            .await
+            .expect("sub");
+        let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+        let sent = events(3);
+        enqueue(&s.db, &sent, true).await;
+
+        // Another replica's round: it holds the turn until its transaction ends.
+        let mut other = s.db.begin().await.expect("begin");
+        let ours: bool = query(
+            "select pg_try_advisory_xact_lock(hashtext(current_schema() || '.outbox.relay'))",
+        )
+        .fetch_scalar(&mut other)
+        .await
+        .expect("lock");
+        assert!(ours, "the turn was free");
+        assert_eq!(relay.run_once().await.expect("round"), 0);
+        nothing_delivered(&mut sub, "without the turn").await;
+        assert!(
+            rows(&s.db).await.iter().all(|(published, ..)| !published),
+            "nothing marked without the turn"
+        );
+
+        other.rollback().await.expect("rollback");
+        assert_eq!(relay.run_once().await.expect("round"), sent.len());
+        expect_in_order(&mut sub, &sent, "with the turn").await;
         teardown(s).await;
     }
 

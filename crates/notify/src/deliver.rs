@@ -2,9 +2,9 @@
 //!
 //! The consumer only records deliveries (in its transaction, so a redelivered event adds
 //! nothing); the dispatcher sends them, outside any transaction, so a slow SMTP server or
-//! webhook never holds the database. It claims a due `pending` delivery by counting the attempt
-//! and moving its due time forward by a lease longer than any channel's time limit, in one
-//! conditional update (two dispatchers, in one process or many, never send one at once; a
+//! webhook never holds the database. It claims a batch of due `pending` deliveries by counting
+//! an attempt of each and moving its due time forward by a lease longer than any channel's time
+//! limit, in one conditional update (two dispatchers, in one process or many, never send one at once; a
 //! dispatcher that dies mid-send leaves a claim that lapses and the delivery is tried again).
 //! Then: sent; or failed for now and due again after `backoff_ms`, doubling up to
 //! `backoff_max_ms`; or `failed` for good after `max_attempts` tries (or at once for what no
@@ -285,15 +285,17 @@ impl Dispatcher {
         }
     }
 
-    /// One batch of due deliveries; `true` when the batch was full (more may be due).
+    /// One batch of due deliveries, claimed together; `true` when the batch was full (more may
+    /// be due).
     async fn round(&self) -> anyhow::Result<bool> {
         use futures::StreamExt as _;
         let concurrency = self.settings.concurrency;
         let limit = concurrency * 4;
-        let due = store::due(&self.db, limit as i64).await?;
-        let full = due.len() == limit;
-        let results: Vec<anyhow::Result<()>> = futures::stream::iter(due)
-            .map(|id| self.deliver(id))
+        let lease = chrono::Duration::from_std(self.channels.lease(&self.settings))?;
+        let claimed = store::claim_due(&self.db, limit as i64, store::now() + lease).await?;
+        let full = claimed.len() == limit;
+        let results: Vec<anyhow::Result<()>> = futures::stream::iter(claimed)
+            .map(|n| self.deliver(n))
             .buffer_unordered(concurrency)
             .collect()
             .await;
@@ -303,13 +305,10 @@ impl Dispatcher {
         Ok(full)
     }
 
-    /// One try of delivery `id`, if it is still due and nobody claimed it.
-    #[tracing::instrument(name = "deliver", skip(self))]
-    async fn deliver(&self, id: i64) -> anyhow::Result<()> {
-        let lease = chrono::Duration::from_std(self.channels.lease(&self.settings))?;
-        let Some(n) = store::claim(&self.db, id, store::now() + lease).await? else {
-            return Ok(());
-        };
+    /// One try of delivery `n`, claimed by this dispatcher.
+    #[tracing::instrument(name = "deliver", skip_all, fields(notification = n.id))]
+    async fn deliver(&self, n: store::Notification) -> anyhow::Result<()> {
+        let id = n.id;
         let outcome = match self.channels.send(&n).await {
             Ok(()) => {
                 store::mark_sent(&self.db, id).await?;

@@ -119,19 +119,6 @@ pub async fn list(
     Ok((rows, total))
 }
 
-/// Ids of pending deliveries due now, oldest due first.
-pub async fn due(db: &Db, limit: i64) -> sqlx::Result<Vec<i64>> {
-    query(
-        "select id from notifications where status = 'pending' and next_attempt_at <= $1 \
-         order by next_attempt_at, id limit $2",
-    )
-    .bind(now())
-    .bind(limit)
-    .fetch_all::<(i64,)>(db)
-    .await
-    .map(|ids| ids.into_iter().map(|(id,)| id).collect())
-}
-
 /// When the earliest pending delivery is due (a claimed one: when its claim lapses).
 pub async fn next_due(db: &Db) -> sqlx::Result<Option<DateTime<Utc>>> {
     query(
@@ -142,27 +129,33 @@ pub async fn next_due(db: &Db) -> sqlx::Result<Option<DateTime<Utc>>> {
     .await
 }
 
-/// Claims a due delivery for one try: counts the attempt and moves its due time to `lease_until`,
-/// so no other dispatcher takes it meanwhile. `None`: someone else claimed it first.
-pub async fn claim(
+/// Claims up to `limit` pending deliveries due now, oldest due first, for one try each: counts
+/// the attempt and moves their due time to `lease_until`, so no other dispatcher takes them
+/// meanwhile (on PostgreSQL it skips rows another dispatcher is claiming; a row claimed by
+/// someone else just before is no longer due). One statement; the claimed rows as they are now.
+pub async fn claim_due(
     db: &Db,
-    id: i64,
+    limit: i64,
     lease_until: DateTime<Utc>,
-) -> sqlx::Result<Option<Notification>> {
-    let now = now();
-    let claimed = query(
+) -> sqlx::Result<Vec<Notification>> {
+    let sql = format!(
         "update notifications set attempts = attempts + 1, next_attempt_at = $1, updated_at = $2 \
-         where id = $3 and status = 'pending' and next_attempt_at <= $2",
-    )
-    .bind(lease_until)
-    .bind(now)
-    .bind(id)
-    .execute(db)
-    .await?;
-    if claimed == 0 {
-        return Ok(None);
-    }
-    find(db, id).await
+         where id in (select id from notifications \
+             where status = 'pending' and next_attempt_at <= $2 \
+             order by next_attempt_at, id limit $3{}) \
+         and status = 'pending' and next_attempt_at <= $2 \
+         returning {COLUMNS}",
+        db.dialect().skip_locked()
+    );
+    let mut claimed: Vec<Notification> = query(&sql)
+        .bind(lease_until)
+        .bind(now())
+        .bind(limit)
+        .fetch_all(db)
+        .await?;
+    // `returning` keeps no order: deliver them in the order they were recorded.
+    claimed.sort_by_key(|n| n.id);
+    Ok(claimed)
 }
 
 /// Sent.

@@ -351,7 +351,7 @@ pub async fn decide(tx: &mut Tx, row: Row, to: Status, reason: Option<&str>) -> 
     let updated: Row = decision(&DECIDE, to, reason, id)
         .fetch_one(&mut *tx)
         .await?;
-    announce_decided(tx, from, updated).await
+    announce_decided(tx, from, updated, None).await
 }
 
 /// What a decision sets ($1 the status, $2 the time, $3 the reason, $4 whether processed); `{o}`
@@ -371,7 +371,9 @@ static DECIDE: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// [`decide_if_due`]'s: order $5 locked and updated only while undecided, with its status before.
+/// [`decide_if_due`]'s: order $5 locked and updated only while undecided, with its status before
+/// and its lines (a JSON array of `[product_id, quantity, unit_price_cents]`, in product order:
+/// the lines never change after the order is stored, and reading them here saves a statement).
 static DECIDE_IF_DUE: LazyLock<String> = LazyLock::new(|| {
     let returned: Vec<String> = COLUMNS
         .split(',')
@@ -379,9 +381,13 @@ static DECIDE_IF_DUE: LazyLock<String> = LazyLock::new(|| {
         .collect();
     format!(
         "with due as (select id, status from orders \
-             where id = $5 and status in ('pending', 'processing') for update) \
-         update orders o {} from due where o.id = due.id \
-         returning due.status as previous, {}",
+             where id = $5 and status in ('pending', 'processing') for update), \
+         decided as (update orders o {} from due where o.id = due.id \
+             returning due.status as previous, {}) \
+         select decided.*, (select coalesce(json_agg(json_build_array(i.product_id, \
+             i.quantity, i.unit_price_cents) order by i.product_id)::text, '[]') \
+             from order_items i where i.order_id = decided.id) as lines \
+         from decided",
         decision_set("o."),
         returned.join(", ")
     )
@@ -401,6 +407,7 @@ fn decision<'q>(sql: &'q str, to: Status, reason: Option<&'q str>, id: i64) -> Q
 #[derive(sqlx::FromRow)]
 struct Decided {
     previous: String,
+    lines: String,
     #[sqlx(flatten)]
     row: Row,
 }
@@ -420,19 +427,33 @@ pub async fn decide_if_due(
     let decided: Option<Decided> = decision(&DECIDE_IF_DUE, to, reason, id)
         .fetch_optional(&mut *tx)
         .await?;
-    let Some(Decided { previous, row }) = decided else {
+    let Some(Decided {
+        previous,
+        lines,
+        row,
+    }) = decided
+    else {
         return Ok(None);
     };
     let from = Status::parse(&previous)
         .ok_or_else(|| anyhow::anyhow!("unknown order status `{previous}` stored"))?;
-    announce_decided(tx, from, row).await.map(Some)
+    let lines = serde_json::from_str(&lines)
+        .map_err(|e| anyhow::anyhow!("order {id}: its lines as read back: {e}"))?;
+    announce_decided(tx, from, row, Some(lines)).await.map(Some)
 }
 
-/// The order just decided (was `from`), with its lines; its events written to the outbox: each
-/// state it went through.
-async fn announce_decided(tx: &mut Tx, from: Status, updated: Row) -> Result<Order> {
-    let id = updated.id;
-    let lines = lines_of(&mut *tx, id).await?;
+/// The order just decided (was `from`), with its lines (read here when not given); its events
+/// written to the outbox: each state it went through.
+async fn announce_decided(
+    tx: &mut Tx,
+    from: Status,
+    updated: Row,
+    lines: Option<Vec<(i64, i64, i64)>>,
+) -> Result<Order> {
+    let lines = match lines {
+        Some(lines) => lines,
+        None => lines_of(&mut *tx, updated.id).await?,
+    };
     let order = updated.into_order(lines)?;
     let mut announced = Vec::with_capacity(2);
     if from == Status::Pending {
@@ -647,5 +668,87 @@ mod tests {
         env.drop_kit_db("orderstore", db).await;
     }
 
-    kit::on_both_backends!(an_order_on_a_reservation_takes_its_intent_or_is_not_stored);
+    /// A decision answers the order with its lines, in product order, and announces every state
+    /// it went through; a second decision finds nothing due.
+    async fn a_decided_order_comes_back_with_its_lines(backend: Backend) {
+        let mut env = TestEnv::new(backend).await;
+        let db = env.kit_db("orderdecide").await;
+        db.migrate(&crate::MIGRATIONS).await.expect("migrations");
+        let items = [item(7, 1, 999), item(3, 2, 1_500), item(5, 4, 250)];
+        let mut tx = db.begin().await.expect("begin");
+        let stored = insert(
+            &mut tx,
+            &NewOrder {
+                id: None,
+                user_id: 1,
+                status: Status::Pending,
+                items: &items,
+                total: Money::from_cents(4_999),
+                client_total: None,
+                warning: None,
+                reservation_id: None,
+                announce: false,
+            },
+        )
+        .await
+        .expect("insert");
+        tx.commit().await.expect("commit");
+
+        let mut tx = db.begin().await.expect("begin");
+        let decided = match decide_if_due(&mut tx, stored.id, Status::Processed, None)
+            .await
+            .expect("decide if due")
+        {
+            Some(order) => order,
+            None => {
+                assert_eq!(
+                    backend,
+                    Backend::Sqlite,
+                    "PostgreSQL decides in one statement"
+                );
+                let row = lock(&mut tx, stored.id).await.expect("lock").expect("row");
+                decide(&mut tx, row, Status::Processed, None)
+                    .await
+                    .expect("decide")
+            }
+        };
+        tx.commit().await.expect("commit");
+        let mut in_order = items.to_vec();
+        in_order.sort_by_key(|i| i.product_id);
+        assert_eq!(decided.status, Status::Processed, "{backend:?}");
+        assert_eq!(
+            decided.items, in_order,
+            "{backend:?}: its lines, by product"
+        );
+        assert_eq!(
+            find(&db, stored.id).await.expect("find").expect("found"),
+            decided,
+            "{backend:?}: answered as stored"
+        );
+        let topics: Vec<String> = query("select topic from outbox order by seq")
+            .fetch_all::<(String,)>(&db)
+            .await
+            .expect("outbox")
+            .into_iter()
+            .map(|(t,)| t)
+            .collect();
+        assert_eq!(
+            topics,
+            ["order.processing", "order.processed"],
+            "{backend:?}"
+        );
+
+        let mut tx = db.begin().await.expect("begin");
+        let again = decide_if_due(&mut tx, stored.id, Status::Processed, None)
+            .await
+            .expect("decide again");
+        assert!(again.is_none(), "{backend:?}: nothing due the second time");
+        tx.commit().await.expect("commit");
+        env.drop_kit_db("orderdecide", db).await;
+    }
+
+    kit::on_both_backends!(
+        an_order_on_a_reservation_takes_its_intent_or_is_not_stored,
+        a_decided_order_comes_back_with_its_lines
+    );
 }
