@@ -217,6 +217,10 @@ struct ChannelLabel {
 }
 
 /// Sends due deliveries; see the module docs.
+/// How long a woken dispatcher waits for more deliveries before its round. Under load a round
+/// then carries several deliveries instead of one; a notification is late by this much at most.
+const GATHER: Duration = Duration::from_millis(20);
+
 #[derive(Clone)]
 pub struct Dispatcher {
     pub db: Db,
@@ -251,7 +255,8 @@ impl Dispatcher {
     }
 
     /// Until `shutdown`: every due delivery, then sleep until the next pending one is due, a
-    /// wake-up (a new delivery recorded here, a retry asked for) or `poll_ms` at most (what other
+    /// wake-up (a new delivery recorded here, a retry asked for; then [`GATHER`] more) or
+    /// `poll_ms` at most (what other
     /// replicas recorded). So an idle service does not query its database every second, and a
     /// retry runs when its back-off ends. Deliveries in flight when it fires are finished.
     pub async fn run(self, shutdown: CancellationToken) {
@@ -279,7 +284,14 @@ impl Dispatcher {
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => {
+                    // Woken by a delivery just recorded: gather the ones recorded right after it
+                    // into the same round (one claim and one look at what is due next for all).
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(GATHER) => {}
+                    }
+                }
                 () = tokio::time::sleep(wait) => {}
             }
         }

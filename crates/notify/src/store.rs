@@ -234,3 +234,81 @@ pub async fn oldest_pending(db: &Db) -> sqlx::Result<Option<DateTime<Utc>>> {
     .fetch_optional_scalar(db)
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use kit::testing::{Backend, TestEnv};
+
+    use super::*;
+
+    fn delivery<'a>(event_id: &'a str, failed: Option<&'a str>) -> NewNotification<'a> {
+        NewNotification {
+            event_id,
+            event_type: "order.created",
+            channel: "log",
+            recipient: "ada@example.com",
+            user_id: Some(1),
+            subject: "subject",
+            body: "body",
+            payload: "{}",
+            failed,
+        }
+    }
+
+    /// Dispatchers claiming at once share the due deliveries: each claimed once, its attempt
+    /// counted once; a delivery not yet due, or no longer pending, is not claimed.
+    async fn concurrent_claims_take_each_due_delivery_once(backend: Backend) {
+        let mut env = TestEnv::new(backend).await;
+        let db = env.kit_db("notifyclaim").await;
+        db.migrate(&crate::MIGRATIONS).await.expect("migrations");
+        let ids: Vec<String> = (0..30).map(|i| format!("event-{i}")).collect();
+        for id in &ids {
+            assert!(insert(&db, &delivery(id, None)).await.expect("insert"));
+        }
+        assert!(
+            insert(&db, &delivery("event-failed", Some("no address")))
+                .await
+                .expect("insert")
+        );
+        insert(&db, &delivery("event-later", None))
+            .await
+            .expect("insert");
+        query("update notifications set next_attempt_at = $1 where event_id = 'event-later'")
+            .bind(now() + chrono::Duration::hours(1))
+            .execute(&db)
+            .await
+            .expect("later");
+
+        let lease = now() + chrono::Duration::minutes(5);
+        let claims = futures::future::join_all((0..4).map(|_| claim_due(&db, 8, lease))).await;
+        let mut claimed: Vec<Notification> =
+            claims.into_iter().flat_map(|c| c.expect("claim")).collect();
+        // Whatever the first four left (a claim skips rows another one holds).
+        loop {
+            let more = claim_due(&db, 8, lease).await.expect("claim");
+            if more.is_empty() {
+                break;
+            }
+            claimed.extend(more);
+        }
+        let mut events: Vec<&str> = claimed.iter().map(|n| n.event_id.as_str()).collect();
+        events.sort_unstable();
+        let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+        expected.sort_unstable();
+        assert_eq!(events, expected, "{backend:?}: every due delivery, once");
+        assert!(
+            claimed
+                .iter()
+                .all(|n| n.attempts == 1 && n.next_attempt_at == lease && n.status == "pending"),
+            "{backend:?}: answered as claimed"
+        );
+        let attempts: i64 = query("select sum(attempts) from notifications")
+            .fetch_scalar(&db)
+            .await
+            .expect("attempts");
+        assert_eq!(attempts, 30, "{backend:?}: one attempt counted per claim");
+        env.drop_kit_db("notifyclaim", db).await;
+    }
+
+    kit::on_both_backends!(concurrent_claims_take_each_due_delivery_once);
+}
