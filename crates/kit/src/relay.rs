@@ -447,6 +447,19 @@ mod tests {
         Setup::new(TestEnv::new(backend).await, "relaytest").await
     }
 
+    /// A subscriber to `stock.low`, the topic of [`events`].
+    async fn mailer(s: &Setup) -> Subscription {
+        s.bus
+            .subscribe("mailer", &["stock.low"])
+            .await
+            .expect("sub")
+    }
+
+    /// A relay on the fixture's database and bus, with its settings.
+    fn relay_on(s: &Setup) -> Relay {
+        Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus)
+    }
+
     async fn teardown(setup: Setup) {
         setup.teardown().await;
     }
@@ -530,7 +543,7 @@ mod tests {
             let s = setup(backend).await;
             let what = s.bus.backend();
             let mut sub = s.bus.subscribe("mailer", &["stock.*"]).await.expect("sub");
-            let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+            let relay = relay_on(&s);
             let sent = events(5);
             enqueue(&s.db, &sent[..3], true).await;
             enqueue(&s.db, &sent[3..], true).await;
@@ -555,12 +568,8 @@ mod tests {
             let mut s = setup(backend).await;
             let what = s.bus.backend();
             s.env.settings.bus.relay_batch = 2;
-            let mut sub = s
-                .bus
-                .subscribe("mailer", &["stock.low"])
-                .await
-                .expect("sub");
-            let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+            let mut sub = mailer(&s).await;
+            let relay = relay_on(&s);
             let sent = events(3);
             enqueue(&s.db, &sent, true).await;
 
@@ -577,7 +586,7 @@ mod tests {
             let s = setup(backend).await;
             let what = s.bus.backend();
             let mut sub = s.bus.subscribe("mailer", &[">"]).await.expect("sub");
-            let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+            let relay = relay_on(&s);
             enqueue(&s.db, &events(2), false).await;
 
             assert_eq!(relay.run_once().await.expect("round"), 0, "{what}");
@@ -660,11 +669,7 @@ mod tests {
             }
 
             outage.set_unavailable(false);
-            let mut sub = s
-                .bus
-                .subscribe("mailer", &["stock.low"])
-                .await
-                .expect("sub");
+            let mut sub = mailer(&s).await;
             assert_eq!(relay.run_once().await.expect("round"), 2, "{what}");
             expect_in_order(&mut sub, &sent, what).await;
             assert!(rows(&s.db).await.iter().all(|r| r.0), "{what}: all marked");
@@ -677,7 +682,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lost_stream_is_recreated() {
         let s = setup(Backend::Postgres).await;
-        let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+        let relay = relay_on(&s);
         let sent = events(3);
         enqueue(&s.db, &sent, true).await;
         s.bus.delete_stream().await.expect("delete stream");
@@ -686,11 +691,7 @@ mod tests {
             published += relay.run_once().await.unwrap_or(0);
         }
         assert_eq!(published, 3, "published once the stream was back");
-        let mut sub = s
-            .bus
-            .subscribe("mailer", &["stock.low"])
-            .await
-            .expect("sub");
+        let mut sub = mailer(&s).await;
         expect_in_order(&mut sub, &sent, "nats").await;
         teardown(s).await;
     }
@@ -702,11 +703,7 @@ mod tests {
         let mut s = setup(Backend::Sqlite).await;
         s.env.settings.bus.relay_poll_ms = 20;
         let (bus, outage) = crate::bus::faulty(s.bus.clone());
-        let mut sub = s
-            .bus
-            .subscribe("mailer", &["stock.low"])
-            .await
-            .expect("sub");
+        let mut sub = mailer(&s).await;
         let sent = events(2);
         enqueue(&s.db, &sent, true).await;
         outage.set_unavailable(true);
@@ -739,12 +736,8 @@ mod tests {
             let mut s = setup(backend).await;
             let what = s.bus.backend();
             s.env.settings.bus.relay_poll_ms = 10_000;
-            let mut sub = s
-                .bus
-                .subscribe("mailer", &["stock.low"])
-                .await
-                .expect("sub");
-            let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+            let mut sub = mailer(&s).await;
+            let relay = relay_on(&s);
             let notifier = relay.notifier();
             let shutdown = CancellationToken::new();
             let handle = relay.spawn(shutdown.clone());
@@ -777,14 +770,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_replicas_do_not_publish_a_row_twice() {
         let s = setup(Backend::Postgres).await;
-        let mut sub = s
-            .bus
-            .subscribe("mailer", &["stock.low"])
-            .await
-            .expect("sub");
-        let relays: Vec<Relay> = (0..3)
-            .map(|_| Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus))
-            .collect();
+        let mut sub = mailer(&s).await;
+        let relays: Vec<Relay> = (0..3).map(|_| relay_on(&s)).collect();
         let sent = events(30);
         enqueue(&s.db, &sent, true).await;
 
@@ -804,12 +791,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_postgres_replica_without_the_turn_claims_nothing() {
         let s = setup(Backend::Postgres).await;
-        let mut sub = s
-            .bus
-            .subscribe("mailer", &["stock.low"])
-            .await
-            .expect("sub");
-        let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+        let mut sub = mailer(&s).await;
+        let relay = relay_on(&s);
         let sent = events(3);
         enqueue(&s.db, &sent, true).await;
 
@@ -838,7 +821,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn counters_are_registered() {
         let s = setup(Backend::Sqlite).await;
-        let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+        let relay = relay_on(&s);
         let metrics = crate::metrics::Metrics::new("relaytest");
         relay.register_metrics(&metrics);
         enqueue(&s.db, &events(2), true).await;
@@ -863,7 +846,7 @@ mod tests {
     async fn the_backlog_gauge_counts_what_a_round_left() {
         let mut s = setup(Backend::Sqlite).await;
         s.env.settings.bus.relay_batch = 2;
-        let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+        let relay = relay_on(&s);
         enqueue(&s.db, &events(3), true).await;
         relay.run_once().await.expect("round");
         assert_eq!(relay.backlog.get(), 1, "a full batch leaves one row");
@@ -878,7 +861,7 @@ mod tests {
             let mut s = setup(backend).await;
             let what = s.bus.backend();
             s.env.settings.bus.outbox_retention_hours = 24;
-            let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+            let relay = relay_on(&s);
             enqueue(&s.db, &events(3), true).await;
             assert_eq!(relay.run_once().await.expect("round"), 3, "{what}");
             // Two rows were published two days ago; one more is not published at all.
@@ -900,7 +883,7 @@ mod tests {
                 "{what}: the recent published row and the unpublished one stay"
             );
             s.env.settings.bus.outbox_retention_hours = 0;
-            let keep_all = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+            let keep_all = relay_on(&s);
             assert_eq!(keep_all.prune().await.expect("prune"), 0, "{what}");
             teardown(s).await;
         }
@@ -912,12 +895,8 @@ mod tests {
             let mut s = setup(backend).await;
             let what = s.bus.backend();
             s.env.settings.bus.relay_max_attempts = 2;
-            let mut sub = s
-                .bus
-                .subscribe("mailer", &["stock.low"])
-                .await
-                .expect("sub");
-            let relay = Relay::new(s.db.clone(), s.bus.clone(), &s.env.settings.bus);
+            let mut sub = mailer(&s).await;
+            let relay = relay_on(&s);
             let metrics = crate::metrics::Metrics::new("relaytest");
             relay.register_metrics(&metrics);
             let sent = events(2);
