@@ -24,7 +24,8 @@
 //!
 //! The handler runs inside the transaction, which holds a database connection (and on SQLite
 //! the database's write lock): slow remote calls belong in [`Handler::prepare`], which runs
-//! before the transaction opens, and must be idempotent (a failed attempt is retried).
+//! before the transaction opens, must be idempotent (a failed attempt is retried), and hands what
+//! it found to [`Handler::handle`] (its [`Handler::Prepared`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,18 +48,27 @@ use crate::event::Event;
 /// What a consumer does with each event.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
-    /// Applies `event`'s effects on `tx`; they commit together with the record that the message
-    /// was handled. An error rolls both back and the message is retried.
-    async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()>;
+    /// What [`Handler::prepare`] found for an event, handed to [`Handler::handle`] (`()` when
+    /// there is nothing to prepare).
+    type Prepared: Send + Sync;
 
-    /// The slow part of handling `event`, before its transaction opens: remote calls, waits.
-    /// It must be safe to repeat (it runs again for a redelivery, and for a retry after the
-    /// transaction failed) and must not rely on running only once; the transaction that follows
-    /// re-reads what it needs under its locks. Keeping it outside means a database connection
-    /// is held only for the writes. Nothing by default.
-    async fn prepare(&self, _event: &Event) -> anyhow::Result<()> {
-        Ok(())
-    }
+    /// Applies `event`'s effects on `tx`, with what `prepare` found for it; they commit together
+    /// with the record that the message was handled. An error rolls both back and the message is
+    /// retried.
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        event: &Event,
+        prepared: Self::Prepared,
+    ) -> anyhow::Result<()>;
+
+    /// The slow part of handling `event`, before its transaction opens: remote calls, waits,
+    /// reads that need no lock. It must be safe to repeat (it runs again for a redelivery, and
+    /// for a retry after the transaction failed) and must not rely on running only once; what it
+    /// returns may be out of date by the time `handle` runs, so `handle` re-reads under its locks
+    /// whatever can change. Keeping it outside means a database connection is held only for the
+    /// writes.
+    async fn prepare(&self, event: &Event) -> anyhow::Result<Self::Prepared>;
 
     /// Whether `event` can have an effect at all. An event that cannot (one the handler would
     /// read and leave alone) is acked without a transaction and without recording it, so a
@@ -80,6 +90,67 @@ pub trait Handler: Send + Sync + 'static {
     /// without harm (waking the outbox relay for the events the handler wrote, invalidating a
     /// cache). Nothing by default.
     async fn committed(&self, _event: &Event) {}
+}
+
+/// A [`Handler`] with its `Prepared` type out of sight, so a consumer holds any handler.
+#[async_trait]
+trait Apply: Send + Sync {
+    fn wants(&self, event: &Event) -> bool;
+
+    /// `prepare`, then in one transaction: the message recorded (unless the handler is
+    /// idempotent) and `handle`; then `committed`.
+    async fn apply(
+        &self,
+        db: &Db,
+        consumer: &str,
+        message_id: &str,
+        event: &Event,
+    ) -> Result<Outcome, Failure>;
+}
+
+#[async_trait]
+impl<H: Handler> Apply for H {
+    fn wants(&self, event: &Event) -> bool {
+        Handler::wants(self, event)
+    }
+
+    async fn apply(
+        &self,
+        db: &Db,
+        consumer: &str,
+        message_id: &str,
+        event: &Event,
+    ) -> Result<Outcome, Failure> {
+        let prepared = self.prepare(event).await.map_err(Failure::Handler)?;
+        let mut tx = db
+            .begin()
+            .await
+            .context("starting the consumer transaction")
+            .map_err(Failure::Handler)?;
+        if !self.idempotent() {
+            let fresh = query(RECORD)
+                .bind(consumer)
+                .bind(message_id)
+                .bind(Utc::now())
+                .execute(&mut tx)
+                .await
+                .context("recording the message as handled")
+                .map_err(Failure::Handler)?
+                == 1;
+            if !fresh {
+                return Ok(Outcome::Duplicate);
+            }
+        }
+        self.handle(&mut tx, event, prepared)
+            .await
+            .map_err(Failure::Handler)?;
+        tx.commit()
+            .await
+            .context("committing the handler's transaction")
+            .map_err(Failure::Handler)?;
+        self.committed(event).await;
+        Ok(Outcome::Handled)
+    }
 }
 
 /// How often a running consumer forgets handled ids older than `bus.consumer_dedupe_hours`.
@@ -125,7 +196,7 @@ struct Inner {
     /// Subscribing or receiving failing (the bus is down) is logged once per outage.
     outage: crate::outage::Outage,
     db: Db,
-    handler: Box<dyn Handler>,
+    handler: Box<dyn Apply>,
     max_attempts: u64,
     backoff: Duration,
     backoff_max: Duration,
@@ -384,39 +455,8 @@ impl Inner {
             return Ok(Outcome::Ignored);
         }
         self.handler
-            .prepare(&event)
+            .apply(&self.db, &self.name, &message.id, &event)
             .await
-            .map_err(Failure::Handler)?;
-        let mut tx = self
-            .db
-            .begin()
-            .await
-            .context("starting the consumer transaction")
-            .map_err(Failure::Handler)?;
-        if !self.handler.idempotent() {
-            let fresh = query(RECORD)
-                .bind(&self.name)
-                .bind(&message.id)
-                .bind(Utc::now())
-                .execute(&mut tx)
-                .await
-                .context("recording the message as handled")
-                .map_err(Failure::Handler)?
-                == 1;
-            if !fresh {
-                return Ok(Outcome::Duplicate);
-            }
-        }
-        self.handler
-            .handle(&mut tx, &event)
-            .await
-            .map_err(Failure::Handler)?;
-        tx.commit()
-            .await
-            .context("committing the handler's transaction")
-            .map_err(Failure::Handler)?;
-        self.handler.committed(&event).await;
-        Ok(Outcome::Handled)
     }
 
     async fn dead_letter(

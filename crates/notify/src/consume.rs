@@ -8,9 +8,9 @@
 //! (`GET /api/v1/users/{id}` through `kit::client::ServiceClient`: time-limited, a breaker,
 //! retried on another replica). That is the owner's answer at the time of the event, with no copy
 //! to keep in step here when a user changes their email; if users is down, the handler fails and
-//! the consumer retries the event with back-off. (The call runs inside the consumer's
-//! transaction: on SQLite that holds this service's write lock for one loopback call, bounded by
-//! `call_timeout_ms`.) `stock.low` concerns no user and goes to `ops_email`. A user without an
+//! the consumer retries the event with back-off. The call and the rendering run before the
+//! consumer's transaction opens (`Handler::prepare`), so no database connection waits on them.
+//! `stock.low` concerns no user and goes to `ops_email`. A user without an
 //! email gets their SMTP delivery recorded as `failed` with the reason, so it shows in the API.
 
 use std::sync::Arc;
@@ -77,34 +77,50 @@ impl Recorder {
     }
 }
 
+/// What an event is to record, found before the consumer's transaction opens: the recipient
+/// looked up, the template rendered, one delivery per channel and recipient (none when the event's
+/// type goes to no channel).
+#[derive(Default)]
+pub struct Deliveries {
+    event_id: String,
+    user_id: Option<i64>,
+    subject: String,
+    body: String,
+    payload: String,
+    /// (channel, recipient, why it failed at once)
+    each: Vec<(Channel, String, Option<String>)>,
+}
+
 #[async_trait]
 impl Handler for Recorder {
-    async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()> {
+    type Prepared = Deliveries;
+
+    /// The user lookup (a call to the users service) and the rendering, outside the consumer's
+    /// transaction: no database connection (on SQLite, no write lock) is held during the call.
+    async fn prepare(&self, event: &Event) -> anyhow::Result<Deliveries> {
         let channels = self.settings.channels_for(&event.topic);
         if channels.is_empty() {
-            return Ok(());
+            return Ok(Deliveries::default());
         }
+        let mut each = Vec::new();
         let person = self.person(event).await?;
         let rendered = self
             .templates
             .render(&event.topic, &templates::context(event, Some(&person.view)))?;
-        let payload = serde_json::to_string(event)?;
-        let event_id = event.id.to_string();
         let fallback = match person.user_id {
             Some(id) => format!("user:{id}"),
             None => "unknown".to_owned(),
         };
-        let mut deliveries: Vec<(Channel, String, Option<String>)> = Vec::new();
         for channel in channels {
             match channel {
-                Channel::Log => deliveries.push((
+                Channel::Log => each.push((
                     Channel::Log,
                     person.email.clone().unwrap_or_else(|| fallback.clone()),
                     None,
                 )),
                 Channel::Smtp => match &person.email {
-                    Some(email) => deliveries.push((Channel::Smtp, email.clone(), None)),
-                    None => deliveries.push((
+                    Some(email) => each.push((Channel::Smtp, email.clone(), None)),
+                    None => each.push((
                         Channel::Smtp,
                         fallback.clone(),
                         Some(format!("{fallback} has no email address")),
@@ -117,23 +133,34 @@ impl Handler for Recorder {
                         .iter()
                         .filter(|h| h.takes(&event.topic))
                     {
-                        deliveries.push((Channel::Webhook, hook.name.clone(), None));
+                        each.push((Channel::Webhook, hook.name.clone(), None));
                     }
                 }
             }
         }
-        for (channel, recipient, failed) in &deliveries {
+        Ok(Deliveries {
+            event_id: event.id.to_string(),
+            user_id: person.user_id,
+            subject: rendered.subject,
+            body: rendered.body,
+            payload: serde_json::to_string(event)?,
+            each,
+        })
+    }
+
+    async fn handle(&self, tx: &mut Tx, event: &Event, found: Deliveries) -> anyhow::Result<()> {
+        for (channel, recipient, failed) in &found.each {
             store::insert(
                 &mut *tx,
                 &NewNotification {
-                    event_id: &event_id,
+                    event_id: &found.event_id,
                     event_type: &event.topic,
                     channel: channel.as_str(),
                     recipient,
-                    user_id: person.user_id,
-                    subject: &rendered.subject,
-                    body: &rendered.body,
-                    payload: &payload,
+                    user_id: found.user_id,
+                    subject: &found.subject,
+                    body: &found.body,
+                    payload: &found.payload,
                     failed: failed.as_deref(),
                 },
             )

@@ -231,7 +231,7 @@ impl Worker {
 }
 
 /// Proof that [`Worker::prepare`] ran for an order (its id) before the step's transaction.
-struct Prepared(i64);
+pub struct Prepared(i64);
 
 fn failure(id: i64, err: Error) -> anyhow::Error {
     match err {
@@ -248,6 +248,8 @@ fn order_id(event: &Event) -> anyhow::Result<i64> {
 
 #[async_trait]
 impl Handler for Worker {
+    type Prepared = Prepared;
+
     /// A new order, or a change that leaves its stock to settle (a cancel, a status set by
     /// hand). The worker's own events say their stock is settled: nothing to do for them, and
     /// a `processing` set by hand is moved on by the order's `order.created` (or the sweep).
@@ -260,18 +262,14 @@ impl Handler for Worker {
                 != Some(true)
     }
 
-    async fn prepare(&self, event: &Event) -> anyhow::Result<()> {
+    async fn prepare(&self, event: &Event) -> anyhow::Result<Prepared> {
         let id = order_id(event)?;
-        self.prepare(id)
-            .await
-            .map(drop)
-            .map_err(|err| failure(id, err))
+        self.prepare(id).await.map_err(|err| failure(id, err))
     }
 
-    async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()> {
-        let id = order_id(event)?;
-        // kit's consumer ran `prepare` for this event before opening `tx`.
-        match self.step(tx, Prepared(id)).await {
+    async fn handle(&self, tx: &mut Tx, _event: &Event, prepared: Prepared) -> anyhow::Result<()> {
+        let id = prepared.0;
+        match self.step(tx, prepared).await {
             Ok(_) => Ok(()),
             Err(err) => Err(failure(id, err)),
         }

@@ -39,11 +39,19 @@ struct Recorder {
 
 #[async_trait]
 impl Handler for Recorder {
-    async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()> {
+    /// What `handle` records as the topic: `prepare`'s reading of the event, marked, so a test
+    /// sees that what `prepare` found reached `handle` ([`effect_topics`]).
+    type Prepared = String;
+
+    async fn prepare(&self, event: &Event) -> anyhow::Result<String> {
+        Ok(format!("{} (prepared)", event.topic))
+    }
+
+    async fn handle(&self, tx: &mut Tx, event: &Event, topic: String) -> anyhow::Result<()> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         query("insert into effects (message_id, topic) values ($1, $2)")
             .bind(event.id.to_string())
-            .bind(&event.topic)
+            .bind(topic)
             .execute(&mut *tx)
             .await?;
         anyhow::ensure!(!self.broken.load(Ordering::SeqCst), "the handler is broken");
@@ -89,6 +97,17 @@ async fn effects(db: &Db) -> i64 {
         .fetch_scalar(db)
         .await
         .expect("count effects")
+}
+
+/// The topics of the recorded effects (as the handler wrote them), in message order.
+async fn effect_topics(db: &Db) -> Vec<String> {
+    query("select topic from effects order by message_id")
+        .fetch_all::<(String,)>(db)
+        .await
+        .expect("effects")
+        .into_iter()
+        .map(|(topic,)| topic)
+        .collect()
 }
 
 /// The message ids the test's consumer recorded as handled.
@@ -340,8 +359,14 @@ struct EvenOnly(Recorder);
 
 #[async_trait]
 impl Handler for EvenOnly {
-    async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()> {
-        self.0.handle(tx, event).await
+    type Prepared = String;
+
+    async fn prepare(&self, event: &Event) -> anyhow::Result<String> {
+        self.0.prepare(event).await
+    }
+
+    async fn handle(&self, tx: &mut Tx, event: &Event, topic: String) -> anyhow::Result<()> {
+        self.0.handle(tx, event, topic).await
     }
 
     fn wants(&self, event: &Event) -> bool {
@@ -383,7 +408,11 @@ async fn unwanted_events_are_acked_without_being_handled_or_recorded() {
         }
         assert_eq!(counter(&metrics, "handled"), 3, "{what}");
         assert_eq!(counter(&metrics, "ignored"), 3, "{what}");
-        assert_eq!(effects(&s.db).await, 3, "{what}");
+        assert_eq!(
+            effect_topics(&s.db).await,
+            ["order.created (prepared)"; 3],
+            "{what}: each handled with what its prepare found"
+        );
         assert_eq!(handler.0.calls.load(Ordering::SeqCst), 3, "{what}");
         assert_eq!(
             recorded(&s.db).await,
@@ -403,7 +432,13 @@ struct Upsert {
 
 #[async_trait]
 impl Handler for Upsert {
-    async fn handle(&self, tx: &mut Tx, event: &Event) -> anyhow::Result<()> {
+    type Prepared = ();
+
+    async fn prepare(&self, _event: &Event) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn handle(&self, tx: &mut Tx, event: &Event, (): ()) -> anyhow::Result<()> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         query("insert into effects (message_id, topic) values ($1, $2) on conflict do nothing")
             .bind(event.id.to_string())
