@@ -22,7 +22,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::db::{Executor, Tx, query};
+use crate::db::{Executor, Query, Tx, query};
 pub use crate::event::Event;
 
 const INSERT: &str = "insert into outbox (id, topic, key, payload, created_at) \
@@ -38,38 +38,42 @@ pub async fn enqueue(tx: &mut Tx, events: &[Event]) -> sqlx::Result<()> {
         let sql = if chunk.len() == 1 {
             std::borrow::Cow::Borrowed(INSERT)
         } else {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let n = i * 5;
-                    format!(
-                        "(${}, ${}, ${}, ${}, ${})",
-                        n + 1,
-                        n + 2,
-                        n + 3,
-                        n + 4,
-                        n + 5
-                    )
-                })
-                .collect();
             std::borrow::Cow::Owned(format!(
                 "insert into outbox (id, topic, key, payload, created_at) values {}",
-                rows.join(", ")
+                values(chunk.len(), 1)
             ))
         };
-        let mut statement = query(&sql);
-        for event in chunk {
-            let payload =
-                serde_json::to_string(event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-            statement = statement
-                .bind(event.id.to_string())
-                .bind(&event.topic)
-                .bind(&event.key)
-                .bind(payload)
-                .bind(event.occurred_at);
-        }
-        statement.execute(&mut *tx).await?;
+        bind(query(&sql), chunk)?.execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// For a statement of the caller's own that writes events only when its change happens (an
+/// `insert into outbox (id, topic, key, payload, created_at) select ... from (values ...)` inside
+/// a `with`): the `values` rows of `count` events, five parameters each from `$first` on, in
+/// the outbox's column order. Bind them with [`bind`].
+pub fn values(count: usize, first: usize) -> String {
+    let rows: Vec<String> = (0..count)
+        .map(|i| {
+            let n = first + i * 5;
+            format!("(${n}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4)
+        })
+        .collect();
+    rows.join(", ")
+}
+
+/// Binds the outbox columns of `events` to `statement`'s next parameters (see [`values`]).
+pub fn bind<'q>(mut statement: Query<'q>, events: &'q [Event]) -> sqlx::Result<Query<'q>> {
+    for event in events {
+        let payload = serde_json::to_string(event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        statement = statement
+            .bind(event.id.to_string())
+            .bind(&event.topic)
+            .bind(&event.key)
+            .bind(payload)
+            .bind(event.occurred_at);
+    }
+    Ok(statement)
 }
 
 /// Events waiting to be published (the relay's backlog), for stats and metrics. Rows set aside

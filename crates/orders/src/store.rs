@@ -348,7 +348,7 @@ pub async fn decide(tx: &mut Tx, row: Row, to: Status, reason: Option<&str>) -> 
     {
         return Err(Error::Transition { id, from, to });
     }
-    let updated: Row = decision(&DECIDE, to, reason, id)
+    let updated: Row = decision(&DECIDE, to, reason, id, now())
         .fetch_one(&mut *tx)
         .await?;
     announce_decided(tx, from, updated, None).await
@@ -393,11 +393,17 @@ static DECIDE_IF_DUE: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// `sql` (one of the decisions) bound for order `id` becoming `to`.
-fn decision<'q>(sql: &'q str, to: Status, reason: Option<&'q str>, id: i64) -> Query<'q> {
+/// `sql` (one of the decisions) bound for order `id` becoming `to` at `at`.
+fn decision<'q>(
+    sql: &'q str,
+    to: Status,
+    reason: Option<&'q str>,
+    id: i64,
+    at: DateTime<Utc>,
+) -> Query<'q> {
     query(sql)
         .bind(to.as_str())
-        .bind(now())
+        .bind(at)
         .bind(reason)
         .bind(to == Status::Processed)
         .bind(id)
@@ -424,7 +430,7 @@ pub async fn decide_if_due(
     if tx.dialect() != Dialect::Postgres || !matches!(to, Status::Processed | Status::Failed) {
         return Ok(None);
     }
-    let decided: Option<Decided> = decision(&DECIDE_IF_DUE, to, reason, id)
+    let decided: Option<Decided> = decision(&DECIDE_IF_DUE, to, reason, id, now())
         .fetch_optional(&mut *tx)
         .await?;
     let Some(Decided {
@@ -442,6 +448,120 @@ pub async fn decide_if_due(
     announce_decided(tx, from, row, Some(lines)).await.map(Some)
 }
 
+/// An order read while it was undecided (pending or processing), with its lines: what the
+/// worker's step needs to write its decision and its events in one statement.
+pub struct Undecided {
+    row: Row,
+    lines: Vec<(i64, i64, i64)>,
+}
+
+impl Undecided {
+    pub fn row(&self) -> &Row {
+        &self.row
+    }
+}
+
+/// Order `id` with its lines if it is undecided now (not locked). On PostgreSQL one statement.
+pub async fn undecided(db: &Db, id: i64) -> Result<Option<Undecided>> {
+    let due = "status in ('pending', 'processing')";
+    if db.dialect() == Dialect::Postgres {
+        let sql = format!(
+            "select {COLUMNS}, (select coalesce(json_agg(json_build_array(i.product_id, \
+             i.quantity, i.unit_price_cents) order by i.product_id)::text, '[]') \
+             from order_items i where i.order_id = orders.id) as lines \
+             from orders where id = $1 and {due}"
+        );
+        let Some(WithLines { lines, row }) = query(&sql).bind(id).fetch_optional(db).await? else {
+            return Ok(None);
+        };
+        let lines = serde_json::from_str(&lines)
+            .map_err(|e| anyhow::anyhow!("order {id}: its lines as read back: {e}"))?;
+        return Ok(Some(Undecided { row, lines }));
+    }
+    let sql = format!("select {COLUMNS} from orders where id = $1 and {due}");
+    let Some(row) = query(&sql).bind(id).fetch_optional::<Row>(db).await? else {
+        return Ok(None);
+    };
+    let lines = lines_of(db, id).await?;
+    Ok(Some(Undecided { row, lines }))
+}
+
+/// A row with its lines as a JSON array (see [`undecided`]).
+#[derive(sqlx::FromRow)]
+struct WithLines {
+    lines: String,
+    #[sqlx(flatten)]
+    row: Row,
+}
+
+/// PostgreSQL: decides order `undecided` (as [`decide`] does) if it is still undecided, and
+/// writes its events, in one statement: the events are made beforehand from what was read (an
+/// order's lines, totals and creation never change, and its other columns are what the decision
+/// sets), and written only when the decision happens (`order.processing` only when the order was
+/// still pending). `None` when it is not undecided any more (or on SQLite): take the lock with
+/// [`lock`] and look.
+pub async fn decide_announcing(
+    tx: &mut Tx,
+    undecided: Undecided,
+    to: Status,
+    reason: Option<&str>,
+) -> Result<Option<Order>> {
+    if tx.dialect() != Dialect::Postgres || !matches!(to, Status::Processed | Status::Failed) {
+        return Ok(None);
+    }
+    let Undecided { row, lines } = undecided;
+    let id = row.id;
+    let at = now();
+    let decided = Row {
+        status: to.as_str().to_owned(),
+        failure_reason: reason.map(str::to_owned),
+        processed_at: if to == Status::Processed {
+            Some(at)
+        } else {
+            row.processed_at
+        },
+        stock_settled: true,
+        updated_at: at,
+        ..row
+    }
+    .into_order(lines)?;
+    let announced = announcements(&decided, true)?;
+    let sql = format!(
+        "with due as (select id, status from orders \
+             where id = $5 and status in ('pending', 'processing') for update), \
+         decided as (update orders o {} from due where o.id = due.id \
+             returning due.status as previous), \
+         announced as (insert into outbox (id, topic, key, payload, created_at) \
+             select e.id, e.topic, e.key, e.payload, e.created_at from decided, \
+             (values {}) as e (id, topic, key, payload, created_at) \
+             where decided.previous = 'pending' or e.topic <> '{}') \
+         select previous from decided",
+        decision_set("o."),
+        kit::outbox::values(announced.len(), 6),
+        Status::Processing.topic()
+    );
+    let statement = kit::outbox::bind(decision(&sql, to, reason, id, at), &announced)?;
+    let previous: Option<String> = statement.fetch_optional_scalar(&mut *tx).await?;
+    Ok(previous.map(|_| decided))
+}
+
+/// The events of an order just decided (`order`): `order.processing` first when `from_pending`
+/// (the state it passed through), then the decision's.
+fn announcements(order: &Order, from_pending: bool) -> Result<Vec<kit::outbox::Event>> {
+    let mut announced = Vec::with_capacity(2);
+    if from_pending {
+        let processing = Order {
+            status: Status::Processing,
+            failure_reason: None,
+            processed_at: None,
+            ..order.clone()
+        };
+        announced.push(events::changed(&processing, Some(Status::Pending), true)?);
+    }
+    announced.push(events::changed(order, Some(Status::Processing), true)?);
+    Ok(announced)
+}
+
 /// The order just decided (was `from`), with its lines (read here when not given); its events
 /// written to the outbox: each state it went through.
 async fn announce_decided(
@@ -455,25 +575,9 @@ async fn announce_decided(
         None => lines_of(&mut *tx, updated.id).await?,
     };
     let order = updated.into_order(lines)?;
-    let mut announced = Vec::with_capacity(2);
-    if from == Status::Pending {
-        let processing = Order {
-            status: Status::Processing,
-            failure_reason: None,
-            processed_at: None,
-            ..order.clone()
-        };
-        announced.push(events::changed(&processing, Some(Status::Pending), true)?);
-    }
-    announced.push(events::changed(&order, Some(Status::Processing), true)?);
+    let announced = announcements(&order, from == Status::Pending)?;
     kit::outbox::enqueue(tx, &announced).await?;
     Ok(order)
-}
-
-/// The order's row as it is now (not locked).
-pub async fn row(db: &Db, id: i64) -> Result<Option<Row>> {
-    let sql = format!("select {COLUMNS} from orders where id = $1");
-    Ok(query(&sql).bind(id).fetch_optional(db).await?)
 }
 
 /// The order's row, locked for the rest of `tx`.
@@ -745,6 +849,81 @@ mod tests {
         assert!(again.is_none(), "{backend:?}: nothing due the second time");
         tx.commit().await.expect("commit");
         env.drop_kit_db("orderdecide", db).await;
+    }
+
+    /// An undecided order read beforehand is decided with its events in one statement on
+    /// PostgreSQL: `order.processing` only when it was still pending, and the decision's event
+    /// showing the order exactly as stored. A second try finds nothing due.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_undecided_order_is_decided_and_announced_in_one_statement() {
+        let mut env = TestEnv::new(Backend::Postgres).await;
+        let db = env.kit_db("orderannounce").await;
+        db.migrate(&crate::MIGRATIONS).await.expect("migrations");
+        let items = [item(7, 1, 999), item(3, 2, 1_500)];
+        let mut ids = Vec::new();
+        for status in [Status::Pending, Status::Processing] {
+            let mut tx = db.begin().await.expect("begin");
+            let stored = insert(
+                &mut tx,
+                &NewOrder {
+                    id: None,
+                    user_id: 1,
+                    status,
+                    items: &items,
+                    total: Money::from_cents(3_999),
+                    client_total: None,
+                    warning: None,
+                    reservation_id: None,
+                    announce: false,
+                },
+            )
+            .await
+            .expect("insert");
+            tx.commit().await.expect("commit");
+            ids.push(stored.id);
+        }
+        let reason = Some("payment declined (simulated)");
+        for (id, to, topics) in [
+            (
+                ids[0],
+                Status::Processed,
+                vec!["order.processing", "order.processed"],
+            ),
+            (ids[1], Status::Failed, vec!["order.failed"]),
+        ] {
+            let read = undecided(&db, id).await.expect("read").expect("undecided");
+            let reason = (to == Status::Failed).then_some(reason).flatten();
+            let mut tx = db.begin().await.expect("begin");
+            let decided = decide_announcing(&mut tx, read, to, reason)
+                .await
+                .expect("decide")
+                .expect("decided");
+            tx.commit().await.expect("commit");
+            let found = find(&db, id).await.expect("find").expect("found");
+            assert_eq!(decided, found, "order {id}: answered as stored");
+            assert_eq!(found.status, to);
+            assert_eq!(found.failure_reason.as_deref(), reason);
+            let written: Vec<(String, String)> =
+                query("select topic, payload from outbox where key = $1 order by seq")
+                    .bind(format!("order:{id}"))
+                    .fetch_all(&db)
+                    .await
+                    .expect("outbox");
+            let written_topics: Vec<&str> = written.iter().map(|(t, _)| t.as_str()).collect();
+            assert_eq!(written_topics, topics, "order {id}");
+            let last: serde_json::Value =
+                serde_json::from_str(&written.last().expect("an event").1).expect("json");
+            let mut shown = serde_json::to_value(&found).expect("order json");
+            shown["previous_status"] = "processing".into();
+            shown["stock_settled"] = true.into();
+            assert_eq!(
+                last["data"], shown,
+                "order {id}: the event shows the stored order"
+            );
+
+            assert!(undecided(&db, id).await.expect("read").is_none(), "decided");
+        }
+        env.drop_kit_db("orderannounce", db).await;
     }
 
     kit::on_both_backends!(

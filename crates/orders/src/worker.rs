@@ -75,15 +75,14 @@ impl Worker {
     /// when the payment fails; idempotent there). The step then only writes. An order past
     /// pending or processing needs nothing here.
     async fn prepare(&self, id: i64) -> Result<Prepared> {
-        if let Some(row) = store::row(&self.db, id).await?
-            && matches!(row.status()?, Status::Pending | Status::Processing)
-        {
+        let undecided = store::undecided(&self.db, id).await?;
+        if let Some(order) = &undecided {
             tokio::time::sleep(Duration::from_millis(self.settings.payment_latency_ms)).await;
             let (to, _) = self.decision(id);
-            self.settle_stock(id, to, row.reservation_id.as_deref())
+            self.settle_stock(id, to, order.row().reservation_id.as_deref())
                 .await?;
         }
-        Ok(Prepared(id))
+        Ok(Prepared { id, undecided })
     }
 
     /// The outcome of order `id`'s payment, and the failure's reason: decided by the id alone,
@@ -98,11 +97,15 @@ impl Worker {
 
     /// Runs the step order `id` is due, in `tx`, after [`Worker::prepare`]; returns whether
     /// it changed anything.
-    async fn step(&self, tx: &mut Tx, Prepared(id): Prepared) -> Result<bool> {
-        // The usual case first, locked and decided in one statement where the database allows
-        // (PostgreSQL); the reasoning below holds for it too.
+    async fn step(&self, tx: &mut Tx, Prepared { id, undecided }: Prepared) -> Result<bool> {
+        // The usual case first, locked, decided and announced in one statement where the
+        // database allows (PostgreSQL); the reasoning below holds for it too.
         let (to, reason) = self.decision(id);
-        if let Some(order) = store::decide_if_due(tx, id, to, reason).await? {
+        let decided = match undecided {
+            Some(order) => store::decide_announcing(tx, order, to, reason).await?,
+            None => store::decide_if_due(tx, id, to, reason).await?,
+        };
+        if let Some(order) = decided {
             self.decided(id, to, order.created_at);
             return Ok(true);
         }
@@ -230,8 +233,12 @@ impl Worker {
     }
 }
 
-/// Proof that [`Worker::prepare`] ran for an order (its id) before the step's transaction.
-pub struct Prepared(i64);
+/// What [`Worker::prepare`] found for an order before the step's transaction: its id, and the
+/// order with its lines when it was undecided (its stock then settled for the decision).
+pub struct Prepared {
+    id: i64,
+    undecided: Option<store::Undecided>,
+}
 
 fn failure(id: i64, err: Error) -> anyhow::Error {
     match err {
@@ -268,7 +275,7 @@ impl Handler for Worker {
     }
 
     async fn handle(&self, tx: &mut Tx, _event: &Event, prepared: Prepared) -> anyhow::Result<()> {
-        let id = prepared.0;
+        let id = prepared.id;
         match self.step(tx, prepared).await {
             Ok(_) => Ok(()),
             Err(err) => Err(failure(id, err)),
