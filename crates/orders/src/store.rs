@@ -718,6 +718,32 @@ mod tests {
         }
     }
 
+    /// Order of `items` for user 1, stored in `status` without events.
+    async fn unannounced(db: &Db, status: Status, items: &[Item]) -> Order {
+        let total = items.iter().fold(Money::default(), |t, i| {
+            t.plus(i.line_total).expect("in range")
+        });
+        let mut tx = db.begin().await.expect("begin");
+        let order = insert(
+            &mut tx,
+            &NewOrder {
+                id: None,
+                user_id: 1,
+                status,
+                items,
+                total,
+                client_total: None,
+                warning: None,
+                reservation_id: None,
+                announce: false,
+            },
+        )
+        .await
+        .expect("insert");
+        tx.commit().await.expect("commit");
+        order
+    }
+
     async fn count(db: &Db, sql: &str) -> i64 {
         query(sql).fetch_scalar(db).await.expect("count")
     }
@@ -779,24 +805,7 @@ mod tests {
         let db = env.kit_db("orderdecide").await;
         db.migrate(&crate::MIGRATIONS).await.expect("migrations");
         let items = [item(7, 1, 999), item(3, 2, 1_500), item(5, 4, 250)];
-        let mut tx = db.begin().await.expect("begin");
-        let stored = insert(
-            &mut tx,
-            &NewOrder {
-                id: None,
-                user_id: 1,
-                status: Status::Pending,
-                items: &items,
-                total: Money::from_cents(4_999),
-                client_total: None,
-                warning: None,
-                reservation_id: None,
-                announce: false,
-            },
-        )
-        .await
-        .expect("insert");
-        tx.commit().await.expect("commit");
+        let stored = unannounced(&db, Status::Pending, &items).await;
 
         let mut tx = db.begin().await.expect("begin");
         let decided = match decide_if_due(&mut tx, stored.id, Status::Processed, None)
@@ -862,25 +871,7 @@ mod tests {
         let items = [item(7, 1, 999), item(3, 2, 1_500)];
         let mut ids = Vec::new();
         for status in [Status::Pending, Status::Processing] {
-            let mut tx = db.begin().await.expect("begin");
-            let stored = insert(
-                &mut tx,
-                &NewOrder {
-                    id: None,
-                    user_id: 1,
-                    status,
-                    items: &items,
-                    total: Money::from_cents(3_999),
-                    client_total: None,
-                    warning: None,
-                    reservation_id: None,
-                    announce: false,
-                },
-            )
-            .await
-            .expect("insert");
-            tx.commit().await.expect("commit");
-            ids.push(stored.id);
+            ids.push(unannounced(&db, status, &items).await.id);
         }
         let reason = Some("payment declined (simulated)");
         for (id, to, topics) in [
