@@ -351,7 +351,7 @@ pub async fn decide(tx: &mut Tx, row: Row, to: Status, reason: Option<&str>) -> 
     let updated: Row = decision(&DECIDE, to, reason, id, now())
         .fetch_one(&mut *tx)
         .await?;
-    announce_decided(tx, from, updated, None).await
+    announce_decided(tx, from, updated).await
 }
 
 /// What a decision sets ($1 the status, $2 the time, $3 the reason, $4 whether processed); `{o}`
@@ -371,28 +371,6 @@ static DECIDE: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// [`decide_if_due`]'s: order $5 locked and updated only while undecided, with its status before
-/// and its lines (a JSON array of `[product_id, quantity, unit_price_cents]`, in product order:
-/// the lines never change after the order is stored, and reading them here saves a statement).
-static DECIDE_IF_DUE: LazyLock<String> = LazyLock::new(|| {
-    let returned: Vec<String> = COLUMNS
-        .split(',')
-        .map(|column| format!("o.{}", column.trim()))
-        .collect();
-    format!(
-        "with due as (select id, status from orders \
-             where id = $5 and status in ('pending', 'processing') for update), \
-         decided as (update orders o {} from due where o.id = due.id \
-             returning due.status as previous, {}) \
-         select decided.*, (select coalesce(json_agg(json_build_array(i.product_id, \
-             i.quantity, i.unit_price_cents) order by i.product_id)::text, '[]') \
-             from order_items i where i.order_id = decided.id) as lines \
-         from decided",
-        decision_set("o."),
-        returned.join(", ")
-    )
-});
-
 /// `sql` (one of the decisions) bound for order `id` becoming `to` at `at`.
 fn decision<'q>(
     sql: &'q str,
@@ -407,45 +385,6 @@ fn decision<'q>(
         .bind(reason)
         .bind(to == Status::Processed)
         .bind(id)
-}
-
-/// An undecided order's row, as it was before [`decide_if_due`] decided it.
-#[derive(sqlx::FromRow)]
-struct Decided {
-    previous: String,
-    lines: String,
-    #[sqlx(flatten)]
-    row: Row,
-}
-
-/// PostgreSQL: decides order `id` (as [`decide`] does) if it is still undecided, locking and
-/// moving it in one statement; `None` when it is not undecided (or on SQLite): take the lock
-/// with [`lock`] and look.
-pub async fn decide_if_due(
-    tx: &mut Tx,
-    id: i64,
-    to: Status,
-    reason: Option<&str>,
-) -> Result<Option<Order>> {
-    if tx.dialect() != Dialect::Postgres || !matches!(to, Status::Processed | Status::Failed) {
-        return Ok(None);
-    }
-    let decided: Option<Decided> = decision(&DECIDE_IF_DUE, to, reason, id, now())
-        .fetch_optional(&mut *tx)
-        .await?;
-    let Some(Decided {
-        previous,
-        lines,
-        row,
-    }) = decided
-    else {
-        return Ok(None);
-    };
-    let from = Status::parse(&previous)
-        .ok_or_else(|| anyhow::anyhow!("unknown order status `{previous}` stored"))?;
-    let lines = serde_json::from_str(&lines)
-        .map_err(|e| anyhow::anyhow!("order {id}: its lines as read back: {e}"))?;
-    announce_decided(tx, from, row, Some(lines)).await.map(Some)
 }
 
 /// An order read while it was undecided (pending or processing), with its lines: what the
@@ -465,6 +404,8 @@ impl Undecided {
 pub async fn undecided(db: &Db, id: i64) -> Result<Option<Undecided>> {
     let due = "status in ('pending', 'processing')";
     if db.dialect() == Dialect::Postgres {
+        // The lines as a JSON array of `[product_id, quantity, unit_price_cents]`, in product
+        // order (what `lines_of` reads), so the row and its lines are one statement.
         let sql = format!(
             "select {COLUMNS}, (select coalesce(json_agg(json_build_array(i.product_id, \
              i.quantity, i.unit_price_cents) order by i.product_id)::text, '[]') \
@@ -562,18 +503,10 @@ fn announcements(order: &Order, from_pending: bool) -> Result<Vec<kit::outbox::E
     Ok(announced)
 }
 
-/// The order just decided (was `from`), with its lines (read here when not given); its events
-/// written to the outbox: each state it went through.
-async fn announce_decided(
-    tx: &mut Tx,
-    from: Status,
-    updated: Row,
-    lines: Option<Vec<(i64, i64, i64)>>,
-) -> Result<Order> {
-    let lines = match lines {
-        Some(lines) => lines,
-        None => lines_of(&mut *tx, updated.id).await?,
-    };
+/// The order just decided (was `from`), with its lines; its events written to the outbox: each
+/// state it went through.
+async fn announce_decided(tx: &mut Tx, from: Status, updated: Row) -> Result<Order> {
+    let lines = lines_of(&mut *tx, updated.id).await?;
     let order = updated.into_order(lines)?;
     let announced = announcements(&order, from == Status::Pending)?;
     kit::outbox::enqueue(tx, &announced).await?;
@@ -807,10 +740,15 @@ mod tests {
         let items = [item(7, 1, 999), item(3, 2, 1_500), item(5, 4, 250)];
         let stored = unannounced(&db, Status::Pending, &items).await;
 
-        let mut tx = db.begin().await.expect("begin");
-        let decided = match decide_if_due(&mut tx, stored.id, Status::Processed, None)
+        let read = undecided(&db, stored.id)
             .await
-            .expect("decide if due")
+            .expect("read")
+            .expect("undecided");
+        assert_eq!(read.lines.len(), 3, "{backend:?}: read with its lines");
+        let mut tx = db.begin().await.expect("begin");
+        let decided = match decide_announcing(&mut tx, read, Status::Processed, None)
+            .await
+            .expect("decide announcing")
         {
             Some(order) => order,
             None => {
@@ -851,12 +789,13 @@ mod tests {
             "{backend:?}"
         );
 
-        let mut tx = db.begin().await.expect("begin");
-        let again = decide_if_due(&mut tx, stored.id, Status::Processed, None)
-            .await
-            .expect("decide again");
-        assert!(again.is_none(), "{backend:?}: nothing due the second time");
-        tx.commit().await.expect("commit");
+        assert!(
+            undecided(&db, stored.id)
+                .await
+                .expect("read again")
+                .is_none(),
+            "{backend:?}: nothing due the second time"
+        );
         env.drop_kit_db("orderdecide", db).await;
     }
 

@@ -101,9 +101,11 @@ impl Worker {
         // The usual case first, locked, decided and announced in one statement where the
         // database allows (PostgreSQL); the reasoning below holds for it too.
         let (to, reason) = self.decision(id);
+        // (Not undecided when `prepare` read it: then not now either, an order's status never
+        // goes back.)
         let decided = match undecided {
             Some(order) => store::decide_announcing(tx, order, to, reason).await?,
-            None => store::decide_if_due(tx, id, to, reason).await?,
+            None => None,
         };
         if let Some(order) = decided {
             self.decided(id, to, order.created_at);
