@@ -1,0 +1,56 @@
+//! Release builds of `agora` lay its code out in the order of `link-order.txt`: every function
+//! that start-up, the idle loops and the hot paths run, first and together (lld's
+//! `--symbol-ordering-file`). The kernel maps an executable's pages around each page a process
+//! touches, so code the process runs scattered over the whole `.text` keeps most of the binary
+//! resident; laid out together it is a fraction of it (README: Benchmarks, memory).
+//! `scripts/link-order` regenerates the file (callgrind of `agora up`); a symbol it names that
+//! a build no longer has is skipped, so a stale file costs memory, never a failed link.
+//!
+//! Only where the linker is known to be lld: Rust ≥ 1.90 on x86_64-unknown-linux-gnu links
+//! with its own rust-lld, unless a linker is chosen in RUSTFLAGS. `AGORA_LINK_ORDER=off` turns
+//! it off.
+
+use std::path::Path;
+use std::process::Command;
+
+const ORDER: &str = "link-order.txt";
+
+fn main() {
+    println!("cargo:rerun-if-changed={ORDER}");
+    println!("cargo:rerun-if-env-changed=AGORA_LINK_ORDER");
+    println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+    let release = std::env::var("PROFILE").is_ok_and(|p| p == "release");
+    let wanted = std::env::var("AGORA_LINK_ORDER").map_or(true, |v| v != "off");
+    let order = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default()).join(ORDER);
+    if release && wanted && order.is_file() && links_with_lld() {
+        println!(
+            "cargo:rustc-link-arg-bin=agora=-Wl,--symbol-ordering-file={}",
+            order.display()
+        );
+        println!("cargo:rustc-link-arg-bin=agora=-Wl,--no-warn-symbol-ordering");
+    }
+}
+
+/// Whether this build links with rustc's own lld (the default of Rust ≥ 1.90 on
+/// x86_64-unknown-linux-gnu, unless RUSTFLAGS name another linker).
+fn links_with_lld() -> bool {
+    let target = std::env::var("TARGET").unwrap_or_default();
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    if target != "x86_64-unknown-linux-gnu" || flags.contains("linker") {
+        return false;
+    }
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let Ok(out) = Command::new(rustc).arg("--version").output() else {
+        return false;
+    };
+    // "rustc 1.95.0 (...)"
+    let version = String::from_utf8_lossy(&out.stdout);
+    let mut parts = version
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .split('.')
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (1, 90)
+}
