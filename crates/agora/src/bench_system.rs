@@ -74,6 +74,27 @@ pub struct System {
     dir: tempfile::TempDir,
 }
 
+/// A command running the agora binary `exe`, behind the profiler `BENCH_WRAP` names when
+/// set (a command and its arguments, split at spaces: `scripts/link-order` runs every process
+/// of a distributed system under callgrind this way). Not an `AGORA_` variable: those are
+/// configuration, which refuses names it does not know.
+fn agora_command(exe: &std::path::Path) -> Command {
+    wrapped(exe, &std::env::var("BENCH_WRAP").unwrap_or_default())
+}
+
+/// `exe` run behind `wrap` (a command and its arguments, split at spaces; none when empty).
+fn wrapped(exe: &std::path::Path, wrap: &str) -> Command {
+    let mut words = wrap.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    }
+}
+
 impl System {
     pub fn port(&self, service: &str) -> u16 {
         let offset = SERVICES
@@ -155,7 +176,7 @@ impl System {
         };
         let started: Vec<&'static str> = match spec.mode {
             Mode::Embedded => {
-                let mut command = Command::new(&exe);
+                let mut command = agora_command(&exe);
                 command.arg("up");
                 configure(&mut command, "up.log")?;
                 let child = command.spawn().context("starting agora up")?;
@@ -174,7 +195,7 @@ impl System {
                     order.push("gateway");
                 }
                 for name in &order {
-                    let mut command = Command::new(&exe);
+                    let mut command = agora_command(&exe);
                     command.args(["serve", name]);
                     configure(&mut command, &format!("{name}.log"))?;
                     let child = command
@@ -333,5 +354,29 @@ mod tests {
             let port = settings.service(service.name).port;
             assert_eq!(port - gateway, *offset, "{}", service.name);
         }
+    }
+
+    /// `BENCH_WRAP` puts its command and arguments before the binary; empty, the binary runs
+    /// itself.
+    #[test]
+    fn a_wrapper_runs_the_binary_as_its_last_argument() {
+        let exe = std::path::Path::new("/bin/agora");
+        let command = wrapped(
+            exe,
+            "valgrind  --tool=callgrind --callgrind-out-file=/tmp/x.%p",
+        );
+        assert_eq!(command.get_program(), "valgrind");
+        let args: Vec<_> = command.get_args().collect();
+        assert_eq!(
+            args,
+            [
+                "--tool=callgrind",
+                "--callgrind-out-file=/tmp/x.%p",
+                "/bin/agora"
+            ]
+        );
+        let bare = wrapped(exe, " ");
+        assert_eq!(bare.get_program(), "/bin/agora");
+        assert_eq!(bare.get_args().count(), 0);
     }
 }
