@@ -3,8 +3,9 @@
 //! `--symbol-ordering-file`). The kernel maps an executable's pages around each page a process
 //! touches, so code the process runs scattered over the whole `.text` keeps most of the binary
 //! resident; laid out together it is a fraction of it (README: Benchmarks, memory).
-//! `scripts/link-order` regenerates the file (callgrind of `agora up`); a symbol it names that
-//! a build no longer has is skipped, so a stale file costs memory, never a failed link.
+//! `scripts/link-order` regenerates the file (callgrind of `agora up` and of a distributed
+//! system); a symbol it names that a build no longer has is skipped, so a stale file costs
+//! memory, never a failed link.
 //!
 //! Its relative relocations are packed too (`-z pack-relative-relocs`, DT_RELR) when the
 //! glibc it is built on reads them (2.36 and later): the dynamic loader reads every one at
