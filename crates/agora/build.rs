@@ -12,8 +12,9 @@
 //! start, 1.7 MB of `.rela.dyn` in the usual format against a few kB packed.
 //!
 //! Only where the linker is known to be lld: Rust ≥ 1.90 on x86_64-unknown-linux-gnu links
-//! with its own rust-lld, unless a linker is chosen in RUSTFLAGS. `AGORA_LINK_ORDER=off` turns
-//! both off.
+//! with its own rust-lld, unless a linker is chosen in RUSTFLAGS. `LINK_ORDER=off` turns
+//! both off (not an `AGORA_` variable: the binary's configuration refuses `AGORA_` names it
+//! does not know, and a build's environment is often the shell `agora` then runs in).
 
 use std::path::Path;
 use std::process::Command;
@@ -22,10 +23,10 @@ const ORDER: &str = "link-order.txt";
 
 fn main() {
     println!("cargo:rerun-if-changed={ORDER}");
-    println!("cargo:rerun-if-env-changed=AGORA_LINK_ORDER");
+    println!("cargo:rerun-if-env-changed=LINK_ORDER");
     println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
     let release = std::env::var("PROFILE").is_ok_and(|p| p == "release");
-    let wanted = std::env::var("AGORA_LINK_ORDER").map_or(true, |v| v != "off");
+    let wanted = std::env::var("LINK_ORDER").map_or(true, |v| v != "off");
     let order = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default()).join(ORDER);
     if release && wanted && order.is_file() && links_with_lld() {
         println!(
