@@ -158,7 +158,10 @@ pub async fn check(server: &TestServer, case: &Case) -> Result<(), TestCaseError
     let response = request
         .send()
         .await
-        .map_err(|err| TestCaseError::fail(format!("no response: {err}")))?;
+        // With its sources (`{:#}` of anyhow): "error sending request" alone does not say why.
+        .map_err(|err| {
+            TestCaseError::fail(format!("no response: {:#}", anyhow::Error::new(err)))
+        })?;
     let status = response.status().as_u16();
     let content_type = super::content_type(&response);
     let text = response.text().await.unwrap_or_default();
