@@ -92,6 +92,9 @@ pub struct CacheSettings {
     pub item_ttl_secs: u64,
     pub list_ttl_secs: u64,
     pub max_memory_mb: u64,
+    /// On Redis, how long this process serves its own copy of an entry it read, between the
+    /// invalidations Redis pushes (0: every read asks Redis).
+    pub near_ttl_ms: u64,
     /// Members (pages × filters) a list group holds at once; more are served uncached until
     /// the group expires or is invalidated.
     pub max_group_members: u64,
@@ -293,6 +296,23 @@ impl Settings {
         }
         if self.cache.max_memory_mb == 0 {
             return Err(invalid("cache.max_memory_mb", "must be at least 1".into()));
+        }
+        let shortest_ttl_ms = [self.cache.item_ttl_secs, self.cache.list_ttl_secs]
+            .into_iter()
+            .filter(|&ttl| ttl > 0)
+            .min()
+            .map(|secs| secs.saturating_mul(1000));
+        if let Some(shortest) = shortest_ttl_ms
+            && self.cache.near_ttl_ms > shortest
+        {
+            return Err(invalid(
+                "cache.near_ttl_ms",
+                format!(
+                    "{} is longer than the shortest cache TTL ({shortest} ms): a copy would \
+                     outlive its entry",
+                    self.cache.near_ttl_ms
+                ),
+            ));
         }
         if self.metrics.port_offset == 0 {
             return Err(invalid(

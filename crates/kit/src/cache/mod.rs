@@ -10,14 +10,15 @@
 //!   the write's invalidation (which would otherwise be served for a whole TTL).
 //! - On Redis a hit costs one round trip and a miss two: the read returns the slot's version along
 //!   with its value (that is the version the load stores under), and the store is one atomic
-//!   check-and-set.
+//!   check-and-set. A hot key costs none: each process keeps a near copy of what it read, which
+//!   Redis's client tracking keeps fresh (`near.rs`).
 //! - A cache fault never fails a request: the value is loaded from the database instead. After a
 //!   failure Redis is skipped while one background task reconnects (every
 //!   `redis.retry_after_ms`) and replays the invalidations the outage kept back before Redis is
 //!   used again, so no write made during the outage is shadowed by a stale entry (`redis.rs`).
 //!
-//! One file per backend: `memory.rs` (moka) and `redis.rs`; both keep the contract of the private
-//! `Backend` trait below.
+//! One file per backend: `memory.rs` (moka) and `redis.rs` (with `near.rs`, its near copy); both
+//! keep the contract of the private `Backend` trait below.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,6 +37,7 @@ use serde::Serialize;
 use crate::config::Settings;
 
 mod memory;
+mod near;
 mod redis;
 #[cfg(test)]
 mod tests;
@@ -148,6 +150,11 @@ impl Cache {
                 Duration::from_millis(settings.redis.retry_after_ms),
                 format!("{}{service}:", settings.redis.prefix),
                 settings.cache.max_group_members,
+                near::Near::new(
+                    Duration::from_millis(settings.cache.near_ttl_ms),
+                    usize::try_from(settings.cache.max_memory_mb * 1024 * 1024)
+                        .unwrap_or(usize::MAX),
+                ),
             )?),
             None => Box::new(MemoryBackend::new(
                 settings.cache.max_memory_mb * 1024 * 1024,
@@ -497,6 +504,14 @@ impl Slot {
         }
     }
 
+    /// The member of a group this slot is, or "" for a plain key.
+    fn field(&self) -> &str {
+        match self {
+            Slot::Key(_) => "",
+            Slot::Field(_, field) => field,
+        }
+    }
+
     fn flight_key(&self) -> String {
         match self {
             Slot::Key(key) => key.clone(),
@@ -544,5 +559,10 @@ trait Backend: Send + Sync {
     #[cfg(test)]
     fn round_trips(&self) -> u64 {
         0
+    }
+    /// Entries in the near copy of a Redis backend (`None`: it has none).
+    #[cfg(test)]
+    fn near_len(&self) -> Option<usize> {
+        None
     }
 }

@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 
+use super::near::Near;
 use super::{Backend, Bypassed, Slot, Version};
 use crate::outage::Outage;
 
@@ -65,6 +66,8 @@ const BATCH: usize = 500;
 
 pub(super) struct RedisBackend {
     shared: Arc<Shared>,
+    /// The near copy of what this process read (`None`: off), see `near.rs`.
+    near: Option<Arc<Near>>,
     store_script: redis::Script,
     max_group_members: u64,
     /// Commands (or pipelines, or scripts) sent by requests, for tests that count round trips.
@@ -75,6 +78,8 @@ pub(super) struct RedisBackend {
 /// What the requests and the recovery task share.
 struct Shared {
     client: redis::Client,
+    /// The near copy, emptied whenever the connection changes or goes out of service.
+    near: Option<Arc<Near>>,
     timeout: Duration,
     retry_after: Duration,
     /// Keys of this service start with it; flushed after an outage that lost too much.
@@ -126,11 +131,26 @@ impl RedisBackend {
         retry_after: Duration,
         namespace: String,
         max_group_members: u64,
+        near: Option<Near>,
     ) -> anyhow::Result<Self> {
         let outage = Outage::new(format!("cache (redis, {namespace}*)"));
+        let mut client = redis::Client::open(url).context("parsing redis.url")?;
+        if near.is_some() {
+            // Client tracking pushes its invalidations on the connection itself: RESP3.
+            let info = client.get_connection_info().clone();
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            client = redis::Client::open(info.set_redis_settings(settings))
+                .context("parsing redis.url")?;
+        }
+        let near = near.map(Arc::new);
         Ok(Self {
+            near: near.clone(),
             shared: Arc::new(Shared {
-                client: redis::Client::open(url).context("parsing redis.url")?,
+                client,
+                near,
                 timeout,
                 retry_after,
                 namespace,
@@ -202,13 +222,49 @@ impl Shared {
         self.lost.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new connection that has answered a PING, within the time limits.
+    /// A new connection that has answered a PING, within the time limits; with the near cache
+    /// on, one that Redis tracks (its invalidations applied to the near copy as they arrive).
     async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
-        connect(&self.client, self.timeout).await
+        let Some(near) = &self.near else {
+            return connect(&self.client, self.timeout).await;
+        };
+        let near = near.clone();
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_push_sender(move |push: redis::PushInfo| {
+                apply_push(&near, &push);
+                Ok::<(), std::convert::Infallible>(())
+            });
+        let mut conn = tokio::time::timeout(
+            self.timeout * 2,
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .context("connecting to redis timed out")?
+        .context("connecting to redis (RESP3, for the near cache's client tracking)")?;
+        tokio::time::timeout(
+            self.timeout,
+            redis::cmd("CLIENT")
+                .arg("TRACKING")
+                .arg("ON")
+                .query_async::<()>(&mut conn),
+        )
+        .await
+        .context("redis did not answer CLIENT TRACKING in time")?
+        .context("redis refused CLIENT TRACKING ON (the near cache needs Redis 6 or later)")?;
+        Ok(conn)
     }
 
     fn put_in_service(&self, conn: MultiplexedConnection) {
-        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        // A new connection tracks nothing yet: nothing read before it can be trusted.
+        if let Some(near) = &self.near {
+            near.clear(true);
+        }
+        *live = Some(conn);
+        drop(live);
         self.outage.succeeded();
     }
 
@@ -221,6 +277,10 @@ impl Shared {
     ) {
         let mut state = this.lock_lost();
         *this.live.write().unwrap_or_else(|p| p.into_inner()) = None;
+        // Invalidations may be lost from now on: no near copy is served until a new connection.
+        if let Some(near) = &this.near {
+            near.clear(false);
+        }
         state.add(lost);
         this.outage.failed(err);
         if !state.recovering {
@@ -376,9 +436,38 @@ fn delete_pipeline<'a>(keys: impl IntoIterator<Item = &'a String>) -> redis::Pip
     pipe
 }
 
-/// Where the version of a key or group lives.
+/// Where the version of a key or group lives: `<key>` + this.
+pub(super) const VERSION_SUFFIX: &str = ":ver";
+
 fn version_key(base: &str) -> String {
-    format!("{base}:ver")
+    super::concat(&[base, VERSION_SUFFIX])
+}
+
+/// What Redis (or the library) pushed on the tracked connection, applied to the near copy: the
+/// keys an `invalidate` names are forgotten; a flush (`invalidate` with no keys) or a
+/// disconnection forgets everything.
+pub(super) fn apply_push(near: &Near, push: &redis::PushInfo) {
+    match push.kind {
+        redis::PushKind::Invalidate => {
+            let keys: Option<Vec<&str>> = match push.data.first() {
+                Some(redis::Value::Array(keys)) => keys
+                    .iter()
+                    .map(|key| match key {
+                        redis::Value::BulkString(key) => std::str::from_utf8(key).ok(),
+                        redis::Value::SimpleString(key) => Some(key.as_str()),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => None,
+            };
+            match keys {
+                Some(keys) => near.forget(keys),
+                None => near.flush(),
+            }
+        }
+        redis::PushKind::Disconnection => near.flush(),
+        _ => {}
+    }
 }
 
 /// Versions outlive every entry they guard (the longest TTL is far shorter); after a day without
@@ -412,6 +501,17 @@ impl Backend for RedisBackend {
     }
 
     async fn get(&self, slot: &Slot) -> anyhow::Result<(Option<Bytes>, Version)> {
+        let field = slot.field();
+        let ticket = match &self.near {
+            Some(near) => {
+                if let Some(value) = near.get(slot.base(), field) {
+                    // A hit needs no version: only a miss stores.
+                    return Ok((Some(value), None));
+                }
+                Some(near.ticket(slot.base()))
+            }
+            None => None,
+        };
         let version = version_key(slot.base());
         let (value, version): (Option<Vec<u8>>, Version) = match slot {
             Slot::Key(key) => {
@@ -432,7 +532,11 @@ impl Backend for RedisBackend {
                 self.run(async |c| pipe.query_async(c).await).await?
             }
         };
-        Ok((value.map(Bytes::from), version))
+        let value = value.map(Bytes::from);
+        if let (Some(near), Some(ticket), Some(value)) = (&self.near, ticket, &value) {
+            near.put(ticket, slot.base(), field, value.clone());
+        }
+        Ok((value, version))
     }
 
     async fn set(
@@ -444,10 +548,7 @@ impl Backend for RedisBackend {
     ) -> anyhow::Result<()> {
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let expected = version.map(|v| v.to_string()).unwrap_or_default();
-        let field = match slot {
-            Slot::Key(_) => "",
-            Slot::Field(_, field) => field.as_str(),
-        };
+        let field = slot.field();
         let script = &self.store_script;
         self.run(async |c| {
             script
@@ -475,12 +576,22 @@ impl Backend for RedisBackend {
             }
         };
         let pipe = delete_pipeline(keys);
+        let forget = || {
+            if let Some(near) = &self.near {
+                near.forget(keys.iter().map(String::as_str));
+            }
+        };
+        // Before: no read from now on keeps an older copy. After: a read that Redis answered
+        // before the invalidation and that stored its copy meanwhile is dropped too (Redis pushes
+        // this connection's own invalidation only after its reply).
+        forget();
         #[cfg(test)]
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         let result = tokio::time::timeout(self.shared.timeout, pipe.query_async::<()>(&mut conn))
             .await
             .map_err(|_| anyhow::anyhow!("redis timed out after {:?}", self.shared.timeout))
             .and_then(|sent| sent.context("redis invalidation failed"));
+        forget();
         if let Err(err) = &result {
             // Whatever the failure, the entries may still be there: replay before trusting Redis.
             Shared::went_down(&self.shared, &format_args!("{err:#}"), keys.iter().cloned());
@@ -502,5 +613,10 @@ impl Backend for RedisBackend {
     #[cfg(test)]
     fn round_trips(&self) -> u64 {
         self.round_trips.load(Ordering::Relaxed)
+    }
+
+    #[cfg(test)]
+    fn near_len(&self) -> Option<usize> {
+        self.near.as_ref().map(|near| near.len())
     }
 }

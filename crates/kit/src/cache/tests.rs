@@ -145,10 +145,12 @@ async fn redis_loads_never_store_across_an_invalidation() {
 }
 
 /// A miss is one read (value + version) and one store; a hit is one read; an invalidation is one
-/// atomic pipeline. For a plain key and a group member alike.
+/// atomic pipeline. For a plain key and a group member alike. (With the near copy off: with it,
+/// most hits make none, below.)
 #[tokio::test]
 async fn redis_round_trips_per_miss_and_hit() {
-    let env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
+    let mut env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
+    env.settings.cache.near_ttl_ms = 0;
     let cache = Cache::new(&env.settings, "t").expect("redis cache");
     cache.ping().await.expect("redis answers");
     let load = || async { Ok(Some(Bytes::from_static(b"v"))) };
@@ -510,4 +512,207 @@ async fn a_ttl_of_zero_skips_the_cache_and_loads_every_time() {
     assert_eq!(loads.load(Ordering::SeqCst), 3, "every read loads");
     assert_eq!(redis.round_trips() - before, 0, "no read reached Redis");
     assert_eq!(redis.stats().misses, 3);
+}
+
+/// Reads `key` through `cache`, loading `db`'s current value on a miss.
+async fn read_through(cache: &Cache, key: &str, db: &Arc<AtomicU64>) -> String {
+    let db = db.clone();
+    let bytes = cache
+        .get_or_load(key, Ttl::Item, move || async move {
+            Ok(Some(Bytes::from(db.load(Ordering::SeqCst).to_string())))
+        })
+        .await
+        .expect("a read never fails")
+        .expect("found");
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Two replicas of one service on one Redis, with a near copy that would outlive the test: only
+/// Redis's pushes (and the replica's own invalidations) can keep them fresh.
+async fn replicas() -> (crate::testing::TestEnv, Cache, Cache) {
+    let mut env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
+    env.settings.cache.near_ttl_ms = 60_000;
+    let a = Cache::new(&env.settings, "t").expect("redis cache");
+    let b = Cache::new(&env.settings, "t").expect("redis cache");
+    a.ping().await.expect("redis answers");
+    b.ping().await.expect("redis answers");
+    (env, a, b)
+}
+
+/// Reads of a hot key stop reaching Redis once the near copy holds it, and each replica's own
+/// write is seen by its next read, with no wait.
+#[tokio::test]
+async fn redis_near_copy_serves_hits_without_a_round_trip_and_sees_its_own_writes() {
+    let (_env, cache, _) = replicas().await;
+    let db = Arc::new(AtomicU64::new(1));
+    assert_eq!(read_through(&cache, "user:1", &db).await, "1");
+    // The first hit may come just before Redis's push about the store: bounded, a few reads.
+    let mut reads = 0;
+    loop {
+        let before = cache.round_trips();
+        assert_eq!(read_through(&cache, "user:1", &db).await, "1");
+        if cache.round_trips() == before {
+            break;
+        }
+        reads += 1;
+        assert!(reads < 5, "the near copy never kept the hot key");
+    }
+    let before = cache.round_trips();
+    for _ in 0..100 {
+        assert_eq!(read_through(&cache, "user:1", &db).await, "1");
+    }
+    assert_eq!(cache.round_trips() - before, 0, "100 hits, no round trip");
+
+    for value in 2..12 {
+        db.store(value, Ordering::SeqCst);
+        cache.invalidate(&["user:1".to_owned()]).await;
+        assert_eq!(
+            read_through(&cache, "user:1", &db).await,
+            value.to_string(),
+            "a read right after this replica's write"
+        );
+        assert_eq!(read_through(&cache, "user:1", &db).await, value.to_string());
+    }
+    assert_eq!(cache.stats().errors, 0);
+}
+
+/// A write through another replica reaches this one's near copy through Redis's push: long
+/// before the copy's own lifetime (a minute here) would end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_near_copy_drops_what_another_replica_changed() {
+    let (_env, a, b) = replicas().await;
+    let db = Arc::new(AtomicU64::new(1));
+    for (key, group) in [("user:7", None), ("users", Some("page=1"))] {
+        let read = async |cache: &Cache| match group {
+            None => read_through(cache, key, &db).await,
+            Some(field) => {
+                let db = db.clone();
+                let bytes = cache
+                    .get_or_load_in(key, field, Ttl::List, move || async move {
+                        Ok(Some(Bytes::from(db.load(Ordering::SeqCst).to_string())))
+                    })
+                    .await
+                    .expect("read")
+                    .expect("found");
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+        };
+        db.store(1, Ordering::SeqCst);
+        // Until `a` serves the value from its near copy.
+        let mut reads = 0;
+        loop {
+            let before = a.round_trips();
+            assert_eq!(read(&a).await, "1");
+            if a.round_trips() == before {
+                break;
+            }
+            reads += 1;
+            assert!(reads < 5, "{key}: the near copy never kept it");
+        }
+        for value in 2..7 {
+            db.store(value, Ordering::SeqCst);
+            b.invalidate(&[key.to_owned()]).await;
+            let written = Instant::now();
+            while read(&a).await != value.to_string() {
+                assert!(
+                    written.elapsed() < Duration::from_secs(2),
+                    "{key}: replica a still serves the value replica b replaced"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(
+                written.elapsed() < Duration::from_millis(500),
+                "{key}: seen {:?} after the write",
+                written.elapsed()
+            );
+        }
+    }
+    assert_eq!(a.stats().errors + b.stats().errors, 0);
+}
+
+/// Redis going away empties the near copy: nothing is served from it while invalidations could be
+/// lost, and it fills again from the new connection.
+#[tokio::test]
+async fn redis_near_copy_is_emptied_when_the_connection_drops() {
+    let proxy = crate::testing::CuttableProxy::start().await;
+    let mut env = crate::testing::TestEnv::new(crate::testing::Backend::Postgres).await;
+    env.settings.redis.url = Some(format!("redis://127.0.0.1:{}", proxy.port));
+    env.settings.redis.retry_after_ms = 200;
+    env.settings.cache.near_ttl_ms = 60_000;
+    let cache = Cache::new(&env.settings, "t").expect("redis cache");
+    let db = Arc::new(AtomicU64::new(1));
+    for _ in 0..3 {
+        read_through(&cache, "user:1", &db).await;
+    }
+    let near = cache.inner.backend.near_len().expect("the near copy is on");
+    assert_eq!(near, 1, "the hot key is copied");
+
+    proxy.cut();
+    // The library's disconnection notice, or the first failed call, empties it.
+    let cut = Instant::now();
+    while cache.inner.backend.near_len() != Some(0) {
+        assert!(cut.elapsed() < Duration::from_secs(2), "still copied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    db.store(2, Ordering::SeqCst);
+    assert_eq!(
+        read_through(&cache, "user:1", &db).await,
+        "2",
+        "from the database"
+    );
+
+    proxy.restore();
+    let back = Instant::now();
+    while cache.inner.backend.near_len() != Some(1) {
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "the near copy never filled again: {:?}",
+            cache.stats()
+        );
+        read_through(&cache, "user:1", &db).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What Redis pushes on the tracked connection: an `invalidate` naming keys forgets those (and
+/// the entry a version key guards); one with no keys (a flush), or the library's disconnection
+/// notice, forgets everything.
+#[test]
+fn pushes_forget_what_they_name_and_a_flush_forgets_everything() {
+    use ::redis::{PushInfo, PushKind, Value};
+    let near = near::Near::new(Duration::from_secs(60), 1 << 20).expect("on");
+    let fill = || {
+        near.clear(true);
+        for key in ["a", "b", "c"] {
+            near.put(near.ticket(key), key, "", Bytes::from_static(b"v"));
+        }
+    };
+    let push = |kind, data| PushInfo { kind, data };
+    let names = |keys: &[&str]| {
+        Value::Array(
+            keys.iter()
+                .map(|k| Value::BulkString(k.as_bytes().to_vec()))
+                .collect(),
+        )
+    };
+
+    fill();
+    redis::apply_push(
+        &near,
+        &push(PushKind::Invalidate, vec![names(&["a", "b:ver"])]),
+    );
+    assert_eq!(near.len(), 1, "a and b forgotten, c kept");
+    assert!(near.get("c", "").is_some());
+
+    fill();
+    redis::apply_push(&near, &push(PushKind::Invalidate, vec![Value::Nil]));
+    assert_eq!(near.len(), 0, "a flush");
+
+    fill();
+    redis::apply_push(&near, &push(PushKind::Disconnection, vec![]));
+    assert_eq!(near.len(), 0, "a disconnection");
+
+    fill();
+    redis::apply_push(&near, &push(PushKind::Message, vec![names(&["a"])]));
+    assert_eq!(near.len(), 3, "other pushes change nothing");
 }
