@@ -2,6 +2,7 @@
 //! module imports a service.
 
 pub mod auth;
+pub mod batch;
 pub mod breaker;
 pub mod bus;
 pub mod cache;

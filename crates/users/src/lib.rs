@@ -67,6 +67,8 @@ struct SharedState {
     hasher: password::Hasher,
     /// Wakes the outbox relay after a commit.
     outbox: Notifier,
+    /// Inserts the new users of `POST /api/v1/users`, several per statement under load.
+    creates: routes::Creates,
 }
 
 impl std::ops::Deref for AppState {
@@ -96,6 +98,7 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
     let relay = Relay::new(db.clone(), deps.bus()?, &deps.settings.bus);
     relay.register_metrics(&deps.metrics);
     let state = AppState(std::sync::Arc::new(SharedState {
+        creates: routes::creates(db.clone(), deps.cache.clone()),
         db,
         cache: deps.cache.clone(),
         tokens,

@@ -10,11 +10,11 @@ use bytes::Bytes;
 use kit::db::ResultExt as _;
 use kit::http::{Json, Path, Query, RawJson};
 use kit::page::Pagination;
-use kit::{Db, Ttl};
+use kit::{Cache, Db, Ttl};
 use serde::Deserialize;
 use utoipa::OpenApi;
 
-use crate::domain::{CreateUserBody, UpdateUserBody, User};
+use crate::domain::{CreateUserBody, UpdateUserBody, User, UserFields};
 use crate::error::{Error, Result};
 use crate::{AppState, store};
 
@@ -89,10 +89,52 @@ pub(crate) fn on_unique<T>(
 }
 
 pub(crate) async fn invalidate_after_write(state: &AppState, id: Option<i64>) {
+    invalidate(&state.cache, id).await;
+}
+
+async fn invalidate(cache: &Cache, id: Option<i64>) {
     // Item and groups in one call: one atomic round trip on Redis.
     let mut keys = vec![LIST_GROUP.to_owned(), LOOKUP_GROUP.to_owned()];
     keys.extend(id.map(item_key));
-    state.cache.invalidate(&keys).await;
+    cache.invalidate(&keys).await;
+}
+
+/// The writer of new users (`POST /api/v1/users`): the creates that arrive together are inserted
+/// in one statement, then invalidate the lists once ([`kit::batch`]).
+pub(crate) type Creates = kit::batch::Batcher<UserFields, Result<User>>;
+
+pub(crate) fn creates(db: Db, cache: Cache) -> Creates {
+    // PostgreSQL commits two batches at once; SQLite has one writer anyway.
+    let flushers = match db.dialect() {
+        kit::db::Dialect::Postgres => 2,
+        kit::db::Dialect::Sqlite => 1,
+    };
+    kit::batch::Batcher::new(flushers, CREATES_PER_STATEMENT, move |fields| {
+        insert_batch(db.clone(), cache.clone(), fields)
+    })
+}
+
+/// The most new users one statement inserts.
+const CREATES_PER_STATEMENT: usize = 64;
+
+/// One statement for the whole batch. When it fails (a username or email already taken, most
+/// likely), each user is inserted on its own, so each request gets its own answer and the others
+/// are not held up by one conflict.
+async fn insert_batch(db: Db, cache: Cache, fields: Vec<UserFields>) -> Vec<Result<User>> {
+    let results: Vec<Result<User>> = match store::insert_many(&db, &fields).await {
+        Ok(users) if users.len() == fields.len() => users.into_iter().map(Ok).collect(),
+        Err(err) if fields.len() == 1 => vec![on_unique(Err(err), &fields[0])],
+        _ => {
+            let alone = fields
+                .iter()
+                .map(|user| async { on_unique(store::insert(&db, user).await, user) });
+            futures::future::join_all(alone).await
+        }
+    };
+    if results.iter().any(Result::is_ok) {
+        invalidate(&cache, None).await;
+    }
+    results
 }
 
 /// Creates a user. Every seed's body is accepted: `{name}`, `{username, email}`,
@@ -122,8 +164,11 @@ pub(crate) async fn create_user(
     Json(body): Json<CreateUserBody>,
 ) -> Result<Response> {
     let fields = body.validate_new().map_err(Error::Invalid)?;
-    let user = on_unique(store::insert(&state.db, &fields).await, &fields)?;
-    invalidate_after_write(&state, None).await;
+    let user = state
+        .creates
+        .submit(fields)
+        .await
+        .map_err(anyhow::Error::from)??;
     let location = HeaderValue::from_str(&format!("/api/v1/users/{}", user.id))
         .map_err(anyhow::Error::from)?;
     Ok((

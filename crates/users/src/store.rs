@@ -29,6 +29,38 @@ pub async fn insert(ex: impl Executor<'_>, fields: &UserFields) -> sqlx::Result<
         .await
 }
 
+/// New users in one statement (one commit), returned in `fields`' order. Any unique value
+/// already taken fails the whole statement; [`crate::routes`] then inserts them one at a time to
+/// say which.
+#[tracing::instrument(skip_all, fields(users = fields.len()))]
+pub async fn insert_many(ex: impl Executor<'_>, fields: &[UserFields]) -> sqlx::Result<Vec<User>> {
+    // Three parameters per user, then the one timestamp they share.
+    let stamp = 3 * fields.len() + 1;
+    let rows: Vec<String> = (0..fields.len())
+        .map(|i| {
+            let n = 3 * i + 1;
+            format!("(${n}, ${}, ${}, ${stamp}, ${stamp})", n + 1, n + 2)
+        })
+        .collect();
+    let sql = format!(
+        "insert into users (username, email, name, created_at, updated_at) values {} \
+         returning {COLUMNS}",
+        rows.join(", ")
+    );
+    let mut statement = query(&sql);
+    for user in fields {
+        statement = statement
+            .bind(&user.username)
+            .bind(&user.email)
+            .bind(&user.name);
+    }
+    let mut users: Vec<User> = statement.bind(now()).fetch_all(ex).await?;
+    // Ids are handed out in the order of the rows (a sequence, or SQLite's rowid), whatever
+    // order RETURNING lists them in (SQLite leaves it unspecified).
+    users.sort_unstable_by_key(|user| user.id);
+    Ok(users)
+}
+
 /// A user with a password (`POST /api/v1/auth/register`, the seeded admin), with `role`.
 #[tracing::instrument(skip_all)]
 pub async fn insert_account(

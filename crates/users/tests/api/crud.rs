@@ -14,6 +14,7 @@ kit::on_both_backends!(
     duplicate_username_or_email_is_409,
     invalid_fields_are_422_with_one_entry_each,
     concurrent_creates_all_succeed_with_distinct_ids,
+    concurrent_creates_each_get_their_own_user_and_only_a_duplicate_is_409,
     seeded_ids_are_kept_and_new_ids_follow_them,
     seed_never_promotes_an_existing_account,
 );
@@ -319,6 +320,47 @@ async fn concurrent_creates_all_succeed_with_distinct_ids(backend: Backend) {
     assert_eq!(ids.len(), 50);
     let (_, list) = app.get_json("/api/v1/users").await;
     assert_eq!(list["total"], 50);
+}
+
+/// Creates that arrive together share one statement: each still gets its own user back, and a
+/// taken email fails only the request that sent it.
+async fn concurrent_creates_each_get_their_own_user_and_only_a_duplicate_is_409(backend: Backend) {
+    let app = spawn_app(backend).await;
+    // 40 requests, 30 distinct emails: ten of them are sent twice.
+    let bodies: Vec<_> = (0..40)
+        .map(
+            |i| json!({"name": format!("Writer {i}"), "email": format!("w{}@example.com", i % 30)}),
+        )
+        .collect();
+    let responses =
+        futures::future::join_all(bodies.iter().map(|b| app.post("/api/v1/users", b.clone())))
+            .await;
+    let mut created = std::collections::BTreeMap::new();
+    let mut taken = Vec::new();
+    for (body, response) in bodies.iter().zip(responses) {
+        match response.status().as_u16() {
+            201 => {
+                let user: serde_json::Value = response.json().await.expect("json");
+                assert_eq!(user["name"], body["name"], "its own user");
+                assert_eq!(user["email"], body["email"]);
+                assert!(created.insert(body["email"].to_string(), user).is_none());
+            }
+            409 => {
+                let problem = assert_problem(response, 409, "email_taken").await;
+                assert_eq!(problem["errors"][0]["field"], "email");
+                taken.push(body["email"].to_string());
+            }
+            status => panic!("{body}: {status}"),
+        }
+    }
+    assert_eq!((created.len(), taken.len()), (30, 10), "one of each pair");
+    assert!(taken.iter().all(|email| created.contains_key(email)));
+    for user in created.values() {
+        let (status, read) = app.get_json(&format!("/api/v1/users/{}", user["id"])).await;
+        assert_eq!((status, &read), (200, user), "stored as answered");
+    }
+    let (_, list) = app.get_json("/api/v1/users?limit=100").await;
+    assert_eq!(list["total"], 30, "the list saw every create");
 }
 
 async fn seeded_ids_are_kept_and_new_ids_follow_them(backend: Backend) {

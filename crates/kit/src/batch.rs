@@ -1,0 +1,160 @@
+//! Group commit: writes of one kind that concurrent requests make, done together.
+//!
+//! A request hands its item to a [`Batcher`] and waits for its own result. A flusher takes the
+//! first item that arrives and every item already queued behind it (up to `max`) and runs them
+//! in one go: one statement, one commit, one cache invalidation. Nothing waits for a batch to
+//! fill: an item that arrives alone runs at once, alone, so a quiet service pays no latency for
+//! it. Under load the items that queued while the previous batch ran form the next one, and a
+//! commit's cost is shared by all of them. At most `flushers` batches run at a time.
+//!
+//! The queue is as long as the requests waiting on it, which the HTTP layer bounds
+//! (`http.max_connections`). A request that goes away after handing its item over does not take
+//! it back: the item is written with its batch and the result is dropped, as a write already sent
+//! to the database would be.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures::FutureExt as _;
+use tokio::sync::{mpsc, oneshot};
+
+/// Runs items of type `I` in batches, each item getting its own `O` back.
+pub struct Batcher<I, O> {
+    queue: mpsc::UnboundedSender<Job<I, O>>,
+}
+
+struct Job<I, O> {
+    item: I,
+    reply: oneshot::Sender<O>,
+}
+
+/// The batch an item was in ended without a result for it (its run panicked, or the runtime is
+/// shutting down). Whether the item was written is unknown, as after a lost connection.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the batch this write was part of ended without its result")]
+pub struct Lost;
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    /// Starts `flushers` tasks that run queued items through `run`, at most `max` at a time.
+    /// `run` returns one output per item, in the items' order. Must be called inside a Tokio
+    /// runtime; the tasks end when the batcher is dropped.
+    pub fn new<F, Fut>(flushers: usize, max: usize, run: F) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<O>> + Send + 'static,
+    {
+        let (queue, jobs) = mpsc::unbounded_channel();
+        let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
+        let run = Arc::new(run);
+        for _ in 0..flushers.max(1) {
+            tokio::spawn(flush(jobs.clone(), run.clone(), max.max(1)));
+        }
+        Self { queue }
+    }
+
+    /// Runs `item` with whatever else is queued, and returns its own output.
+    pub async fn submit(&self, item: I) -> Result<O, Lost> {
+        let (reply, output) = oneshot::channel();
+        self.queue.send(Job { item, reply }).map_err(|_| Lost)?;
+        output.await.map_err(|_| Lost)
+    }
+}
+
+async fn flush<I, O, F, Fut>(
+    jobs: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Job<I, O>>>>,
+    run: Arc<F>,
+    max: usize,
+) where
+    F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Vec<O>> + Send + 'static,
+{
+    loop {
+        let batch = {
+            // One flusher at a time waits for the next item; the others wait for their turn.
+            let mut jobs = jobs.lock().await;
+            let Some(first) = jobs.recv().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < max {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let (items, replies): (Vec<I>, Vec<oneshot::Sender<O>>) =
+            batch.into_iter().map(|job| (job.item, job.reply)).unzip();
+        let count = items.len();
+        // A run that panics fails its own items (their replies are dropped: `Lost`), not the
+        // flusher.
+        let Ok(outputs) = AssertUnwindSafe(async { run(items).await })
+            .catch_unwind()
+            .await
+        else {
+            continue;
+        };
+        debug_assert_eq!(outputs.len(), count, "one output per item");
+        for (reply, output) in replies.into_iter().zip(outputs) {
+            // The request may have gone away; its item was written all the same.
+            let _ = reply.send(output);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn an_item_alone_runs_at_once_and_queued_items_share_a_batch() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let batcher = {
+            let sizes = sizes.clone();
+            Arc::new(Batcher::new(1, 16, move |items: Vec<u32>| {
+                let sizes = sizes.clone();
+                async move {
+                    sizes.lock().expect("lock").push(items.len());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    items.into_iter().map(|i| i * 10).collect::<Vec<_>>()
+                }
+            }))
+        };
+        let started = std::time::Instant::now();
+        assert_eq!(batcher.submit(1).await.expect("output"), 10);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "not held back"
+        );
+
+        let all: Vec<_> = (0..40)
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { (i, batcher.submit(i).await.expect("output")) })
+            })
+            .collect();
+        for task in all {
+            let (i, out) = task.await.expect("task");
+            assert_eq!(out, i * 10, "each item gets its own output");
+        }
+        let sizes = sizes.lock().expect("lock").clone();
+        assert_eq!(sizes[0], 1);
+        assert_eq!(sizes[1..].iter().sum::<usize>(), 40);
+        assert!(sizes.iter().all(|&n| n <= 16), "at most max: {sizes:?}");
+        assert!(sizes.len() <= 1 + 40 / 2, "items shared batches: {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_panics_fails_its_items_and_the_next_batch_runs() {
+        let batcher = Batcher::new(1, 4, |items: Vec<u32>| async move {
+            assert!(!items.contains(&13), "unlucky");
+            items
+        });
+        assert!(batcher.submit(13).await.is_err());
+        assert_eq!(batcher.submit(7).await.expect("output"), 7);
+    }
+}
