@@ -503,6 +503,8 @@ mod tests {
                 "0",
                 "database.max_connections",
             ),
+            // Longer than the list TTL (60 s): a near copy would outlive its entry.
+            ("AGORA_CACHE__NEAR_TTL_MS", "61000", "cache.near_ttl_ms"),
         ];
         for (var, value, key) in cases {
             Jail::expect_with(|jail| {
