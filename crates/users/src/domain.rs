@@ -47,8 +47,9 @@ pub struct CreateUserBody {
 /// their value; `PUT` is partial too, because seed 004 sends `PUT {"name": ...}` alone.
 pub type UpdateUserBody = CreateUserBody;
 
-/// Validated, normalised fields of a create or update.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Validated, normalised fields of a create or update (serialized only as the rows of a batch
+/// insert, `store::insert_many`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct UserFields {
     pub username: Option<String>,
     pub email: Option<String>,

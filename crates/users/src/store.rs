@@ -2,7 +2,8 @@
 //! executor (the pool, or a transaction shared with other helpers; see `kit::db`).
 
 use chrono::{DateTime, SubsecRound as _, Utc};
-use kit::db::{Executor, query};
+use kit::Db;
+use kit::db::{Dialect, Executor, query};
 
 use crate::domain::{Account, User, UserFields};
 
@@ -29,37 +30,41 @@ pub async fn insert(ex: impl Executor<'_>, fields: &UserFields) -> sqlx::Result<
         .await
 }
 
-/// New users in one statement (one commit), returned in `fields`' order. Any unique value
-/// already taken fails the whole statement; [`crate::routes`] then inserts them one at a time to
-/// say which.
+/// New users in one statement (one commit), returned in `fields`' order. The users go as one
+/// JSON array, so the statement has the same text (one prepared statement) however many there
+/// are. Any unique value already taken fails the whole statement; [`crate::routes`] then
+/// inserts them one at a time to say which.
 #[tracing::instrument(skip_all, fields(users = fields.len()))]
-pub async fn insert_many(ex: impl Executor<'_>, fields: &[UserFields]) -> sqlx::Result<Vec<User>> {
-    // Three parameters per user, then the one timestamp they share.
-    let stamp = 3 * fields.len() + 1;
-    let rows: Vec<String> = (0..fields.len())
-        .map(|i| {
-            let n = 3 * i + 1;
-            format!("(${n}, ${}, ${}, ${stamp}, ${stamp})", n + 1, n + 2)
-        })
-        .collect();
-    let sql = format!(
-        "insert into users (username, email, name, created_at, updated_at) values {} \
-         returning {COLUMNS}",
-        rows.join(", ")
-    );
-    let mut statement = query(&sql);
-    for user in fields {
-        statement = statement
-            .bind(&user.username)
-            .bind(&user.email)
-            .bind(&user.name);
-    }
-    let mut users: Vec<User> = statement.bind(now()).fetch_all(ex).await?;
-    // Ids are handed out in the order of the rows (a sequence, or SQLite's rowid), whatever
-    // order RETURNING lists them in (SQLite leaves it unspecified).
+pub async fn insert_many(db: &Db, fields: &[UserFields]) -> sqlx::Result<Vec<User>> {
+    let rows = serde_json::to_string(fields).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let sql = match db.dialect() {
+        Dialect::Postgres => &*INSERT_MANY_PG,
+        Dialect::Sqlite => &*INSERT_MANY_SQLITE,
+    };
+    let mut users: Vec<User> = query(sql).bind(rows).bind(now()).fetch_all(db).await?;
+    // Ids are handed out in the order the rows are read (a sequence, or SQLite's rowid),
+    // whatever order RETURNING lists them in (SQLite leaves it unspecified).
     users.sort_unstable_by_key(|user| user.id);
     Ok(users)
 }
+
+static INSERT_MANY_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "insert into users (username, email, name, created_at, updated_at) \
+         select u.username, u.email, u.name, $2, $2 \
+         from jsonb_to_recordset($1::jsonb) as u(username text, email text, name text) \
+         returning {COLUMNS}"
+    )
+});
+
+static INSERT_MANY_SQLITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "insert into users (username, email, name, created_at, updated_at) \
+         select json_extract(value, '$.username'), json_extract(value, '$.email'), \
+         json_extract(value, '$.name'), $2, $2 from json_each($1) order by key \
+         returning {COLUMNS}"
+    )
+});
 
 /// A user with a password (`POST /api/v1/auth/register`, the seeded admin), with `role`.
 #[tracing::instrument(skip_all)]
@@ -174,4 +179,45 @@ pub async fn delete(ex: impl Executor<'_>, id: i64) -> sqlx::Result<bool> {
         .execute(ex)
         .await?;
     Ok(deleted == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use kit::testing::{Backend, TestEnv};
+
+    use super::*;
+
+    /// Several users in one statement come back in the order they were given, each with its own
+    /// fields, absent ones included.
+    async fn a_batch_insert_returns_its_users_in_order(backend: Backend) {
+        let mut env = TestEnv::new(backend).await;
+        let db = env.kit_db("userstore").await;
+        db.migrate(&crate::MIGRATIONS).await.expect("migrations");
+        let fields: Vec<UserFields> = (0..20)
+            .map(|i| UserFields {
+                username: (i % 3 == 0).then(|| format!("user{i}")),
+                email: (i % 2 == 0).then(|| format!("u{i}@example.com")),
+                name: Some(format!("User {i}")),
+            })
+            .collect();
+        let users = insert_many(&db, &fields).await.expect("inserted");
+        assert_eq!(users.len(), fields.len());
+        for (user, fields) in users.iter().zip(&fields) {
+            assert_eq!(
+                (&user.username, &user.email, &user.name),
+                (&fields.username, &fields.email, &fields.name),
+            );
+            assert_eq!(find(&db, user.id).await.expect("read").as_ref(), Some(user));
+        }
+        let taken = insert_many(&db, &fields[..2]).await;
+        assert!(taken.is_err(), "a taken email fails the statement");
+        assert_eq!(
+            list(&db, 100, 0).await.expect("list").len(),
+            20,
+            "nothing half-written"
+        );
+        env.drop_kit_db("userstore", db).await;
+    }
+
+    kit::on_both_backends!(a_batch_insert_returns_its_users_in_order);
 }
