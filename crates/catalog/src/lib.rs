@@ -91,6 +91,8 @@ struct SharedState {
     outbox: Notifier,
     /// Threshold of products created without one.
     low_stock_threshold: i64,
+    /// Where concurrent reserves are done together.
+    reserves: routes::Reserves,
 }
 
 impl std::ops::Deref for AppState {
@@ -108,6 +110,7 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
     let relay = Relay::new(db.clone(), deps.bus()?, &deps.settings.bus);
     relay.register_metrics(&deps.metrics);
     let state = AppState(std::sync::Arc::new(SharedState {
+        reserves: routes::reserves(db.clone(), deps.cache.clone(), relay.notifier()),
         db,
         cache: deps.cache.clone(),
         outbox: relay.notifier(),

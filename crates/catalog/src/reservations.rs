@@ -6,6 +6,8 @@
 //! per line (`stock >= quantity`), so reserved units can never be sold twice; a commit drops them
 //! from `reserved`; a release moves them back to `stock`.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use kit::db::{Dialect, Tx, query};
 use kit::outbox::Event;
@@ -84,34 +86,13 @@ async fn take(
     request: &ReserveRequest,
     now: DateTime<Utc>,
 ) -> Result<(Vec<Event>, Vec<ReservationItem>, Money)> {
-    let take = format!(
-        "update products set stock = stock - $1, reserved = reserved + $1, updated_at = $2 \
-         where id = $3 and stock >= $1 returning {COLUMNS}"
-    );
-    // PostgreSQL records the line in the same statement; SQLite (no writes in `with`) after it.
-    let postgres = tx.dialect() == Dialect::Postgres;
-    let take = if postgres {
-        format!(
-            "with taken as ({take}), line as ( \
-                 insert into reservation_items (order_id, product_id, quantity, unit_price_cents) \
-                 select $4, id, $1, price_cents from taken) \
-             select {COLUMNS} from taken"
-        )
-    } else {
-        take
-    };
     let order_id = request.order_id.as_str();
     let mut events = Vec::new();
     let mut short = Vec::new();
     let mut items = Vec::with_capacity(request.items.len());
     let mut total = Some(Money::default());
     for (i, &(product_id, quantity)) in request.items.iter().enumerate() {
-        let mut statement = query(&take).bind(quantity).bind(now).bind(product_id);
-        if postgres {
-            statement = statement.bind(order_id);
-        }
-        let product: Option<Product> = statement.fetch_optional(&mut *tx).await?;
-        let Some(product) = product else {
+        let Some(product) = take_line(tx, order_id, product_id, quantity, now).await? else {
             let available: Option<i64> = query("select stock from products where id = $1")
                 .bind(product_id)
                 .fetch_optional_scalar(&mut *tx)
@@ -119,18 +100,6 @@ async fn take(
             short.push((i, product_id, quantity, available));
             continue;
         };
-        if !postgres {
-            query(
-                "insert into reservation_items (order_id, product_id, quantity, unit_price_cents) \
-                 values ($1, $2, $3, $4)",
-            )
-            .bind(order_id)
-            .bind(product_id)
-            .bind(quantity)
-            .bind(product.price.cents())
-            .execute(&mut *tx)
-            .await?;
-        }
         let line_total = product.price.times(quantity);
         total = total.and_then(|t| t.plus(line_total?));
         if let Some(line_total) = line_total {
@@ -141,13 +110,7 @@ async fn take(
                 line_total,
             });
         }
-        let previous = product.stock + quantity;
-        events.extend(events::stock_changed(
-            &product,
-            previous,
-            Reason::Reserve,
-            Some(order_id),
-        )?);
+        events.extend(taken_event(&product, quantity, order_id)?);
     }
     if !short.is_empty() {
         // Dropping the transaction rolls back every line already taken.
@@ -165,6 +128,150 @@ async fn take(
     };
     items.sort_by_key(|item| item.product_id);
     Ok((events, items, total))
+}
+
+/// Takes `quantity` units of a product for `order_id` and records the line; `None` (nothing
+/// taken) when the product is unknown or short of stock.
+async fn take_line(
+    tx: &mut Tx,
+    order_id: &str,
+    product_id: i64,
+    quantity: i64,
+    now: DateTime<Utc>,
+) -> Result<Option<Product>> {
+    // PostgreSQL records the line in the same statement; SQLite (no writes in `with`) after it.
+    if tx.dialect() == Dialect::Postgres {
+        return Ok(query(&TAKE_PG)
+            .bind(quantity)
+            .bind(now)
+            .bind(product_id)
+            .bind(order_id)
+            .fetch_optional(&mut *tx)
+            .await?);
+    }
+    let product: Option<Product> = query(&TAKE)
+        .bind(quantity)
+        .bind(now)
+        .bind(product_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some(product) = &product {
+        query(
+            "insert into reservation_items (order_id, product_id, quantity, unit_price_cents) \
+             values ($1, $2, $3, $4)",
+        )
+        .bind(order_id)
+        .bind(product_id)
+        .bind(quantity)
+        .bind(product.price.cents())
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(product)
+}
+
+static TAKE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "update products set stock = stock - $1, reserved = reserved + $1, updated_at = $2 \
+         where id = $3 and stock >= $1 returning {COLUMNS}"
+    )
+});
+
+static TAKE_PG: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "with taken as ({}), line as ( \
+             insert into reservation_items (order_id, product_id, quantity, unit_price_cents) \
+             select $4, id, $1, price_cents from taken) \
+         select {COLUMNS} from taken",
+        *TAKE
+    )
+});
+
+/// The events of `quantity` units of `product` (as it is now) taken for `order_id`.
+fn taken_event(product: &Product, quantity: i64, order_id: &str) -> Result<Vec<Event>> {
+    Ok(events::stock_changed(
+        product,
+        product.stock + quantity,
+        Reason::Reserve,
+        Some(order_id),
+    )?)
+}
+
+/// Reserves every line of every one of `requests` in one transaction (one commit for all of
+/// them), taking the lines in product order across the orders, the order each reserve locks
+/// its products in. `None`, and nothing reserved, unless every order could be reserved as
+/// asked here: an order id seen before (a repeat, a release), a product unknown or short of
+/// stock; the caller then reserves each on its own ([`reserve`]), which tells each its answer.
+#[tracing::instrument(skip_all, fields(orders = requests.len()))]
+pub async fn reserve_many(
+    db: &Db,
+    requests: &[ReserveRequest],
+) -> Result<Option<Vec<Reservation>>> {
+    let now = now();
+    let ids: Vec<&str> = requests.iter().map(|r| r.order_id.as_str()).collect();
+    let ids = serde_json::to_string(&ids).map_err(anyhow::Error::from)?;
+    let mut tx = db.begin().await?;
+    let claim = match tx.dialect() {
+        Dialect::Postgres => {
+            "insert into reservations (order_id, status, created_at, updated_at) \
+             select value, 'reserved', $2, $2 from jsonb_array_elements_text($1::jsonb) \
+             on conflict do nothing"
+        }
+        Dialect::Sqlite => {
+            "insert into reservations (order_id, status, created_at, updated_at) \
+             select value, 'reserved', $2, $2 from json_each($1) where true \
+             on conflict do nothing"
+        }
+    };
+    let claimed = query(claim).bind(ids).bind(now).execute(&mut tx).await?;
+    if claimed != requests.len() as u64 {
+        return Ok(None);
+    }
+    let mut lines: Vec<(i64, usize, i64)> = requests
+        .iter()
+        .enumerate()
+        .flat_map(|(r, request)| request.items.iter().map(move |&(p, q)| (p, r, q)))
+        .collect();
+    lines.sort_unstable();
+    let mut events = Vec::new();
+    let mut items: Vec<Vec<ReservationItem>> = vec![Vec::new(); requests.len()];
+    for (product_id, r, quantity) in lines {
+        let order_id = requests[r].order_id.as_str();
+        let Some(product) = take_line(&mut tx, order_id, product_id, quantity, now).await? else {
+            return Ok(None);
+        };
+        let Some(line_total) = product.price.times(quantity) else {
+            return Ok(None);
+        };
+        items[r].push(ReservationItem {
+            product_id,
+            quantity,
+            unit_price: product.price,
+            line_total,
+        });
+        events.extend(taken_event(&product, quantity, order_id)?);
+    }
+    let mut reservations = Vec::with_capacity(requests.len());
+    for (request, items) in requests.iter().zip(items) {
+        let total = items
+            .iter()
+            .try_fold(Money::default(), |total, item| total.plus(item.line_total));
+        let Some(total) = total else {
+            return Ok(None);
+        };
+        reservations.push(Reservation {
+            order_id: request.order_id.clone(),
+            status: ReservationStatus::Reserved,
+            items,
+            total,
+            returned: false,
+            created_at: now,
+            updated_at: now,
+        });
+    }
+    kit::outbox::enqueue(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok(Some(reservations))
 }
 
 fn same_items(reservation: &Reservation, request: &ReserveRequest) -> bool {
@@ -543,4 +650,123 @@ pub async fn give_back(db: &Db, order_id: &str) -> Result<Reservation> {
     find(db, order_id)
         .await?
         .ok_or_else(|| Error::ReservationNotFound(order_id.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use kit::testing::{Backend, TestEnv};
+
+    use super::*;
+    use crate::domain::NewProduct;
+
+    async fn product(db: &Db, sku: &str, cents: i64, stock: i64) -> i64 {
+        let new = NewProduct {
+            name: sku.to_owned(),
+            description: String::new(),
+            sku: None,
+            category: None,
+            price: Money::from_cents(cents),
+            stock,
+            low_stock_threshold: 0,
+        };
+        crate::store::insert(db, &new, sku)
+            .await
+            .expect("product")
+            .id
+    }
+
+    async fn stock(db: &Db, id: i64) -> (i64, i64) {
+        query("select stock, reserved from products where id = $1")
+            .bind(id)
+            .fetch_one::<(i64, i64)>(db)
+            .await
+            .expect("stock")
+    }
+
+    async fn count(db: &Db, sql: &str) -> i64 {
+        query(sql).fetch_scalar(db).await.expect("count")
+    }
+
+    fn request(order_id: &str, items: &[(i64, i64)]) -> ReserveRequest {
+        ReserveRequest {
+            order_id: order_id.to_owned(),
+            items: items.to_vec(),
+        }
+    }
+
+    /// Orders reserved together each get their own lines and total, every unit is taken once
+    /// and announced; one order that cannot be reserved as asked (short of stock, or an id seen
+    /// before) leaves everything as it was.
+    async fn orders_reserved_together_are_all_reserved_or_none(backend: Backend) {
+        let mut env = TestEnv::new(backend).await;
+        let db = env.kit_db("reservemany").await;
+        db.migrate(&crate::MIGRATIONS).await.expect("migrations");
+        let a = product(&db, "A-1", 250, 10).await;
+        let b = product(&db, "B-1", 1_000, 3).await;
+
+        let together = [
+            request("ord-1", &[(a, 2), (b, 1)]),
+            request("ord-2", &[(b, 2)]),
+            request("ord-3", &[(a, 1)]),
+        ];
+        let reserved = reserve_many(&db, &together)
+            .await
+            .expect("reserve")
+            .expect("every order can be reserved");
+        type Summary<'a> = (&'a str, Vec<(i64, i64)>, i64);
+        let summary: Vec<Summary> = reserved
+            .iter()
+            .map(|r| {
+                let lines = r.items.iter().map(|i| (i.product_id, i.quantity)).collect();
+                (r.order_id.as_str(), lines, r.total.cents())
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("ord-1", vec![(a, 2), (b, 1)], 1_500),
+                ("ord-2", vec![(b, 2)], 2_000),
+                ("ord-3", vec![(a, 1)], 250),
+            ],
+            "{backend:?}: each order its own lines, in product order"
+        );
+        assert_eq!(stock(&db, a).await, (7, 3), "{backend:?}");
+        assert_eq!(stock(&db, b).await, (0, 3), "{backend:?}");
+        for order in &together {
+            let found = find(&db, &order.order_id)
+                .await
+                .expect("find")
+                .expect("stored");
+            assert!(
+                same_items(&found, order),
+                "{backend:?}: {} as stored",
+                order.order_id
+            );
+        }
+        assert_eq!(
+            count(&db, "select count(*) from outbox").await,
+            4,
+            "{backend:?}: one stock change per line"
+        );
+
+        let short = [request("ord-4", &[(a, 1)]), request("ord-5", &[(b, 1)])];
+        let seen = [request("ord-6", &[(a, 1)]), request("ord-2", &[(b, 2)])];
+        for refused in [&short[..], &seen[..]] {
+            let none = reserve_many(&db, refused).await.expect("reserve");
+            assert!(
+                none.is_none(),
+                "{backend:?}: not every order can be reserved"
+            );
+        }
+        assert_eq!(stock(&db, a).await, (7, 3), "{backend:?}: nothing taken");
+        assert_eq!(count(&db, "select count(*) from reservations").await, 3);
+        assert_eq!(
+            count(&db, "select count(*) from reservation_items").await,
+            4
+        );
+        assert_eq!(count(&db, "select count(*) from outbox").await, 4);
+        env.drop_kit_db("reservemany", db).await;
+    }
+
+    kit::on_both_backends!(orders_reserved_together_are_all_reserved_or_none);
 }

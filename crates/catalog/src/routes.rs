@@ -7,18 +7,19 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
-use kit::Ttl;
 use kit::http::{Json, Path, Query, RawJson};
 use kit::openapi::ServiceToken;
 use kit::page::Pagination;
+use kit::relay::Notifier;
 use kit::{ApiError, FieldError};
+use kit::{Cache, Db, Ttl};
 use serde::Deserialize;
 use utoipa::OpenApi;
 
 use crate::AppState;
 use crate::domain::{
-    MAX_CATEGORY_CHARS, Product, ProductBody, Reservation, ReserveBody, StockBody, StockChange,
-    generated_sku,
+    MAX_CATEGORY_CHARS, Product, ProductBody, Reservation, ReserveBody, ReserveRequest, StockBody,
+    StockChange, generated_sku,
 };
 use crate::error::{Error, Result};
 use crate::events::{self, Reason};
@@ -378,16 +379,78 @@ pub(crate) async fn reserve(
     Json(body): Json<ReserveBody>,
 ) -> Result<Response> {
     let request = body.validate().map_err(Error::Invalid)?;
-    let reserved = reservations::reserve(&state.db, &request).await?;
+    let reserved = state
+        .reserves
+        .submit(request)
+        .await
+        .map_err(anyhow::Error::from)??;
     let (status, reservation) = match reserved {
-        Reserved::Created(reservation) => {
-            let ids: Vec<i64> = request.items.iter().map(|(id, _)| *id).collect();
-            after_write(&state, &ids).await;
-            (StatusCode::CREATED, reservation)
-        }
+        Reserved::Created(reservation) => (StatusCode::CREATED, reservation),
         Reserved::Existing(reservation) => (StatusCode::OK, reservation),
     };
     Ok((status, Json(reservation)).into_response())
+}
+
+/// Reserves that arrive together are one transaction, with one cache invalidation and one
+/// wake of the relay ([`kit::batch`], [`reservations::reserve_many`]).
+pub(crate) type Reserves = kit::batch::Batcher<ReserveRequest, Result<Reserved>>;
+
+/// The most reserves one transaction holds.
+const RESERVES_PER_BATCH: usize = 32;
+
+pub(crate) fn reserves(db: Db, cache: Cache, outbox: Notifier) -> Reserves {
+    // One at a time on SQLite (one writer); on PostgreSQL two batches run at once, their
+    // products locked in one order.
+    let flushers = match db.dialect() {
+        kit::db::Dialect::Postgres => 2,
+        kit::db::Dialect::Sqlite => 1,
+    };
+    kit::batch::Batcher::new(flushers, RESERVES_PER_BATCH, move |requests| {
+        reserve_batch(db.clone(), cache.clone(), outbox.clone(), requests)
+    })
+}
+
+async fn reserve_batch(
+    db: Db,
+    cache: Cache,
+    outbox: Notifier,
+    requests: Vec<ReserveRequest>,
+) -> Vec<Result<Reserved>> {
+    let together = match requests.len() {
+        1 => None,
+        _ => match reservations::reserve_many(&db, &requests).await {
+            Ok(done) => done,
+            Err(err) => {
+                tracing::debug!(error.message = %kit::ApiError::from(err), count = requests.len(),
+                    "a batch of reserves failed; reserving each on its own");
+                None
+            }
+        },
+    };
+    // Not every order could be reserved as asked: each on its own gets its own answer.
+    let results: Vec<Result<Reserved>> = match together {
+        Some(done) => done.into_iter().map(|r| Ok(Reserved::Created(r))).collect(),
+        None => {
+            let alone = requests
+                .iter()
+                .map(|request| reservations::reserve(&db, request));
+            futures::future::join_all(alone).await
+        }
+    };
+    let mut keys: Vec<String> = requests
+        .iter()
+        .zip(&results)
+        .filter(|(_, result)| matches!(result, Ok(Reserved::Created(_))))
+        .flat_map(|(request, _)| request.items.iter().map(|&(id, _)| item_key(id)))
+        .collect();
+    if !keys.is_empty() {
+        keys.sort_unstable();
+        keys.dedup();
+        keys.extend([LIST_GROUP.to_owned(), CATEGORIES_GROUP.to_owned()]);
+        cache.invalidate(&keys).await;
+        outbox.notify();
+    }
+    results
 }
 
 /// The order id of a reservation path, checked like the one in a reserve body.

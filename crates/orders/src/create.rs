@@ -24,10 +24,11 @@ use kit::db::query;
 use kit::money::Money;
 
 use crate::AppState;
+use crate::batches::Placement;
 use crate::clients::Refusal;
-use crate::domain::{CreateOrder, Item, Order, ProductRef, Status};
+use crate::domain::{CreateOrder, Item, Order, ProductRef};
 use crate::error::{Error, Result};
-use crate::store::{self, NewOrder, now};
+use crate::store::{self, now};
 
 /// How long a repeat waits for the first request with its key to be answered.
 const KEY_WAIT: Duration = Duration::from_secs(10);
@@ -236,7 +237,7 @@ async fn place(state: &AppState, order: &CreateOrder, key: Option<&str>) -> Resu
     let wanted: Vec<(i64, i64)> = lines.iter().map(|l| (l.0, l.1)).collect();
 
     let reservation_id = format!("ord-{}", uuid::Uuid::now_v7().simple());
-    store::insert_intent(&state.db, &reservation_id).await?;
+    state.batches.intent(reservation_id.clone()).await?;
     let reservation = match neighbours.reserve(&reservation_id, &wanted).await? {
         Ok(reservation) => reservation,
         Err(refusal) => {
@@ -274,38 +275,23 @@ async fn place(state: &AppState, order: &CreateOrder, key: Option<&str>) -> Resu
         _ => None,
     };
 
-    let mut tx = state.db.begin().await?;
-    // With its intent: if this request was slower than the reservation timeout, the sweep may
-    // have claimed it and be giving the stock back; storing the order then would sell stock
-    // that is not held. Nothing is stored; the client may send it again (a new reservation).
-    let stored = store::insert_reserved(
-        &mut tx,
-        &NewOrder {
-            id: None,
+    let stored = state
+        .batches
+        .place(Placement {
             user_id: order.user_id,
-            status: Status::Pending,
-            items: &items,
+            items,
             total,
             client_total: order.client_total,
             warning,
-            reservation_id: Some(&reservation_id),
-            announce: true,
-        },
-    )
-    .await?
-    .ok_or(Error::ReservationExpired {
-        timeout_secs: state.settings.reservation_timeout_secs,
-    })?;
-    if let Some(key) = key {
-        let body = serde_json::to_string(&stored).map_err(anyhow::Error::from)?;
-        query("update idempotency_keys set status_code = 201, body = $1, order_id = $2 where key = $3")
-            .bind(body)
-            .bind(stored.id)
-            .bind(key)
-            .execute(&mut tx)
-            .await?;
-    }
-    tx.commit().await?;
+            reservation_id,
+            key: key.map(str::to_owned),
+        })
+        .await?
+        // Slower than the reservation timeout: the sweep is giving the stock back. Nothing is
+        // stored; the client may send it again (a new reservation).
+        .ok_or(Error::ReservationExpired {
+            timeout_secs: state.settings.reservation_timeout_secs,
+        })?;
     state.outbox.notify();
     Ok(stored)
 }

@@ -23,6 +23,7 @@ use kit::service::{App, Deps, Service};
 use kit::{Cache, Db, Settings};
 use serde::Deserialize;
 
+mod batches;
 mod clients;
 mod create;
 mod domain;
@@ -174,6 +175,8 @@ struct SharedState {
     /// Wakes the outbox relay after a commit.
     outbox: Notifier,
     neighbours: std::sync::Arc<clients::Neighbours>,
+    /// Where concurrent creates write together.
+    batches: batches::Batches,
     settings: OrdersSettings,
 }
 
@@ -192,6 +195,7 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
     let db = deps.db()?;
     let (outbox, relay) = deps.relay()?;
     let state = AppState(std::sync::Arc::new(SharedState {
+        batches: batches::Batches::new(&db),
         db,
         cache: deps.cache.clone(),
         outbox,

@@ -549,13 +549,28 @@ pub async fn needing_work(db: &Db, older_than: Age, limit: i64) -> Result<Vec<(i
         .collect())
 }
 
-/// Remembers that a reservation is being asked of catalog for an order not stored yet.
-pub async fn insert_intent(db: &Db, reservation_id: &str) -> Result<()> {
-    query("insert into reservation_intents (reservation_id, created_at) values ($1, $2)")
-        .bind(reservation_id)
-        .bind(now())
-        .execute(db)
-        .await?;
+/// Remembers that reservations are being asked of catalog for orders not stored yet: one
+/// statement (the ids as one JSON array, so every count is one statement text).
+pub async fn insert_intents(db: &Db, reservation_ids: &[String]) -> Result<()> {
+    let ids = serde_json::to_string(reservation_ids).map_err(anyhow::Error::from)?;
+    let sql = match db.dialect() {
+        Dialect::Postgres => {
+            "insert into reservation_intents (reservation_id, created_at) \
+             select value, $2 from jsonb_array_elements_text($1::jsonb)"
+        }
+        Dialect::Sqlite => {
+            "insert into reservation_intents (reservation_id, created_at) \
+             select value, $2 from json_each($1)"
+        }
+    };
+    let inserted = query(sql).bind(ids).bind(now()).execute(db).await?;
+    if inserted != reservation_ids.len() as u64 {
+        return Err(anyhow::anyhow!(
+            "{inserted} of {} reservation intents stored",
+            reservation_ids.len()
+        )
+        .into());
+    }
     Ok(())
 }
 
@@ -700,7 +715,9 @@ mod tests {
             announce: true,
         };
 
-        insert_intent(&db, "ord-kept").await.expect("intent");
+        insert_intents(&db, &["ord-kept".to_owned()])
+            .await
+            .expect("intent");
         let mut tx = db.begin().await.expect("begin");
         let stored = insert_reserved(&mut tx, &order("ord-kept"))
             .await
@@ -717,7 +734,9 @@ mod tests {
         );
         assert_eq!(count(&db, "select count(*) from outbox").await, 1);
 
-        insert_intent(&db, "ord-swept").await.expect("intent");
+        insert_intents(&db, &["ord-swept".to_owned()])
+            .await
+            .expect("intent");
         assert!(claim_intent(&db, "ord-swept").await.expect("claim"));
         let mut tx = db.begin().await.expect("begin");
         let refused = insert_reserved(&mut tx, &order("ord-swept"))
