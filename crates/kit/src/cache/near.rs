@@ -66,6 +66,22 @@ struct Member {
     expires: Instant,
 }
 
+impl Member {
+    /// What the members of `key` count against `max_bytes`.
+    fn sizes(key: &str, members: &[Member]) -> usize {
+        members
+            .iter()
+            .map(|m| entry_size(key, &m.field, &m.value))
+            .sum()
+    }
+}
+
+/// What one copy counts against `max_bytes`: its key, field and value, and the bookkeeping
+/// around them.
+fn entry_size(key: &str, field: &str, value: &[u8]) -> usize {
+    key.len() + field.len() + value.len() + ENTRY_OVERHEAD
+}
+
 /// Taken before a read is sent to Redis; its value is stored only if the ticket is still good.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Ticket {
@@ -128,7 +144,7 @@ impl Near {
         {
             return;
         }
-        let size = key.len() + field.len() + value.len() + ENTRY_OVERHEAD;
+        let size = entry_size(key, field, &value);
         if size > self.max_bytes {
             return;
         }
@@ -195,11 +211,7 @@ impl Near {
 impl State {
     fn remove(&mut self, key: &str) {
         if let Some(members) = self.entries.remove(key) {
-            let freed: usize = members
-                .iter()
-                .map(|m| key.len() + m.field.len() + m.value.len() + ENTRY_OVERHEAD)
-                .sum();
-            self.bytes -= freed;
+            self.bytes -= Member::sizes(key, &members);
         }
     }
 
@@ -209,10 +221,7 @@ impl State {
         let mut bytes = 0;
         self.entries.retain(|key, members| {
             members.retain(|m| m.expires > now);
-            bytes += members
-                .iter()
-                .map(|m| key.len() + m.field.len() + m.value.len() + ENTRY_OVERHEAD)
-                .sum::<usize>();
+            bytes += Member::sizes(key, members);
             !members.is_empty()
         });
         self.bytes = bytes;

@@ -44,9 +44,27 @@ pub async fn connect(
     client: &redis::Client,
     timeout: Duration,
 ) -> anyhow::Result<MultiplexedConnection> {
-    let config = redis::AsyncConnectionConfig::new()
+    open(client, timeout, None, redis::cmd("PING"), "PING").await
+}
+
+/// A new connection to `client` (with `push` receiving what the server pushes: RESP3) that
+/// has answered `first`, within the limits of [`connect`].
+async fn open(
+    client: &redis::Client,
+    timeout: Duration,
+    push: Option<Arc<Near>>,
+    first: redis::Cmd,
+    what: &str,
+) -> anyhow::Result<MultiplexedConnection> {
+    let mut config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout));
+    if let Some(near) = push {
+        config = config.set_push_sender(move |push: redis::PushInfo| {
+            apply_push(&near, &push);
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
     let mut conn = tokio::time::timeout(
         timeout * 2,
         client.get_multiplexed_async_connection_with_config(&config),
@@ -54,10 +72,10 @@ pub async fn connect(
     .await
     .context("connecting to redis timed out")?
     .context("connecting to redis")?;
-    tokio::time::timeout(timeout, redis::cmd("PING").query_async::<()>(&mut conn))
+    tokio::time::timeout(timeout, first.query_async::<()>(&mut conn))
         .await
-        .context("redis did not answer PING in time")?
-        .context("redis PING failed")?;
+        .with_context(|| format!("redis did not answer {what} in time"))?
+        .with_context(|| format!("redis refused {what}"))?;
     Ok(conn)
 }
 
@@ -228,33 +246,17 @@ impl Shared {
         let Some(near) = &self.near else {
             return connect(&self.client, self.timeout).await;
         };
-        let near = near.clone();
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_push_sender(move |push: redis::PushInfo| {
-                apply_push(&near, &push);
-                Ok::<(), std::convert::Infallible>(())
-            });
-        let mut conn = tokio::time::timeout(
-            self.timeout * 2,
-            self.client
-                .get_multiplexed_async_connection_with_config(&config),
-        )
-        .await
-        .context("connecting to redis timed out")?
-        .context("connecting to redis (RESP3, for the near cache's client tracking)")?;
-        tokio::time::timeout(
+        let mut tracking = redis::cmd("CLIENT");
+        tracking.arg("TRACKING").arg("ON");
+        let what = "CLIENT TRACKING ON (the near cache needs Redis 6 or later, over RESP3)";
+        open(
+            &self.client,
             self.timeout,
-            redis::cmd("CLIENT")
-                .arg("TRACKING")
-                .arg("ON")
-                .query_async::<()>(&mut conn),
+            Some(near.clone()),
+            tracking,
+            what,
         )
         .await
-        .context("redis did not answer CLIENT TRACKING in time")?
-        .context("redis refused CLIENT TRACKING ON (the near cache needs Redis 6 or later)")?;
-        Ok(conn)
     }
 
     fn put_in_service(&self, conn: MultiplexedConnection) {
