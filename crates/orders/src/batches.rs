@@ -1,6 +1,7 @@
 //! The writes of concurrent creates, done together ([`kit::batch`]): the intents of the
 //! reservations about to be asked for are one statement, and the orders stored on their
-//! reservations are one transaction (one commit for the whole batch).
+//! reservations are one transaction (one commit for the whole batch, their `order.created`
+//! events one statement).
 //!
 //! A batch that fails (a statement refused, the connection lost) is done again one order at a
 //! time, each in its own transaction, so each request gets its own answer and one bad order
@@ -113,6 +114,7 @@ async fn place(db: Db, orders: Vec<Placement>) -> Vec<Result<Option<Order>>> {
 async fn place_together(db: &Db, orders: &[Placement]) -> Result<Vec<Option<Order>>> {
     let mut tx = db.begin().await?;
     let mut stored = Vec::with_capacity(orders.len());
+    let mut announced = Vec::with_capacity(orders.len());
     for order in orders {
         // With its intent: if the request was slower than the reservation timeout, the sweep
         // may have claimed it and be giving the stock back; storing the order then would sell
@@ -130,6 +132,7 @@ async fn place_together(db: &Db, orders: &[Placement]) -> Result<Vec<Option<Orde
                 reservation_id: Some(&order.reservation_id),
                 announce: true,
             },
+            &mut announced,
         )
         .await?;
         if let (Some(placed), Some(key)) = (&placed, &order.key) {
@@ -146,6 +149,8 @@ async fn place_together(db: &Db, orders: &[Placement]) -> Result<Vec<Option<Orde
         }
         stored.push(placed);
     }
+    // Every order's `order.created` in one statement.
+    kit::outbox::enqueue(&mut tx, &announced).await?;
     tx.commit().await.map_err(Error::from)?;
     Ok(stored)
 }

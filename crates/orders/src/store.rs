@@ -6,6 +6,7 @@ use chrono::{DateTime, Duration as Age, SubsecRound as _, Utc};
 use kit::Db;
 use kit::db::{Dialect, Executor, Query, Tx, query};
 use kit::money::Money;
+use kit::outbox::Event;
 
 use crate::domain::{Item, Order, Status};
 use crate::error::{Error, Result};
@@ -93,6 +94,15 @@ pub struct NewOrder<'a> {
 
 /// Stores an order with its lines and its `order.created` event; returns it.
 pub async fn insert(tx: &mut Tx, new: &NewOrder<'_>) -> Result<Order> {
+    insert_announcing(tx, new, None).await
+}
+
+/// [`insert`], its event pushed to `announced` (for the caller to write) when given.
+async fn insert_announcing(
+    tx: &mut Tx,
+    new: &NewOrder<'_>,
+    announced: Option<&mut Vec<Event>>,
+) -> Result<Order> {
     let now = now();
     let sql = format!(
         "insert into orders (id, user_id, status, total_cents, client_total_cents, warning, \
@@ -140,13 +150,19 @@ pub async fn insert(tx: &mut Tx, new: &NewOrder<'_>) -> Result<Order> {
         .execute(&mut *tx)
         .await?;
     }
-    stored(tx, new, row).await
+    stored(tx, new, row, announced).await
 }
 
 /// Stores a new order made on a reservation, taking the reservation's intent in the same
 /// transaction (see `create.rs`); `None`, and nothing stored, when the sweep claimed the intent
-/// first. On PostgreSQL the intent, the order and its lines are one statement.
-pub async fn insert_reserved(tx: &mut Tx, new: &NewOrder<'_>) -> Result<Option<Order>> {
+/// first. On PostgreSQL the intent, the order and its lines are one statement. Its
+/// `order.created` event is pushed to `announced`, for the caller to write with the events of
+/// the other orders of its transaction (one statement for them all: [`kit::outbox::enqueue`]).
+pub async fn insert_reserved(
+    tx: &mut Tx,
+    new: &NewOrder<'_>,
+    announced: &mut Vec<Event>,
+) -> Result<Option<Order>> {
     let Some(reservation_id) = new.reservation_id else {
         return Err(anyhow::anyhow!("an order on a reservation without its id").into());
     };
@@ -154,7 +170,7 @@ pub async fn insert_reserved(tx: &mut Tx, new: &NewOrder<'_>) -> Result<Option<O
         if !take_intent(tx, reservation_id).await? {
             return Ok(None);
         }
-        return insert(tx, new).await.map(Some);
+        return insert_announcing(tx, new, Some(announced)).await.map(Some);
     }
     let lines: Vec<String> = (0..new.items.len())
         .map(|i| {
@@ -195,11 +211,17 @@ pub async fn insert_reserved(tx: &mut Tx, new: &NewOrder<'_>) -> Result<Option<O
     let Some(row) = statement.fetch_optional::<Row>(&mut *tx).await? else {
         return Ok(None);
     };
-    stored(tx, new, row).await.map(Some)
+    stored(tx, new, row, Some(announced)).await.map(Some)
 }
 
-/// The order just stored as `row` with its lines, announced when it is to be.
-async fn stored(tx: &mut Tx, new: &NewOrder<'_>, row: Row) -> Result<Order> {
+/// The order just stored as `row` with its lines, announced when it is to be: its event
+/// written now, or pushed to `announced`.
+async fn stored(
+    tx: &mut Tx,
+    new: &NewOrder<'_>,
+    row: Row,
+    announced: Option<&mut Vec<Event>>,
+) -> Result<Order> {
     let lines = new
         .items
         .iter()
@@ -208,7 +230,11 @@ async fn stored(tx: &mut Tx, new: &NewOrder<'_>, row: Row) -> Result<Order> {
     let settled = row.stock_settled;
     let order = row.into_order(lines)?;
     if new.announce {
-        kit::outbox::enqueue(tx, &[events::changed(&order, None, settled)?]).await?;
+        let event = events::changed(&order, None, settled)?;
+        match announced {
+            Some(announced) => announced.push(event),
+            None => kit::outbox::enqueue(tx, &[event]).await?,
+        }
     }
     Ok(order)
 }
@@ -719,11 +745,21 @@ mod tests {
             .await
             .expect("intent");
         let mut tx = db.begin().await.expect("begin");
-        let stored = insert_reserved(&mut tx, &order("ord-kept"))
+        let mut announced = Vec::new();
+        let stored = insert_reserved(&mut tx, &order("ord-kept"), &mut announced)
             .await
             .expect("insert")
             .expect("stored: the intent was unclaimed");
+        kit::outbox::enqueue(&mut tx, &announced)
+            .await
+            .expect("events");
         tx.commit().await.expect("commit");
+        let topics: Vec<&str> = announced.iter().map(|e| e.topic.as_str()).collect();
+        assert_eq!(
+            topics,
+            ["order.created"],
+            "{backend:?}: its event, to write"
+        );
         let found = find(&db, stored.id).await.expect("find").expect("found");
         assert_eq!(found, stored, "{backend:?}: stored as answered");
         assert_eq!(found.items, items, "{backend:?}: with its lines");
@@ -739,10 +775,12 @@ mod tests {
             .expect("intent");
         assert!(claim_intent(&db, "ord-swept").await.expect("claim"));
         let mut tx = db.begin().await.expect("begin");
-        let refused = insert_reserved(&mut tx, &order("ord-swept"))
+        let mut announced = Vec::new();
+        let refused = insert_reserved(&mut tx, &order("ord-swept"), &mut announced)
             .await
             .expect("insert");
         assert!(refused.is_none(), "{backend:?}: the sweep claimed it");
+        assert!(announced.is_empty(), "{backend:?}: nothing to announce");
         tx.commit().await.expect("commit");
         assert_eq!(count(&db, "select count(*) from orders").await, 1);
         assert_eq!(count(&db, "select count(*) from order_items").await, 2);
