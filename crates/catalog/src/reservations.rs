@@ -49,16 +49,12 @@ pub async fn reserve(db: &Db, request: &ReserveRequest) -> Result<Reserved> {
         let (events, items, total) = take(&mut tx, request, now).await?;
         kit::outbox::enqueue(&mut tx, &events).await?;
         tx.commit().await?;
-        // The answer from what was written (the read-back would cost two more statements).
-        return Ok(Reserved::Created(Reservation {
-            order_id: order_id.to_owned(),
-            status: ReservationStatus::Reserved,
+        return Ok(Reserved::Created(held(
+            order_id.to_owned(),
             items,
             total,
-            returned: false,
-            created_at: now,
-            updated_at: now,
-        }));
+            now,
+        )));
     }
     tx.commit().await?;
     let reservation = find(db, order_id)
@@ -259,19 +255,29 @@ pub async fn reserve_many(
         let Some(total) = total else {
             return Ok(None);
         };
-        reservations.push(Reservation {
-            order_id: request.order_id.clone(),
-            status: ReservationStatus::Reserved,
-            items,
-            total,
-            returned: false,
-            created_at: now,
-            updated_at: now,
-        });
+        reservations.push(held(request.order_id.clone(), items, total, now));
     }
     kit::outbox::enqueue(&mut tx, &events).await?;
     tx.commit().await?;
     Ok(Some(reservations))
+}
+
+/// A reservation just made, as written (the read-back would cost two more statements).
+fn held(
+    order_id: String,
+    items: Vec<ReservationItem>,
+    total: Money,
+    now: DateTime<Utc>,
+) -> Reservation {
+    Reservation {
+        order_id,
+        status: ReservationStatus::Reserved,
+        items,
+        total,
+        returned: false,
+        created_at: now,
+        updated_at: now,
+    }
 }
 
 fn same_items(reservation: &Reservation, request: &ReserveRequest) -> bool {

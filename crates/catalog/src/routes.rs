@@ -92,11 +92,19 @@ pub fn router(state: AppState) -> Router {
 /// After a committed write: drop what it changed from the cache, and let the relay publish the
 /// events it wrote now rather than at its next poll.
 async fn after_write(state: &AppState, ids: &[i64]) {
+    products_written(&state.cache, &state.outbox, ids).await;
+}
+
+/// After products `ids` changed: their cache entries and every list are invalidated, the relay
+/// woken for the events written with the change.
+async fn products_written(cache: &Cache, outbox: &Notifier, ids: &[i64]) {
     // Items and groups in one call: one atomic round trip on Redis.
     let mut keys: Vec<String> = ids.iter().map(|&id| item_key(id)).collect();
+    keys.sort_unstable();
+    keys.dedup();
     keys.extend([LIST_GROUP.to_owned(), CATEGORIES_GROUP.to_owned()]);
-    state.cache.invalidate(&keys).await;
-    state.outbox.notify();
+    cache.invalidate(&keys).await;
+    outbox.notify();
 }
 
 /// Creates a product (seed 001's body as it is); `product.created` is published.
@@ -416,39 +424,35 @@ async fn reserve_batch(
     outbox: Notifier,
     requests: Vec<ReserveRequest>,
 ) -> Vec<Result<Reserved>> {
-    let together = match requests.len() {
-        1 => None,
-        _ => match reservations::reserve_many(&db, &requests).await {
-            Ok(done) => done,
-            Err(err) => {
-                tracing::debug!(error.message = %kit::ApiError::from(err), count = requests.len(),
-                    "a batch of reserves failed; reserving each on its own");
-                None
+    let db = &db;
+    let results = kit::batch::together_or_alone(
+        &requests,
+        |all| async move {
+            match reservations::reserve_many(db, all).await {
+                Ok(done) => Some(
+                    done?
+                        .into_iter()
+                        .map(|r| Ok(Reserved::Created(r)))
+                        .collect(),
+                ),
+                Err(err) => {
+                    tracing::debug!(error.message = %kit::ApiError::from(err), count = all.len(),
+                        "a batch of reserves failed; reserving each on its own");
+                    None
+                }
             }
         },
-    };
-    // Not every order could be reserved as asked: each on its own gets its own answer.
-    let results: Vec<Result<Reserved>> = match together {
-        Some(done) => done.into_iter().map(|r| Ok(Reserved::Created(r))).collect(),
-        None => {
-            let alone = requests
-                .iter()
-                .map(|request| reservations::reserve(&db, request));
-            futures::future::join_all(alone).await
-        }
-    };
-    let mut keys: Vec<String> = requests
+        |request| reservations::reserve(db, request),
+    )
+    .await;
+    let ids: Vec<i64> = requests
         .iter()
         .zip(&results)
         .filter(|(_, result)| matches!(result, Ok(Reserved::Created(_))))
-        .flat_map(|(request, _)| request.items.iter().map(|&(id, _)| item_key(id)))
+        .flat_map(|(request, _)| request.items.iter().map(|&(id, _)| id))
         .collect();
-    if !keys.is_empty() {
-        keys.sort_unstable();
-        keys.dedup();
-        keys.extend([LIST_GROUP.to_owned(), CATEGORIES_GROUP.to_owned()]);
-        cache.invalidate(&keys).await;
-        outbox.notify();
+    if !ids.is_empty() {
+        products_written(&cache, &outbox, &ids).await;
     }
     results
 }

@@ -104,6 +104,30 @@ async fn flush<I, O, F, Fut>(
     }
 }
 
+/// Writes a batch's `items` together with `together`, or, when it gives up (`None`: an item it
+/// cannot write as asked, a failed statement), each on its own with `alone`, all at once, so each
+/// item still gets its own answer and one bad item does not fail the others. A batch of one is
+/// written alone. `together` must write all of the items or none (one transaction).
+pub async fn together_or_alone<'a, I, O, T, TF, A, AF>(
+    items: &'a [I],
+    together: T,
+    alone: A,
+) -> Vec<O>
+where
+    T: FnOnce(&'a [I]) -> TF,
+    TF: Future<Output = Option<Vec<O>>>,
+    A: Fn(&'a I) -> AF,
+    AF: Future<Output = O>,
+{
+    if items.len() > 1
+        && let Some(outputs) = together(items).await
+        && outputs.len() == items.len()
+    {
+        return outputs;
+    }
+    futures::future::join_all(items.iter().map(alone)).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +170,37 @@ mod tests {
         assert_eq!(sizes[1..].iter().sum::<usize>(), 40);
         assert!(sizes.iter().all(|&n| n <= 16), "at most max: {sizes:?}");
         assert!(sizes.len() <= 1 + 40 / 2, "items shared batches: {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_written_together_or_each_item_alone() {
+        let alone_calls = Mutex::new(Vec::new());
+        let alone = |item: &u32| {
+            let item = *item;
+            alone_calls.lock().expect("calls").push(item);
+            async move { item * 10 }
+        };
+        let written = together_or_alone(
+            &[1, 2, 3],
+            |items| async move { Some(items.iter().map(|i| i * 100).collect()) },
+            alone,
+        )
+        .await;
+        assert_eq!(written, [100, 200, 300], "together when it can");
+        assert!(alone_calls.lock().expect("calls").is_empty());
+
+        let declined = together_or_alone(&[1, 2, 3], |_| async { None }, alone).await;
+        assert_eq!(
+            declined,
+            [10, 20, 30],
+            "each alone, in order, when it cannot"
+        );
+        let short = together_or_alone(&[4, 5], |_| async { Some(vec![400]) }, alone).await;
+        assert_eq!(short, [40, 50], "an answer missing for an item: each alone");
+        let one =
+            together_or_alone(&[6], |_| async { panic!("a batch of one is alone") }, alone).await;
+        assert_eq!(one, [60]);
+        assert_eq!(*alone_calls.lock().expect("calls"), [1, 2, 3, 4, 5, 6]);
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 //! events one statement).
 //!
 //! A batch that fails (a statement refused, the connection lost) is done again one order at a
-//! time, each in its own transaction, so each request gets its own answer and one bad order
+//! time, each in its own transaction ([`kit::batch::together_or_alone`]), so each request gets its own answer and one bad order
 //! does not fail the others. Doing it again is safe: a batch that failed wrote nothing, and an
 //! order whose batch did commit after all finds its intent taken and is not stored twice (its
 //! request is told to send it again, as when its own commit is lost).
@@ -80,34 +80,44 @@ impl Batches {
 }
 
 async fn intents(db: Db, ids: Vec<String>) -> Vec<Result<()>> {
-    match store::insert_intents(&db, &ids).await {
-        Ok(()) => ids.iter().map(|_| Ok(())).collect(),
-        Err(err) if ids.len() == 1 => vec![Err(err)],
-        Err(err) => {
-            tracing::debug!(error.message = %kit::ApiError::from(err), count = ids.len(),
-                "a batch of intents failed; storing them one at a time");
-            let alone = ids
-                .iter()
-                .map(|id| store::insert_intents(&db, std::slice::from_ref(id)));
-            futures::future::join_all(alone).await
-        }
-    }
+    let db = &db;
+    kit::batch::together_or_alone(
+        &ids,
+        |all| async move {
+            match store::insert_intents(db, all).await {
+                Ok(()) => Some(all.iter().map(|_| Ok(())).collect()),
+                Err(err) => {
+                    tracing::debug!(error.message = %kit::ApiError::from(err), count = all.len(),
+                        "a batch of intents failed; storing them one at a time");
+                    None
+                }
+            }
+        },
+        |id| store::insert_intents(db, std::slice::from_ref(id)),
+    )
+    .await
 }
 
 async fn place(db: Db, orders: Vec<Placement>) -> Vec<Result<Option<Order>>> {
-    match place_together(&db, &orders).await {
-        Ok(stored) => stored.into_iter().map(Ok).collect(),
-        Err(err) if orders.len() == 1 => vec![Err(err)],
-        Err(err) => {
-            tracing::debug!(error.message = %kit::ApiError::from(err), count = orders.len(),
-                "a batch of orders failed; storing them one at a time");
-            let alone = orders.iter().map(|order| async {
-                let mut stored = place_together(&db, std::slice::from_ref(order)).await?;
-                Ok(stored.pop().flatten())
-            });
-            futures::future::join_all(alone).await
-        }
-    }
+    let db = &db;
+    kit::batch::together_or_alone(
+        &orders,
+        |all| async move {
+            match place_together(db, all).await {
+                Ok(stored) => Some(stored.into_iter().map(Ok).collect()),
+                Err(err) => {
+                    tracing::debug!(error.message = %kit::ApiError::from(err), count = all.len(),
+                        "a batch of orders failed; storing them one at a time");
+                    None
+                }
+            }
+        },
+        |order| async move {
+            let mut stored = place_together(db, std::slice::from_ref(order)).await?;
+            Ok(stored.pop().flatten())
+        },
+    )
+    .await
 }
 
 /// Stores `orders` in one transaction: all of them, or (an error) none.

@@ -121,16 +121,16 @@ const CREATES_PER_STATEMENT: usize = 64;
 /// likely), each user is inserted on its own, so each request gets its own answer and the others
 /// are not held up by one conflict.
 async fn insert_batch(db: Db, cache: Cache, fields: Vec<UserFields>) -> Vec<Result<User>> {
-    let results: Vec<Result<User>> = match store::insert_many(&db, &fields).await {
-        Ok(users) if users.len() == fields.len() => users.into_iter().map(Ok).collect(),
-        Err(err) if fields.len() == 1 => vec![on_unique(Err(err), &fields[0])],
-        _ => {
-            let alone = fields
-                .iter()
-                .map(|user| async { on_unique(store::insert(&db, user).await, user) });
-            futures::future::join_all(alone).await
-        }
-    };
+    let db = &db;
+    let results = kit::batch::together_or_alone(
+        &fields,
+        |all| async move {
+            let users = store::insert_many(db, all).await.ok()?;
+            Some(users.into_iter().map(Ok).collect())
+        },
+        |user| async move { on_unique(store::insert(db, user).await, user) },
+    )
+    .await;
     if results.iter().any(Result::is_ok) {
         invalidate(&cache, None).await;
     }
