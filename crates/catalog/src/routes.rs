@@ -407,12 +407,8 @@ pub(crate) type Reserves = kit::batch::Batcher<ReserveRequest, Result<Reserved>>
 const RESERVES_PER_BATCH: usize = 32;
 
 pub(crate) fn reserves(db: Db, cache: Cache, outbox: Notifier) -> Reserves {
-    // One at a time on SQLite (one writer); on PostgreSQL two batches run at once, their
-    // products locked in one order.
-    let flushers = match db.dialect() {
-        kit::db::Dialect::Postgres => 2,
-        kit::db::Dialect::Sqlite => 1,
-    };
+    // Two batches at once on PostgreSQL lock their products in one order.
+    let flushers = kit::batch::flushers_for(&db);
     kit::batch::Batcher::new(flushers, RESERVES_PER_BATCH, move |requests| {
         reserve_batch(db.clone(), cache.clone(), outbox.clone(), requests)
     })

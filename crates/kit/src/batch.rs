@@ -104,6 +104,15 @@ async fn flush<I, O, F, Fut>(
     }
 }
 
+/// How many batches of writes to one database may run at once: two on PostgreSQL (one commits
+/// while the next is written), one on SQLite (it has one writer anyway).
+pub fn flushers_for(db: &crate::Db) -> usize {
+    match db.dialect() {
+        crate::db::Dialect::Postgres => 2,
+        crate::db::Dialect::Sqlite => 1,
+    }
+}
+
 /// Writes a batch's `items` together with `together`, or, when it gives up (`None`: an item it
 /// cannot write as asked, a failed statement), each on its own with `alone`, all at once, so each
 /// item still gets its own answer and one bad item does not fail the others. A batch of one is

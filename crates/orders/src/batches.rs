@@ -4,10 +4,11 @@
 //! events one statement).
 //!
 //! A batch that fails (a statement refused, the connection lost) is done again one order at a
-//! time, each in its own transaction ([`kit::batch::together_or_alone`]), so each request gets its own answer and one bad order
-//! does not fail the others. Doing it again is safe: a batch that failed wrote nothing, and an
-//! order whose batch did commit after all finds its intent taken and is not stored twice (its
-//! request is told to send it again, as when its own commit is lost).
+//! time, each in its own transaction ([`kit::batch::together_or_alone`]), so each request gets
+//! its own answer and one bad order does not fail the others. Doing it again is safe: a batch
+//! that failed wrote nothing, and an order whose batch did commit after all finds its intent
+//! taken and is not stored twice (its request is told to send it again, as when its own commit
+//! is lost).
 
 use kit::Db;
 use kit::batch::Batcher;
@@ -42,11 +43,7 @@ pub struct Batches {
 impl Batches {
     /// Must be called inside a Tokio runtime.
     pub fn new(db: &Db) -> Self {
-        // PostgreSQL commits two batches at once; SQLite has one writer anyway.
-        let flushers = match db.dialect() {
-            kit::db::Dialect::Postgres => 2,
-            kit::db::Dialect::Sqlite => 1,
-        };
+        let flushers = kit::batch::flushers_for(db);
         let intents = {
             let db = db.clone();
             Batcher::new(flushers, PER_BATCH, move |ids| intents(db.clone(), ids))

@@ -104,11 +104,7 @@ async fn invalidate(cache: &Cache, id: Option<i64>) {
 pub(crate) type Creates = kit::batch::Batcher<UserFields, Result<User>>;
 
 pub(crate) fn creates(db: Db, cache: Cache) -> Creates {
-    // PostgreSQL commits two batches at once; SQLite has one writer anyway.
-    let flushers = match db.dialect() {
-        kit::db::Dialect::Postgres => 2,
-        kit::db::Dialect::Sqlite => 1,
-    };
+    let flushers = kit::batch::flushers_for(&db);
     kit::batch::Batcher::new(flushers, CREATES_PER_STATEMENT, move |fields| {
         insert_batch(db.clone(), cache.clone(), fields)
     })
