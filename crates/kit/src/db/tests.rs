@@ -296,9 +296,22 @@ async fn a_begin_cancelled_mid_flight_leaves_no_transaction_behind() {
         .expect("connects");
     let mut cancelled = 0;
     for attempt in 0..400u64 {
-        // Deadlines spread over the time a BEGIN takes on loopback, so some land mid-flight.
-        let deadline = Duration::from_micros(attempt % 40 * 10);
-        if tokio::time::timeout(deadline, db.begin()).await.is_err() {
+        // Dropped after 1 to 40 polls with a yield between them: the early ones before the BEGIN
+        // is sent, the later ones while it is on the wire or just answered. (A timer cannot do
+        // this: tokio's rounds every deadline up to the next millisecond, longer than a BEGIN.)
+        let finished = {
+            let mut begin = std::pin::pin!(db.begin());
+            let mut finished = false;
+            for _ in 0..=attempt % 40 {
+                if futures::poll!(begin.as_mut()).is_ready() {
+                    finished = true;
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            finished
+        };
+        if !finished {
             cancelled += 1;
         }
         // Outside a transaction, two statements run in two transactions.
