@@ -93,6 +93,8 @@ struct SharedState {
     low_stock_threshold: i64,
     /// Where concurrent reserves are done together.
     reserves: routes::Reserves,
+    /// Where concurrent commits of reservations are done together.
+    commits: routes::Commits,
 }
 
 impl std::ops::Deref for AppState {
@@ -111,6 +113,7 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
     relay.register_metrics(&deps.metrics);
     let state = AppState(std::sync::Arc::new(SharedState {
         reserves: routes::reserves(db.clone(), deps.cache.clone(), relay.notifier()),
+        commits: routes::commits(db.clone(), deps.cache.clone(), relay.notifier()),
         db,
         cache: deps.cache.clone(),
         outbox: relay.notifier(),

@@ -507,9 +507,64 @@ pub(crate) async fn commit_reservation(
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>> {
     let order_id = order_id_param(order_id)?;
-    let reservation = reservations::commit(&state.db, &order_id).await?;
-    settled(&state, &reservation).await;
+    let reservation = state
+        .commits
+        .submit(order_id)
+        .await
+        .map_err(anyhow::Error::from)??;
     Ok(Json(reservation))
+}
+
+/// Commits that arrive together are one statement, with one cache invalidation
+/// ([`reservations::commit_open_many`]); one that cannot be committed there is committed on its
+/// own, which gives its answer.
+pub(crate) type Commits = kit::batch::Batcher<String, Result<Reservation>>;
+
+/// The most commits one statement holds.
+const COMMITS_PER_BATCH: usize = 64;
+
+pub(crate) fn commits(db: Db, cache: Cache, outbox: Notifier) -> Commits {
+    let flushers = kit::batch::flushers_for(&db);
+    kit::batch::Batcher::new(flushers, COMMITS_PER_BATCH, move |order_ids| {
+        commit_batch(db.clone(), cache.clone(), outbox.clone(), order_ids)
+    })
+}
+
+async fn commit_batch(
+    db: Db,
+    cache: Cache,
+    outbox: Notifier,
+    order_ids: Vec<String>,
+) -> Vec<Result<Reservation>> {
+    let db = &db;
+    let together = match order_ids.len() {
+        1 => Ok(vec![None]),
+        _ => reservations::commit_open_many(db, &order_ids).await,
+    };
+    let together = together.unwrap_or_else(|err| {
+        tracing::debug!(error.message = %kit::ApiError::from(err), count = order_ids.len(),
+            "a batch of commits failed; committing each on its own");
+        order_ids.iter().map(|_| None).collect()
+    });
+    let results = futures::future::join_all(order_ids.iter().zip(together).map(
+        |(order_id, committed)| async move {
+            match committed {
+                Some(reservation) => Ok(reservation),
+                None => reservations::commit(db, order_id).await,
+            }
+        },
+    ))
+    .await;
+    // A repeated commit changed nothing, but invalidating again is harmless.
+    let ids: Vec<i64> = results
+        .iter()
+        .flatten()
+        .flat_map(|reservation| reservation.items.iter().map(|i| i.product_id))
+        .collect();
+    if !ids.is_empty() {
+        products_written(&cache, &outbox, &ids).await;
+    }
+    results
 }
 
 /// Releases it: the units go back on sale (the order failed or was cancelled).

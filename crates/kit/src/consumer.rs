@@ -2,7 +2,8 @@
 //! are handled exactly once in effect, retried with back-off, and dead-lettered when they keep
 //! failing. A service writes a [`Handler`] and never a retry loop of its own.
 //!
-//! For each delivery, in ONE database transaction of the consuming service:
+//! For each delivery, in ONE database transaction of the consuming service (shared by the
+//! deliveries handled at the same moment, see below):
 //! 1. the message id is recorded in `consumed_messages` (kit's migration); if it is already
 //!    there, the message was handled before (a redelivery) and is acked without running anything;
 //! 2. the handler applies the event's effects on the same transaction;
@@ -12,6 +13,11 @@
 //! A handler whose effects are idempotent by its own state (it re-reads under its locks and a
 //! repeat changes nothing) says so with [`Handler::idempotent`]: step 1 is skipped, saving a
 //! write per message, and a redelivery runs the handler again, harmlessly.
+//!
+//! Deliveries handled at the same moment (a consumer with [`Consumer::with_concurrency`], under
+//! load) share one transaction and one commit, the largest cost of a message to the database;
+//! a failure among them rolls the group back and each of its messages is handled again alone, so
+//! a failing message fails only itself. Each message's `prepare` runs on its own before.
 //!
 //! A handler error rolls everything back and nacks the delivery, which comes back after
 //! `bus.consumer_backoff_ms`, doubling up to `bus.consumer_backoff_max_ms`. At delivery number
@@ -40,6 +46,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::Batcher;
 use crate::bus::{Bus, Delivery, Message};
 use crate::config::BusSettings;
 use crate::db::{Db, Tx, query};
@@ -50,7 +57,7 @@ use crate::event::Event;
 pub trait Handler: Send + Sync + 'static {
     /// What [`Handler::prepare`] found for an event, handed to [`Handler::handle`] (`()` when
     /// there is nothing to prepare).
-    type Prepared: Send + Sync;
+    type Prepared: Send + Sync + 'static;
 
     /// Applies `event`'s effects on `tx`, with what `prepare` found for it; they commit together
     /// with the record that the message was handled. An error rolls both back and the message is
@@ -97,59 +104,153 @@ pub trait Handler: Send + Sync + 'static {
 trait Apply: Send + Sync {
     fn wants(&self, event: &Event) -> bool;
 
-    /// `prepare`, then in one transaction: the message recorded (unless the handler is
-    /// idempotent) and `handle`; then `committed`.
-    async fn apply(
-        &self,
-        db: &Db,
-        consumer: &str,
-        message_id: &str,
-        event: &Event,
-    ) -> Result<Outcome, Failure>;
+    /// `prepare`, then in one transaction (shared with the messages handled at the same moment,
+    /// see [`Grouped`]): the message recorded (unless the handler is idempotent) and `handle`;
+    /// then `committed`.
+    async fn apply(&self, message_id: &str, event: &Event) -> Result<Outcome, Failure>;
 }
 
-#[async_trait]
-impl<H: Handler> Apply for H {
-    fn wants(&self, event: &Event) -> bool {
-        Handler::wants(self, event)
+/// Messages handled at the same moment by a consumer's concurrent deliveries commit together:
+/// each is prepared on its own (outside any transaction, as before), then their records and
+/// handlers run in one transaction and one commit, which is what a message costs the database
+/// most (the commit's flush). A batch that fails as a whole (one handler's error aborts the
+/// transaction) is rolled back and each of its messages is handled again alone, prepared anew,
+/// so one failing message fails only itself. A message that arrives alone is handled at once.
+struct Grouped<H: Handler> {
+    handler: Arc<H>,
+    db: Db,
+    consumer: Arc<str>,
+    /// Made on first use (it spawns its flushers, so it needs the runtime).
+    batcher: std::sync::OnceLock<Group<H::Prepared>>,
+}
+
+/// Where a message waits for its group: its outcome, or `None` when the group gave up and it
+/// must be handled again alone.
+type Group<P> = Batcher<Job<P>, Option<Result<Outcome, Failure>>>;
+
+/// One message on its way into a batch.
+struct Job<P> {
+    message_id: String,
+    event: Event,
+    prepared: P,
+}
+
+/// At most this many messages commit together.
+const GROUP_MAX: usize = 32;
+
+impl<H: Handler> Grouped<H> {
+    fn new(handler: H, db: Db, consumer: &str) -> Self {
+        Self {
+            handler: Arc::new(handler),
+            db,
+            consumer: consumer.into(),
+            batcher: std::sync::OnceLock::new(),
+        }
     }
 
-    async fn apply(
-        &self,
-        db: &Db,
-        consumer: &str,
-        message_id: &str,
-        event: &Event,
-    ) -> Result<Outcome, Failure> {
-        let prepared = self.prepare(event).await.map_err(Failure::Handler)?;
-        let mut tx = db
-            .begin()
-            .await
-            .context("starting the consumer transaction")
-            .map_err(Failure::Handler)?;
-        if !self.idempotent() {
+    fn batcher(&self) -> &Group<H::Prepared> {
+        self.batcher.get_or_init(|| {
+            let (handler, db, consumer) =
+                (self.handler.clone(), self.db.clone(), self.consumer.clone());
+            Batcher::new(
+                crate::batch::flushers_for(&self.db),
+                GROUP_MAX,
+                move |jobs: Vec<Job<H::Prepared>>| {
+                    let (handler, db, consumer) = (handler.clone(), db.clone(), consumer.clone());
+                    async move {
+                        let count = jobs.len();
+                        match together(&*handler, &db, &consumer, jobs).await {
+                            Ok(outcomes) => outcomes.into_iter().map(|o| Some(Ok(o))).collect(),
+                            // Alone, its failure is its own.
+                            Err(err) if count == 1 => vec![Some(Err(Failure::Handler(err)))],
+                            // Together, whose it is is unknown: each again alone.
+                            Err(_) => (0..count).map(|_| None).collect(),
+                        }
+                    }
+                },
+            )
+        })
+    }
+}
+
+/// Records and handles `jobs` in one transaction: each one's outcome, once committed.
+async fn together<H: Handler>(
+    handler: &H,
+    db: &Db,
+    consumer: &str,
+    jobs: Vec<Job<H::Prepared>>,
+) -> anyhow::Result<Vec<Outcome>> {
+    let mut tx = db
+        .begin()
+        .await
+        .context("starting the consumer transaction")?;
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if !handler.idempotent() {
             let fresh = query(RECORD)
                 .bind(consumer)
-                .bind(message_id)
+                .bind(&job.message_id)
                 .bind(Utc::now())
                 .execute(&mut tx)
                 .await
-                .context("recording the message as handled")
-                .map_err(Failure::Handler)?
+                .context("recording the message as handled")?
                 == 1;
             if !fresh {
-                return Ok(Outcome::Duplicate);
+                outcomes.push(Outcome::Duplicate);
+                continue;
             }
         }
-        self.handle(&mut tx, event, prepared)
+        handler.handle(&mut tx, &job.event, job.prepared).await?;
+        outcomes.push(Outcome::Handled);
+    }
+    tx.commit()
+        .await
+        .context("committing the handler's transaction")?;
+    Ok(outcomes)
+}
+
+#[async_trait]
+impl<H: Handler> Apply for Grouped<H> {
+    fn wants(&self, event: &Event) -> bool {
+        self.handler.wants(event)
+    }
+
+    async fn apply(&self, message_id: &str, event: &Event) -> Result<Outcome, Failure> {
+        let job = |prepared| Job {
+            message_id: message_id.to_owned(),
+            event: event.clone(),
+            prepared,
+        };
+        let prepared = self
+            .handler
+            .prepare(event)
             .await
             .map_err(Failure::Handler)?;
-        tx.commit()
-            .await
-            .context("committing the handler's transaction")
-            .map_err(Failure::Handler)?;
-        self.committed(event).await;
-        Ok(Outcome::Handled)
+        let outcome = match self.batcher().submit(job(prepared)).await {
+            Ok(Some(outcome)) => outcome?,
+            // Its batch gave up (or ended without its result): alone, prepared again.
+            Ok(None) | Err(_) => {
+                let prepared = self
+                    .handler
+                    .prepare(event)
+                    .await
+                    .map_err(Failure::Handler)?;
+                together(
+                    &*self.handler,
+                    &self.db,
+                    &self.consumer,
+                    vec![job(prepared)],
+                )
+                .await
+                .map_err(Failure::Handler)?
+                .pop()
+                .ok_or_else(|| Failure::Handler(anyhow::anyhow!("no outcome")))?
+            }
+        };
+        if outcome == Outcome::Handled {
+            self.handler.committed(event).await;
+        }
+        Ok(outcome)
     }
 }
 
@@ -235,8 +336,8 @@ impl Consumer {
             inner: Arc::new(Inner {
                 name: name.to_owned(),
                 outage: crate::outage::Outage::new(format!("bus (consumer {name})")),
+                handler: Box::new(Grouped::new(handler, db.clone(), name)),
                 db,
-                handler: Box::new(handler),
                 max_attempts: u64::from(settings.consumer_max_attempts.max(1)),
                 backoff: Duration::from_millis(settings.consumer_backoff_ms.max(1)),
                 backoff_max: Duration::from_millis(
@@ -454,9 +555,7 @@ impl Inner {
         if !self.handler.wants(&event) {
             return Ok(Outcome::Ignored);
         }
-        self.handler
-            .apply(&self.db, &self.name, &message.id, &event)
-            .await
+        self.handler.apply(&message.id, &event).await
     }
 
     async fn dead_letter(

@@ -26,6 +26,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hmac::{Hmac, Mac as _};
 use kit::Db;
+use kit::batch::Batcher;
 use lettre::message::{Mailbox, header::ContentType};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
@@ -229,7 +230,12 @@ pub struct Dispatcher {
     /// Woken after the consumer committed new deliveries, or a retry was asked for.
     pub wake: Arc<Notify>,
     tried: Family<ChannelLabel, Counter>,
+    /// Deliveries sent at the same moment are marked sent together (one statement, one commit).
+    sent: Arc<Batcher<i64, sqlx::Result<()>>>,
 }
+
+/// The most deliveries one statement marks sent.
+const SENT_PER_BATCH: usize = 64;
 
 impl Dispatcher {
     pub fn new(
@@ -245,12 +251,32 @@ impl Dispatcher {
             "Delivery tries by channel and outcome (sent, retry, failed)",
             tried.clone(),
         );
+        let sent = {
+            let db = db.clone();
+            Batcher::new(
+                kit::batch::flushers_for(&db),
+                SENT_PER_BATCH,
+                move |ids: Vec<i64>| {
+                    let db = db.clone();
+                    async move {
+                        let marked = store::mark_sent(&db, &ids).await;
+                        ids.iter()
+                            .map(|_| match &marked {
+                                Ok(()) => Ok(()),
+                                Err(err) => Err(sqlx::Error::Protocol(err.to_string())),
+                            })
+                            .collect()
+                    }
+                },
+            )
+        };
         Self {
             db,
             channels,
             settings,
             wake,
             tried,
+            sent: Arc::new(sent),
         }
     }
 
@@ -323,7 +349,7 @@ impl Dispatcher {
         let id = n.id;
         let outcome = match self.channels.send(&n).await {
             Ok(()) => {
-                store::mark_sent(&self.db, id).await?;
+                self.sent.submit(id).await??;
                 "sent"
             }
             Err(err) => {

@@ -108,7 +108,8 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
         bus,
         &deps.settings.bus,
         recorder,
-    );
+    )
+    .with_concurrency(settings.concurrency);
     consumer.register_metrics(&deps.metrics);
     let dispatcher =
         deliver::Dispatcher::new(db.clone(), channels, settings, wake.clone(), &deps.metrics);

@@ -151,7 +151,8 @@ pub struct NotifySettings {
     /// The longest the dispatcher sleeps: it also wakes for new deliveries, retries and the
     /// due time of the next pending one; this bound is for what other replicas recorded.
     pub poll_ms: u64,
-    /// Deliveries sent at once.
+    /// Deliveries sent at once, and events recorded at once (their users calls in parallel, their
+    /// records committed together by kit's consumer).
     pub concurrency: usize,
     /// Time limit of each call to the users service (for an order's recipient).
     pub call_timeout_ms: u64,

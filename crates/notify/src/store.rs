@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use kit::Db;
-use kit::db::{Executor, query};
+use kit::db::{Dialect, Executor, query};
 use serde::Serialize;
 
 pub fn now() -> DateTime<Utc> {
@@ -158,15 +158,20 @@ pub async fn claim_due(
     Ok(claimed)
 }
 
-/// Sent.
-pub async fn mark_sent(db: &Db, id: i64) -> sqlx::Result<()> {
+/// Sent, all of `ids` (one statement).
+pub async fn mark_sent(db: &Db, ids: &[i64]) -> sqlx::Result<()> {
     let now = now();
-    query(
+    let ids = serde_json::to_string(ids).map_err(|err| sqlx::Error::Encode(err.into()))?;
+    let each = match db.dialect() {
+        Dialect::Postgres => "select value::bigint from jsonb_array_elements_text($2::jsonb)",
+        Dialect::Sqlite => "select value from json_each($2)",
+    };
+    query(&format!(
         "update notifications set status = 'sent', sent_at = $1, updated_at = $1 \
-         where id = $2 and status = 'pending'",
-    )
+         where id in ({each}) and status = 'pending'"
+    ))
     .bind(now)
-    .bind(id)
+    .bind(ids)
     .execute(db)
     .await?;
     Ok(())
@@ -307,6 +312,30 @@ mod tests {
             .await
             .expect("attempts");
         assert_eq!(attempts, 30, "{backend:?}: one attempt counted per claim");
+
+        // Sent together: the pending ones named, and only them (a failed one stays failed).
+        let failed: i64 = query("select id from notifications where event_id = 'event-failed'")
+            .fetch_scalar(&db)
+            .await
+            .expect("failed id");
+        let sent: Vec<i64> = claimed.iter().take(3).map(|n| n.id).collect();
+        mark_sent(&db, &[&sent[..], &[failed]].concat())
+            .await
+            .expect("mark sent");
+        let statuses: Vec<(String, i64)> =
+            query("select status, count(*) from notifications group by status order by status")
+                .fetch_all(&db)
+                .await
+                .expect("statuses");
+        assert_eq!(
+            statuses,
+            [
+                ("failed".to_owned(), 1),
+                ("pending".to_owned(), 28),
+                ("sent".to_owned(), 3)
+            ],
+            "{backend:?}"
+        );
         env.drop_kit_db("notifyclaim", db).await;
     }
 

@@ -475,3 +475,90 @@ async fn an_idempotent_handler_runs_again_on_redelivery_without_a_record() {
         teardown(s).await;
     }
 }
+
+/// Records each event with the id of the transaction that wrote it as its topic (PostgreSQL), so
+/// a test sees which messages committed together. Event 103 fails; the first call lingers, so the
+/// messages handled at the same moment queue behind it.
+#[derive(Clone, Default)]
+struct Sharing {
+    calls: Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl Handler for Sharing {
+    type Prepared = ();
+
+    async fn prepare(&self, _event: &Event) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn handle(&self, tx: &mut Tx, event: &Event, (): ()) -> anyhow::Result<()> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::ensure!(event.data["n"] != 103, "event 103 fails");
+        let xact = match tx.dialect() {
+            crate::db::Dialect::Postgres => "pg_current_xact_id()::text",
+            crate::db::Dialect::Sqlite => "'sqlite'",
+        };
+        query(&format!(
+            "insert into effects (message_id, topic) values ($1, {xact})"
+        ))
+        .bind(event.id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Messages handled at the same moment share a transaction (one commit for many), each recorded
+/// and handled once; a failing message among them fails alone and the others are handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_handled_at_once_commit_together_and_a_failing_one_fails_alone() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let s = setup(backend).await;
+        let what = s.bus.backend();
+        let handler = Sharing::default();
+        let consumer = consumer(&s, &["order.*"], &handler);
+        let messages = |range: std::ops::RangeInclusive<u32>| -> Vec<Message> {
+            range
+                .map(|n| Message::from_event(&event(n)).expect("message"))
+                .collect()
+        };
+        let at_once = messages(1..=20);
+        let outcomes =
+            futures::future::join_all(at_once.iter().map(|m| consumer.inner.handle(m))).await;
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Ok(Outcome::Handled))),
+            "{what}"
+        );
+        assert_eq!(effects(&s.db).await, 20, "{what}");
+        assert_eq!(recorded(&s.db).await, 20, "{what}");
+        if backend == Backend::Postgres {
+            let commits: i64 = query("select count(distinct topic) from effects")
+                .fetch_scalar(&s.db)
+                .await
+                .expect("transactions");
+            assert!(commits <= 5, "{what}: 20 messages in {commits} commits");
+        }
+
+        // One failing message among ten handled at once.
+        handler.calls.store(0, Ordering::SeqCst);
+        let with_a_failure = messages(101..=110);
+        let outcomes =
+            futures::future::join_all(with_a_failure.iter().map(|m| consumer.inner.handle(m)))
+                .await;
+        for (n, outcome) in (101..=110).zip(&outcomes) {
+            match outcome {
+                Err(Failure::Handler(err)) if n == 103 => {
+                    assert!(format!("{err:#}").contains("event 103 fails"), "{what}");
+                }
+                Ok(Outcome::Handled) if n != 103 => {}
+                _ => panic!("{what}: event {n} ended {:?}", outcome.as_ref().ok()),
+            }
+        }
+        assert_eq!(effects(&s.db).await, 29, "{what}: the nine others handled");
+        assert_eq!(recorded(&s.db).await, 29, "{what}: and recorded, once each");
+        teardown(s).await;
+    }
+}
