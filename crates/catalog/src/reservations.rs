@@ -3,8 +3,9 @@
 //! least once: a repeated reserve, commit or release returns the reservation and changes nothing.
 //!
 //! A reservation moves units from `stock` (sellable) to `reserved` with one conditional update
-//! per line (`stock >= quantity`), so reserved units can never be sold twice; a commit drops them
-//! from `reserved`; a release moves them back to `stock`.
+//! per product (`stock >= quantity`; reserves made together take each product's units for all
+//! their lines at once), so reserved units can never be sold twice; a commit drops them from
+//! `reserved`; a release moves them back to `stock`.
 
 use std::sync::LazyLock;
 
@@ -229,13 +230,29 @@ pub async fn reserve_many(
         .flat_map(|(r, request)| request.items.iter().map(move |&(p, q)| (p, r, q)))
         .collect();
     lines.sort_unstable();
+    // Each line's product as that line left it, in line order.
+    let taken = match tx.dialect() {
+        Dialect::Postgres => take_all(&mut tx, requests, &lines, now).await?,
+        Dialect::Sqlite => {
+            let mut taken = Vec::with_capacity(lines.len());
+            for &(product_id, r, quantity) in &lines {
+                let order_id = requests[r].order_id.as_str();
+                let Some(product) = take_line(&mut tx, order_id, product_id, quantity, now).await?
+                else {
+                    return Ok(None);
+                };
+                taken.push(product);
+            }
+            Some(taken)
+        }
+    };
+    let Some(taken) = taken else {
+        return Ok(None);
+    };
     let mut events = Vec::new();
     let mut items: Vec<Vec<ReservationItem>> = vec![Vec::new(); requests.len()];
-    for (product_id, r, quantity) in lines {
+    for ((product_id, r, quantity), product) in lines.into_iter().zip(taken) {
         let order_id = requests[r].order_id.as_str();
-        let Some(product) = take_line(&mut tx, order_id, product_id, quantity, now).await? else {
-            return Ok(None);
-        };
         let Some(line_total) = product.price.times(quantity) else {
             return Ok(None);
         };
@@ -260,6 +277,85 @@ pub async fn reserve_many(
     kit::outbox::enqueue(&mut tx, &events).await?;
     tx.commit().await?;
     Ok(Some(reservations))
+}
+
+/// PostgreSQL, every line of a batch of reserves in one statement (`$1`: the lines as
+/// `[order_id, product_id, quantity]`): the products locked in id order (a `for update` applies
+/// after its `order by`, and the sums above it need every locked row before the first update),
+/// each product's units taken once for all its lines where it has them all, and every line
+/// recorded. The products it took from, as they are after.
+static TAKE_ALL_PG: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "with wanted as ( \
+             select value->>0 as order_id, (value->>1)::bigint as product_id, \
+                    (value->>2)::bigint as quantity \
+             from jsonb_array_elements($1::jsonb)), \
+         locked as materialized ( \
+             select p.id from products p where p.id in (select product_id from wanted) \
+             order by p.id for update of p), \
+         taken as ( \
+             update products p set stock = p.stock - s.quantity, \
+                 reserved = p.reserved + s.quantity, updated_at = $2 \
+             from (select k.id, sum(w.quantity)::bigint as quantity \
+                   from locked k join wanted w on w.product_id = k.id group by k.id) s \
+             where p.id = s.id and p.stock >= s.quantity returning p.*), \
+         line as ( \
+             insert into reservation_items (order_id, product_id, quantity, unit_price_cents) \
+             select w.order_id, w.product_id, w.quantity, t.price_cents \
+             from wanted w join taken t on t.id = w.product_id) \
+         select {COLUMNS} from taken"
+    )
+});
+
+/// Takes `lines` (product, request, quantity; in product order) in one statement
+/// ([`TAKE_ALL_PG`]): each line's product as that line left it (its units taken in line
+/// order, as one statement per line would have), or `None` when a product is unknown or short
+/// of its lines' units (the transaction must then be dropped).
+async fn take_all(
+    tx: &mut Tx,
+    requests: &[ReserveRequest],
+    lines: &[(i64, usize, i64)],
+    now: DateTime<Utc>,
+) -> Result<Option<Vec<Product>>> {
+    let wanted: Vec<(&str, i64, i64)> = lines
+        .iter()
+        .map(|&(product_id, r, quantity)| (requests[r].order_id.as_str(), product_id, quantity))
+        .collect();
+    let wanted = serde_json::to_string(&wanted).map_err(anyhow::Error::from)?;
+    let after: Vec<Product> = query(&TAKE_ALL_PG)
+        .bind(wanted)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut totals = std::collections::HashMap::<i64, i64>::new();
+    for &(product_id, _, quantity) in lines {
+        *totals.entry(product_id).or_default() += quantity;
+    }
+    if after.len() != totals.len() {
+        return Ok(None);
+    }
+    let mut each = Vec::with_capacity(lines.len());
+    // Walk each product's lines from its state before the batch.
+    let mut current: Option<Product> = None;
+    for &(product_id, _, quantity) in lines {
+        let mut product = match current.take() {
+            Some(product) if product.id == product_id => product,
+            _ => {
+                let Some(mut product) = after.iter().find(|p| p.id == product_id).cloned() else {
+                    return Ok(None);
+                };
+                let total = totals[&product_id];
+                product.stock += total;
+                product.reserved -= total;
+                product
+            }
+        };
+        product.stock -= quantity;
+        product.reserved += quantity;
+        each.push(product.clone());
+        current = Some(product);
+    }
+    Ok(Some(each))
 }
 
 /// A reservation just made, as written (the read-back would cost two more statements).
@@ -816,10 +912,36 @@ mod tests {
                 order.order_id
             );
         }
+        // One stock change per line, each from where the line before it left its product.
+        let changes: Vec<(String,)> = query("select payload from outbox order by seq")
+            .fetch_all(&db)
+            .await
+            .expect("outbox");
+        let changes: Vec<(i64, i64, i64, i64, String)> = changes
+            .iter()
+            .map(|(payload,)| {
+                let event: serde_json::Value = serde_json::from_str(payload).expect("event");
+                let d = &event["data"];
+                let n = |k: &str| d[k].as_i64().expect("number");
+                let order = d["order_id"].as_str().expect("order").to_owned();
+                (
+                    n("product_id"),
+                    n("previous"),
+                    n("stock"),
+                    n("reserved"),
+                    order,
+                )
+            })
+            .collect();
         assert_eq!(
-            count(&db, "select count(*) from outbox").await,
-            4,
-            "{backend:?}: one stock change per line"
+            changes,
+            [
+                (a, 10, 8, 2, "ord-1".to_owned()),
+                (a, 8, 7, 3, "ord-3".to_owned()),
+                (b, 3, 2, 1, "ord-1".to_owned()),
+                (b, 2, 0, 3, "ord-2".to_owned()),
+            ],
+            "{backend:?}"
         );
 
         let short = [request("ord-4", &[(a, 1)]), request("ord-5", &[(b, 1)])];
