@@ -189,7 +189,7 @@ pub async fn hot(args: HotBench) -> anyhow::Result<()> {
     let selected = args.selected();
     let backends = Backends {
         database_url: std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/agora_bench".to_owned()),
+            .unwrap_or_else(|_| bench_system::BENCH_DATABASE.to_owned()),
         redis_url: std::env::var("REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
         nats_url: std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
@@ -207,6 +207,14 @@ pub async fn hot(args: HotBench) -> anyhow::Result<()> {
         }
     }
     let mut pg_problem = None;
+    if args.url.is_none()
+        && args.mode == Mode::Distributed
+        && std::env::var_os("DATABASE_URL").is_none()
+    {
+        bench_system::fresh_start(&backends.redis_url)
+            .await
+            .context("starting from an empty bench database")?;
+    }
     if needs_pg && let Err(err) = bench_system::ensure_database(&backends.database_url).await {
         anyhow::ensure!(
             args.mode == Mode::Embedded,

@@ -300,6 +300,55 @@ pub fn stop_children(children: &mut [(&'static str, Child)]) {
     }
 }
 
+/// The database `agora bench` uses when `DATABASE_URL` is not set: its own, emptied at the start
+/// of every run that starts its own system ([`fresh_start`]).
+pub const BENCH_DATABASE: &str = "postgres://postgres@127.0.0.1:5432/agora_bench";
+
+/// Empties what the bench's own system keeps between runs, so every run starts from the same
+/// place (tables that grow run after run slow each next run down): the bench's own database is
+/// dropped (and made again by [`ensure_database`]), and the Redis keys under `bench:` deleted.
+/// Only for the bench's own database (`DATABASE_URL` unset): a database named by the user is
+/// never dropped.
+pub async fn fresh_start(redis_url: &str) -> anyhow::Result<()> {
+    let mut admin = url::Url::parse(BENCH_DATABASE).context("the bench database")?;
+    admin.set_path("/postgres");
+    let (client, connection) = tokio_postgres::connect(admin.as_str(), tokio_postgres::NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let task = tokio::spawn(connection);
+    client
+        .batch_execute("drop database if exists agora_bench with (force)")
+        .await
+        .context("emptying the bench database")?;
+    drop(client);
+    let _ = task.await;
+    let mut redis = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await
+        .context("connecting to Redis")?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("bench:*")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut redis)
+            .await?;
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut redis)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
 /// Creates the database of `url` when it does not exist (connecting to `postgres` on the same
 /// server to do it).
 pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
