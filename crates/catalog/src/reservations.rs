@@ -467,23 +467,8 @@ async fn close(
     .await?)
 }
 
-/// PostgreSQL, committing an open reservation (every processed order does): one statement, no
-/// transaction around it, instead of five round trips. It closes the reservation and takes its
-/// units out of `reserved` (walking its lines by their key, so products are locked in id order,
-/// as every writer takes them); a commit announces nothing. No rows when the reservation is not
-/// open: the general path then answers.
-const COMMIT_OPEN: &str = "with closed as ( \
-        update reservations set status = 'committed', updated_at = $2 \
-        where order_id = $1 and status = 'reserved' returning order_id, created_at), \
-    sold as ( \
-        update products p set reserved = p.reserved - i.quantity, updated_at = $2 \
-        from closed c join reservation_items i on i.order_id = c.order_id \
-        where p.id = i.product_id \
-        returning i.product_id, i.quantity, i.unit_price_cents, c.created_at) \
-    select product_id, quantity, unit_price_cents, created_at from sold order by product_id";
-
-/// PostgreSQL, committing the open reservations of many orders (the worker commits one per
-/// processed order, many at once under load) in one statement: each closed, and each product's
+/// PostgreSQL, committing the open reservations of one or many orders (the worker commits one
+/// per processed order, many at once under load) in one statement, no transaction around it: each closed, and each product's
 /// units taken out of `reserved` once for all of them, the products locked first in id order
 /// (a `for update` applies after its `order by`), as every writer takes them. The lines of the
 /// reservations it closed; an order whose reservation was not open has none.
@@ -549,44 +534,15 @@ pub async fn commit_open_many(db: &Db, order_ids: &[String]) -> Result<Vec<Optio
         .collect()
 }
 
-async fn commit_at_once(
-    db: &Db,
-    order_id: &str,
-    now: DateTime<Utc>,
-) -> Result<Option<Reservation>> {
-    let lines: Vec<(i64, i64, i64, DateTime<Utc>)> = query(COMMIT_OPEN)
-        .bind(order_id)
-        .bind(now)
-        .fetch_all(db)
-        .await?;
-    let Some(&(_, _, _, created_at)) = lines.first() else {
-        return Ok(None);
-    };
-    let (items, total) = priced(
-        order_id,
-        lines
-            .into_iter()
-            .map(|(product, quantity, cents, _)| (product, quantity, cents)),
-    )?;
-    Ok(Some(Reservation {
-        order_id: order_id.to_owned(),
-        status: ReservationStatus::Committed,
-        items,
-        total,
-        returned: false,
-        created_at,
-        updated_at: now,
-    }))
-}
-
 async fn settle(db: &Db, order_id: &str, to: ReservationStatus) -> Result<Reservation> {
-    let now = now();
+    // Committing an open reservation (every processed order does) is one statement, with no
+    // transaction around it, on PostgreSQL; anything else takes the general path below.
     if to == ReservationStatus::Committed
-        && db.dialect() == Dialect::Postgres
-        && let Some(reservation) = commit_at_once(db, order_id, now).await?
+        && let Some(Some(reservation)) = commit_open_many(db, &[order_id.to_owned()]).await?.pop()
     {
         return Ok(reservation);
     }
+    let now = now();
     let mut tx = db.begin().await?;
     // The usual case is one statement: an open reservation closed.
     let mut closed = close(&mut tx, order_id, to, now).await?;

@@ -537,10 +537,7 @@ async fn commit_batch(
     order_ids: Vec<String>,
 ) -> Vec<Result<Reservation>> {
     let db = &db;
-    let together = match order_ids.len() {
-        1 => Ok(vec![None]),
-        _ => reservations::commit_open_many(db, &order_ids).await,
-    };
+    let together = reservations::commit_open_many(db, &order_ids).await;
     let together = together.unwrap_or_else(|err| {
         tracing::debug!(error.message = %kit::ApiError::from(err), count = order_ids.len(),
             "a batch of commits failed; committing each on its own");
