@@ -310,12 +310,8 @@ pub const BENCH_DATABASE: &str = "postgres://postgres@127.0.0.1:5432/agora_bench
 /// Only for the bench's own database (`DATABASE_URL` unset): a database named by the user is
 /// never dropped.
 pub async fn fresh_start(redis_url: &str) -> anyhow::Result<()> {
-    let mut admin = url::Url::parse(BENCH_DATABASE).context("the bench database")?;
-    admin.set_path("/postgres");
-    let (client, connection) = tokio_postgres::connect(admin.as_str(), tokio_postgres::NoTls)
-        .await
-        .context("connecting to PostgreSQL")?;
-    let task = tokio::spawn(connection);
+    let parsed = url::Url::parse(BENCH_DATABASE).context("the bench database")?;
+    let (client, task) = admin(&parsed).await?;
     client
         .batch_execute("drop database if exists agora_bench with (force)")
         .await
@@ -349,6 +345,27 @@ pub async fn fresh_start(redis_url: &str) -> anyhow::Result<()> {
     }
 }
 
+/// A connection to the `postgres` database of the server of `url`, and the task driving it (it
+/// ends once the client is dropped).
+async fn admin(
+    url: &url::Url,
+) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+    let mut admin = url.clone();
+    admin.set_path("/postgres");
+    let (client, connection) = tokio_postgres::connect(admin.as_str(), tokio_postgres::NoTls)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {}",
+                url.host_str().unwrap_or("?")
+            )
+        })?;
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, task))
+}
+
 /// Creates the database of `url` when it does not exist (connecting to `postgres` on the same
 /// server to do it).
 pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
@@ -358,17 +375,7 @@ pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
         !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
         "DATABASE_URL: a database name of letters, digits and _ (got {name:?})"
     );
-    let mut admin = parsed.clone();
-    admin.set_path("/postgres");
-    let (client, connection) = tokio_postgres::connect(admin.as_str(), tokio_postgres::NoTls)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to PostgreSQL at {}",
-                parsed.host_str().unwrap_or("?")
-            )
-        })?;
-    let task = tokio::spawn(connection);
+    let (client, task) = admin(&parsed).await?;
     let exists = client
         .query_opt("select 1 from pg_database where datname = $1", &[&name])
         .await?

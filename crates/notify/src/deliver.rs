@@ -231,7 +231,7 @@ pub struct Dispatcher {
     pub wake: Arc<Notify>,
     tried: Family<ChannelLabel, Counter>,
     /// Deliveries sent at the same moment are marked sent together (one statement, one commit).
-    sent: Arc<Batcher<i64, sqlx::Result<()>>>,
+    sent: Arc<Batcher<i64, Result<(), Arc<sqlx::Error>>>>,
 }
 
 /// The most deliveries one statement marks sent.
@@ -259,13 +259,9 @@ impl Dispatcher {
                 move |ids: Vec<i64>| {
                     let db = db.clone();
                     async move {
-                        let marked = store::mark_sent(&db, &ids).await;
-                        ids.iter()
-                            .map(|_| match &marked {
-                                Ok(()) => Ok(()),
-                                Err(err) => Err(sqlx::Error::Protocol(err.to_string())),
-                            })
-                            .collect()
+                        // Every delivery of the batch gets the statement's own error.
+                        let marked = store::mark_sent(&db, &ids).await.map_err(Arc::new);
+                        ids.iter().map(|_| marked.clone()).collect()
                     }
                 },
             )
