@@ -332,24 +332,48 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-/// Middleware recording every request (installed by `with_standard_layers`). Labels are bounded:
-/// known methods, matched route templates (or a handler's [`RouteLabel`]), status codes.
+/// What [`Timing::finish`] needs of a request, read before it is served: its start, its method
+/// label and axum's matched route template.
+pub struct Timing {
+    started: Instant,
+    method: &'static str,
+    matched: Option<MatchedPath>,
+}
+
+impl Timing {
+    /// Starts timing `req`.
+    pub fn start(req: &Request) -> Self {
+        Self {
+            started: Instant::now(),
+            method: method_label(req.method()),
+            matched: req.extensions().get::<MatchedPath>().cloned(),
+        }
+    }
+
+    /// Records the request as answered by `response` (labels: the method, the matched template
+    /// or the response's [`RouteLabel`], the status).
+    pub fn finish(self, metrics: &Metrics, response: &Response) {
+        let route = match self.matched {
+            Some(path) => Route::Matched(path),
+            None => match response.extensions().get::<RouteLabel>() {
+                Some(label) => Route::Label(label.0.clone()),
+                None => Route::Fixed("unmatched"),
+            },
+        };
+        metrics.record(
+            (self.method, route, response.status().as_u16()),
+            self.started.elapsed().as_secs_f64(),
+        );
+    }
+}
+
+/// Middleware recording every request, for a router of its own (the standard layers time each
+/// request with [`Timing`] directly). Labels are bounded: known methods, matched route
+/// templates (or a handler's [`RouteLabel`]), status codes.
 pub async fn track(metrics: &Metrics, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = method_label(req.method());
-    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let timing = Timing::start(&req);
     let response = next.run(req).await;
-    let route = match matched {
-        Some(path) => Route::Matched(path),
-        None => match response.extensions().get::<RouteLabel>() {
-            Some(label) => Route::Label(label.0.clone()),
-            None => Route::Fixed("unmatched"),
-        },
-    };
-    metrics.record(
-        (method, route, response.status().as_u16()),
-        started.elapsed().as_secs_f64(),
-    );
+    timing.finish(metrics, &response);
     response
 }
 

@@ -146,9 +146,13 @@ impl TraceContext {
     }
 }
 
-/// Runs `fut` (the rest of a request) with `ctx` as [`TraceContext::current`].
-pub async fn scope<F: std::future::Future>(ctx: TraceContext, fut: F) -> F::Output {
-    CURRENT.scope(ctx, fut).await
+/// `fut` (the rest of a request), run with `ctx` as [`TraceContext::current`]. A named future,
+/// so the standard middleware holds it without a box.
+pub fn scope<F: std::future::Future>(
+    ctx: TraceContext,
+    fut: F,
+) -> tokio::task::futures::TaskLocalFuture<TraceContext, F> {
+    CURRENT.scope(ctx, fut)
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Router, body::Body};
@@ -31,12 +30,14 @@ use crate::metrics::Metrics;
 /// The request id header, generated when absent and forwarded on every hop.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Wraps `router` in the standard stack, outermost first: one middleware ([`standard`]) that
+/// Wraps `router` in the standard stack, outermost first: one middleware ([`Standard`]) that
 /// answers `/ready` while stopping, keeps or makes the request id, reads or starts the trace
 /// context (`traceparent`, [`crate::trace`]), runs the request in its span, refuses `%00`,
 /// records metrics, completes problem bodies and echoes the request id → panic → timeout (408)
-/// → body limit (413). One middleware rather than one per concern: each `from_fn` layer costs a
-/// boxed future and a clone of the inner service per request, on every hop.
+/// → body limit (413). One middleware rather than one per concern, and a tower service of its
+/// own rather than axum's `from_fn`: `from_fn` boxes its future, clones the inner stack and
+/// boxes it again (with its future) for `Next` on every request, on every hop; [`Standard`]
+/// calls its inner service in place and its future is a named type.
 /// `/metrics` is not among the routes: it is served on the private metrics listener
 /// ([`crate::service::App::with_metrics`]).
 ///
@@ -45,7 +46,9 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// every request, so one call per layer cost a nested boxed clone (and free) each per request.
 pub fn with_standard_layers(router: Router, http: &HttpSettings, metrics: &Metrics) -> Router {
     let stack = tower::ServiceBuilder::new()
-        .layer(middleware::from_fn_with_state(metrics.clone(), standard))
+        .layer(StandardLayer {
+            metrics: metrics.clone(),
+        })
         .layer(CatchPanicLayer::new())
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -60,49 +63,211 @@ pub fn with_standard_layers(router: Router, http: &HttpSettings, metrics: &Metri
     router.layer(stack)
 }
 
-/// The standard middleware (see [`with_standard_layers`]).
-async fn standard(State(metrics): State<Metrics>, mut req: Request, next: Next) -> Response {
-    // Once the server is stopping, `/ready` answers 503 `stopping` at once (whatever the
-    // service's own readiness), so a balancer stops sending before the listener closes.
-    if req.uri().path() == "/ready"
-        && req
-            .extensions()
-            .get::<Stopping>()
-            .is_some_and(Stopping::is_stopping)
-    {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, HeaderValue::from_static("5"))],
-            axum::Json(serde_json::json!({ "status": "stopping" })),
-        )
-            .into_response();
-    }
-    let request_id = match req.headers().get(&X_REQUEST_ID) {
-        Some(value) if usable_request_id(value) => value.clone(),
-        _ => {
-            let id = new_request_id();
-            req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-            id
+/// Makes [`Standard`] services.
+#[derive(Clone)]
+struct StandardLayer {
+    metrics: Metrics,
+}
+
+impl<S> tower::Layer<S> for StandardLayer {
+    type Service = Standard<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Standard {
+            inner,
+            metrics: self.metrics.clone(),
         }
-    };
-    let ctx = crate::trace::TraceContext::of_request(req.headers());
-    req.headers_mut()
-        .insert(crate::trace::TRACEPARENT.clone(), ctx.header_value());
-    req.extensions_mut().insert(ctx);
-    // Field values are only computed when the span is enabled.
-    let span = tracing::info_span!(
-        "request",
-        method = %req.method(),
-        path = %req.uri().path(),
-        request_id = %request_id.to_str().unwrap_or_default(),
-        trace_id = %ctx.trace_id_hex(),
-    );
-    let mut response = tracing::Instrument::instrument(
-        crate::trace::scope(ctx, problems(metrics, request_id.clone(), req, next)),
-        span,
-    )
-    .await;
-    // A response that has one already (an upstream's, through the gateway) keeps it.
+    }
+}
+
+/// The standard middleware (see [`with_standard_layers`]).
+#[derive(Clone)]
+pub struct Standard<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S> tower::Service<Request> for Standard<S>
+where
+    S: tower::Service<Request, Error = std::convert::Infallible>,
+    S::Response: IntoResponse,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = StandardFuture<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        // Once the server is stopping, `/ready` answers 503 `stopping` at once (whatever the
+        // service's own readiness), so a balancer stops sending before the listener closes.
+        if req.uri().path() == "/ready"
+            && req
+                .extensions()
+                .get::<Stopping>()
+                .is_some_and(Stopping::is_stopping)
+        {
+            let response = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, HeaderValue::from_static("5"))],
+                axum::Json(serde_json::json!({ "status": "stopping" })),
+            )
+                .into_response();
+            return StandardFuture::answered(response);
+        }
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(value) if usable_request_id(value) => value.clone(),
+            _ => {
+                let id = new_request_id();
+                req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+                id
+            }
+        };
+        let ctx = crate::trace::TraceContext::of_request(req.headers());
+        req.headers_mut()
+            .insert(crate::trace::TRACEPARENT.clone(), ctx.header_value());
+        req.extensions_mut().insert(ctx);
+        // Field values are only computed when the span is enabled.
+        let span = tracing::info_span!(
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+            request_id = %request_id.to_str().unwrap_or_default(),
+            trace_id = %ctx.trace_id_hex(),
+        );
+        // A URI with an encoded NUL (`%00`) is 400: no id, name or filter has one, and
+        // PostgreSQL refuses it in text (a 500 if it got that far).
+        let has_nul = req
+            .uri()
+            .path_and_query()
+            .is_some_and(|pq| pq.as_str().as_bytes().windows(3).any(|w| w == b"%00"));
+        if has_nul {
+            let response = span.in_scope(|| {
+                complete_problem(
+                    ApiError::bad_request(
+                        "invalid_uri",
+                        "The path or query contains a NUL character (%00)",
+                    )
+                    .into_response(),
+                    &request_id,
+                    req.method(),
+                    req.uri(),
+                )
+            });
+            return StandardFuture::answered(with_request_id(response, request_id));
+        }
+        let after = After {
+            timing: crate::metrics::Timing::start(&req),
+            metrics: self.metrics.clone(),
+            request_id,
+            // Kept for the error path; cloning a `Uri` shares its bytes.
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+        };
+        // The inner services only build their futures here; the request runs when it is
+        // polled, in its span and its trace context.
+        let inner = self.inner.call(req);
+        StandardFuture {
+            state: Stage::Serving {
+                inner: tracing::Instrument::instrument(crate::trace::scope(ctx, inner), span),
+                after: Some(after),
+            },
+        }
+    }
+}
+
+/// What the standard middleware does once the inner services answered.
+struct After {
+    timing: crate::metrics::Timing,
+    metrics: Metrics,
+    request_id: HeaderValue,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Standard`]: the inner services' future in the request's span and trace
+    /// context, then metrics recorded, a problem body completed and the request id echoed.
+    pub struct StandardFuture<F> {
+        #[pin]
+        state: Stage<F>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StageProj]
+    enum Stage<F> {
+        Answered { response: Option<Response> },
+        Serving {
+            #[pin]
+            inner: tracing::instrument::Instrumented<
+                tokio::task::futures::TaskLocalFuture<crate::trace::TraceContext, F>,
+            >,
+            after: Option<After>,
+        },
+    }
+}
+
+impl<F> StandardFuture<F> {
+    fn answered(response: Response) -> Self {
+        Self {
+            state: Stage::Answered {
+                response: Some(response),
+            },
+        }
+    }
+}
+
+impl<F, R> std::future::Future for StandardFuture<F>
+where
+    F: std::future::Future<Output = Result<R, std::convert::Infallible>>,
+    R: IntoResponse,
+{
+    type Output = Result<Response, std::convert::Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project().state.project() {
+            StageProj::Answered { response } => std::task::Poll::Ready(Ok(response
+                .take()
+                .expect("a StandardFuture is not polled after it is ready"))),
+            StageProj::Serving { mut inner, after } => {
+                let Ok(response) = std::task::ready!(inner.as_mut().poll(cx));
+                let response = response.into_response();
+                let After {
+                    timing,
+                    metrics,
+                    request_id,
+                    method,
+                    uri,
+                } = after
+                    .take()
+                    .expect("a StandardFuture is not polled after it is ready");
+                timing.finish(&metrics, &response);
+                let status = response.status();
+                let response = if status.is_client_error() || status.is_server_error() {
+                    // In the request's span: the log lines of a failure carry its ids.
+                    let span = inner.as_ref().get_ref().span();
+                    span.in_scope(|| complete_problem(response, &request_id, &method, &uri))
+                } else {
+                    response
+                };
+                std::task::Poll::Ready(Ok(with_request_id(response, request_id)))
+            }
+        }
+    }
+}
+
+/// `response` with the request id, unless it has one already (an upstream's, through the
+/// gateway).
+fn with_request_id(mut response: Response, request_id: HeaderValue) -> Response {
     response
         .headers_mut()
         .entry(&X_REQUEST_ID)
@@ -126,37 +291,6 @@ fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
     HeaderValue::from_str(text).expect("a hyphenated uuid is a valid header value")
-}
-
-/// `%00` refused, metrics recorded, problem bodies completed.
-async fn problems(metrics: Metrics, request_id: HeaderValue, req: Request, next: Next) -> Response {
-    // A URI with an encoded NUL (`%00`) is 400: no id, name or filter has one, and PostgreSQL
-    // refuses it in text (a 500 if it got that far).
-    let has_nul = req
-        .uri()
-        .path_and_query()
-        .is_some_and(|pq| pq.as_str().as_bytes().windows(3).any(|w| w == b"%00"));
-    if has_nul {
-        return complete_problem(
-            ApiError::bad_request(
-                "invalid_uri",
-                "The path or query contains a NUL character (%00)",
-            )
-            .into_response(),
-            &request_id,
-            req.method(),
-            req.uri(),
-        );
-    }
-    // Kept for the error path; cloning a `Uri` shares its bytes.
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    let response = crate::metrics::track(&metrics, req, next).await;
-    if response.status().is_client_error() || response.status().is_server_error() {
-        complete_problem(response, &request_id, &method, &uri)
-    } else {
-        response
-    }
 }
 
 /// Completes an error response's problem body with the request id and logs its internal cause

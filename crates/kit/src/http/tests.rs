@@ -400,3 +400,116 @@ async fn a_service_to_service_call_carries_the_trace_on() {
     assert_ne!(forwarded.parent_id, original.parent_id);
     shutdown.force();
 }
+
+/// One request through the standard layers (no socket), its answer and its parsed body.
+async fn through(
+    router: &Router,
+    request: axum::http::Request<axum::body::Body>,
+) -> (axum::http::response::Parts, serde_json::Value) {
+    let response = tower::ServiceExt::oneshot(router.clone(), request)
+        .await
+        .expect("response");
+    let (parts, body) = response.into_parts();
+    let body = http_body_util::BodyExt::collect(body)
+        .await
+        .expect("body")
+        .to_bytes();
+    let value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (parts, value)
+}
+
+/// What every service relies on the standard layers for: the request id kept (or made) and
+/// echoed; a panic, a timeout, an oversized body and an unknown route answered as problem
+/// bodies carrying that id; each request counted under its route template and status.
+#[tokio::test(start_paused = true)]
+async fn the_standard_layers_answer_every_failure_as_a_problem_with_the_request_id() {
+    let router = Router::new()
+        .route(
+            "/items/{id}",
+            get(|| async { axum::Json(serde_json::json!({"ok": true})) }),
+        )
+        .route(
+            "/panics",
+            get(|| async {
+                if std::hint::black_box(true) {
+                    panic!("a handler bug");
+                }
+                "unreachable"
+            }),
+        )
+        .route(
+            "/hangs",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                "late"
+            }),
+        )
+        .route(
+            "/echo",
+            axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+        );
+    let mut settings = crate::config::Settings::defaults();
+    settings.http.request_timeout_secs = 2;
+    settings.http.body_limit_bytes = 1024;
+    let metrics = Metrics::new("std");
+    let router = crate::http::with_standard_layers(router, &settings.http, &metrics);
+    let get_req = |path: &str, id: Option<&str>| {
+        let mut request = axum::http::Request::get(path);
+        if let Some(id) = id {
+            request = request.header("x-request-id", id);
+        }
+        request.body(axum::body::Body::empty()).expect("request")
+    };
+
+    // A usable id is kept and echoed; an unusable one is replaced.
+    let (parts, body) = through(&router, get_req("/items/7", Some("client-id-1"))).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(body["ok"], true);
+    assert_eq!(parts.headers["x-request-id"], "client-id-1");
+    let (parts, _) = through(&router, get_req("/items/7", Some("not a token!"))).await;
+    let made = parts.headers["x-request-id"].to_str().expect("text");
+    assert_eq!(made.len(), 36, "a new uuid: {made}");
+
+    for (request, status, code) in [
+        (get_req("/panics", Some("id-panic")), 500, "internal_error"),
+        (get_req("/hangs", Some("id-hang")), 408, "request_timeout"),
+        (get_req("/nowhere", Some("id-404")), 404, "not_found"),
+        (
+            axum::http::Request::post("/echo")
+                .header("x-request-id", "id-413")
+                .body(axum::body::Body::from(vec![b'x'; 4096]))
+                .expect("request"),
+            413,
+            "payload_too_large",
+        ),
+    ] {
+        let id = request.headers()["x-request-id"].clone();
+        let (parts, problem) = through(&router, request).await;
+        assert_eq!(parts.status, status, "{problem}");
+        assert_eq!(parts.headers["content-type"], crate::error::PROBLEM_JSON);
+        assert_eq!(problem["code"], code, "{problem}");
+        assert_eq!(problem["status"], status);
+        assert_eq!(
+            problem["request_id"],
+            id.to_str().expect("text"),
+            "{problem}"
+        );
+        assert_eq!(parts.headers["x-request-id"], id);
+    }
+
+    let text = metrics.encode();
+    for series in [
+        r#"method="GET",route="/items/{id}",status="200""#,
+        r#"method="GET",route="/panics",status="500""#,
+        r#"method="GET",route="/hangs",status="408""#,
+        r#"method="POST",route="/echo",status="413""#,
+    ] {
+        assert!(
+            text.lines().any(
+                |l| l.starts_with("agora_http_requests_total{service=\"std\"")
+                    && l.contains(series)
+            ),
+            "{series} counted:\n{text}"
+        );
+    }
+}
