@@ -435,6 +435,10 @@ async fn forwarded_for_is_the_real_peer_unless_a_trusted_proxy_sent_it() {
             .get(gateway.url("/api/v1/users"))
             .header("x-forwarded-for", "203.0.113.9")
             .header("proxy-connection", "keep-alive")
+            // A header the client names in `Connection` is for this hop only.
+            .header("connection", "x-hop-only")
+            .header("x-hop-only", "1")
+            .header("x-end-to-end", "1")
             .send()
             .await
             .expect("sent")
@@ -446,6 +450,9 @@ async fn forwarded_for_is_the_real_peer_unless_a_trusted_proxy_sent_it() {
             "trusted={trusted}: {seen}"
         );
         assert!(seen.get("proxy-connection").is_none(), "stripped: {seen}");
+        assert!(seen.get("x-hop-only").is_none(), "stripped: {seen}");
+        assert!(seen.get("connection").is_none(), "stripped: {seen}");
+        assert_eq!(seen["x-end-to-end"], "1", "forwarded: {seen}");
     }
 }
 
