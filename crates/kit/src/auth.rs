@@ -396,6 +396,64 @@ struct TokensInner {
     issuer: String,
     audience: String,
     ttl: Duration,
+    verified: Verified,
+}
+
+/// Slots of the verified-token memo ([`Verified`]): a power of two.
+const VERIFIED_SLOTS: usize = 1024;
+
+/// The tokens verified lately, each with its identity and expiry: a client sends the same token
+/// with every request, and checking its signature (HMAC, or Ed25519 at several times the cost)
+/// and decoding its claims was the largest part of the gateway's work per authenticated
+/// request. Direct-mapped by a hash of the token, each slot holding the whole token, compared
+/// in full; a token colliding with another takes its slot. Bounded (at most
+/// [`VERIFIED_SLOTS`] tokens), and an entry is used only while its token is unexpired.
+/// Only what verified is kept: a token is valid or not by its bytes and the keys, which do not
+/// change while the process runs, so the memo answers as verifying again would.
+struct Verified {
+    slots: Box<[std::sync::Mutex<Option<VerifiedToken>>]>,
+    hasher: foldhash::fast::FixedState,
+}
+
+struct VerifiedToken {
+    token: Box<str>,
+    identity: Identity,
+    /// `exp` plus the leeway: valid while the clock has not passed it.
+    valid_until: u64,
+}
+
+impl Verified {
+    fn new() -> Self {
+        Self {
+            slots: (0..VERIFIED_SLOTS)
+                .map(|_| std::sync::Mutex::new(None))
+                .collect(),
+            hasher: foldhash::fast::FixedState::with_seed(unix_now()),
+        }
+    }
+
+    fn slot(&self, token: &str) -> &std::sync::Mutex<Option<VerifiedToken>> {
+        use std::hash::BuildHasher as _;
+        let hash = self.hasher.hash_one(token) as usize;
+        &self.slots[hash & (VERIFIED_SLOTS - 1)]
+    }
+
+    /// The identity of `token` if it verified lately and has not expired since.
+    fn get(&self, token: &str, now: u64) -> Option<Identity> {
+        let slot = self.slot(token).lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref()
+            .filter(|v| &*v.token == token && now <= v.valid_until)
+            .map(|v| v.identity)
+    }
+
+    fn remember(&self, token: &str, identity: Identity, exp: u64) {
+        let entry = VerifiedToken {
+            token: token.into(),
+            identity,
+            valid_until: exp.saturating_add(LEEWAY_SECS),
+        };
+        *self.slot(token).lock().unwrap_or_else(|p| p.into_inner()) = Some(entry);
+    }
 }
 
 impl Tokens {
@@ -452,6 +510,7 @@ impl Tokens {
             issuer: auth.issuer.clone(),
             audience: auth.audience.clone(),
             ttl: Duration::from_secs(auth.token_ttl_secs),
+            verified: Verified::new(),
         }));
         if algorithm == Algorithm::EdDSA && tokens.can_sign() {
             // A private key that is not the public key's pair would sign tokens nobody accepts.
@@ -497,11 +556,22 @@ impl Tokens {
     }
 
     /// The identity in `token` when its signature (current or previous key), algorithm, expiry,
-    /// issuer and audience are all right.
+    /// issuer and audience are all right. A token verified lately is not verified again while
+    /// it is unexpired ([`Verified`]).
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         if token.len() > MAX_TOKEN_CHARS {
             return Err(TokenError::TooLong);
         }
+        if let Some(identity) = self.0.verified.get(token, unix_now()) {
+            return Ok(identity);
+        }
+        let (identity, exp) = self.verify_signed(token)?;
+        self.0.verified.remember(token, identity, exp);
+        Ok(identity)
+    }
+
+    /// [`Tokens::verify`] without the memo: the identity and the expiry.
+    fn verify_signed(&self, token: &str) -> Result<(Identity, u64), TokenError> {
         let mut last = None;
         for key in &self.0.decoding {
             match jsonwebtoken::decode::<Claims>(token, key, &self.0.validation) {
@@ -511,10 +581,11 @@ impl Tokens {
                         .sub
                         .parse()
                         .map_err(|_| TokenError::BadSubject)?;
-                    return Ok(Identity {
+                    let identity = Identity {
                         user_id,
                         role: data.claims.role,
-                    });
+                    };
+                    return Ok((identity, data.claims.exp));
                 }
                 // Only a bad signature is worth trying the previous key for.
                 Err(err)

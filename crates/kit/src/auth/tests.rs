@@ -142,6 +142,58 @@ fn bad_tokens_are_refused() {
     }
 }
 
+/// A token that verified is answered from the memo while it is unexpired (its `exp` plus the
+/// leeway), never after; a refused token is never remembered; tokens sharing a slot never
+/// answer for each other.
+#[test]
+fn verified_tokens_are_remembered_until_they_expire() {
+    let auth = settings();
+    let tokens = Tokens::new(&auth).expect("tokens");
+    let key = auth.jwt_secret.as_ref().expect("key").expose().to_owned();
+    let claims = claims(&auth);
+    let exp = claims["exp"].as_u64().expect("exp");
+    let good = forge(Algorithm::HS256, &key, &claims);
+    let identity = tokens.verify(&good).expect("valid");
+    let memo = &tokens.0.verified;
+    assert_eq!(memo.get(&good, unix_now()), Some(identity));
+    assert_eq!(memo.get(&good, exp + LEEWAY_SECS), Some(identity));
+    assert_eq!(memo.get(&good, exp + LEEWAY_SECS + 1), None, "expired");
+    assert_eq!(tokens.verify(&good).expect("valid"), identity);
+
+    // `verify` answers from the memo (a string that would never verify, remembered as if it
+    // had), and only while the entry is unexpired.
+    memo.remember("not.a.token", identity, unix_now() + 600);
+    assert_eq!(tokens.verify("not.a.token").ok(), Some(identity));
+    memo.remember("not.a.token", identity, unix_now() - LEEWAY_SECS - 5);
+    assert!(
+        tokens.verify("not.a.token").is_err(),
+        "an expired entry is verified again, and refused"
+    );
+
+    let forged = forge(Algorithm::HS256, &"x".repeat(40), &claims);
+    assert!(tokens.verify(&forged).is_err());
+    assert_eq!(
+        memo.get(&forged, unix_now()),
+        None,
+        "refused: not remembered"
+    );
+
+    // More tokens than slots: each still answers with its own subject.
+    let issued: Vec<(i64, String)> = (0..(2 * VERIFIED_SLOTS as i64))
+        .map(|id| {
+            (
+                id,
+                tokens.issue(id, Role::User).expect("issue").access_token,
+            )
+        })
+        .collect();
+    for _ in 0..2 {
+        for (id, token) in &issued {
+            assert_eq!(tokens.verify(token).expect("valid").user_id, *id);
+        }
+    }
+}
+
 #[test]
 fn tokens_of_the_previous_key_verify_during_a_rotation() {
     let old = Tokens::new(&settings()).expect("old");
