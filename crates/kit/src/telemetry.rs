@@ -200,24 +200,26 @@ struct JsonEscaped<W>(W);
 
 impl<W: std::fmt::Write> std::fmt::Write for JsonEscaped<W> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        // Byte by byte: every character to escape is ASCII, and no byte of a longer UTF-8
+        // sequence is, so the text between them is cut at character boundaries.
         let mut plain = 0;
-        for (i, c) in s.char_indices() {
-            let escaped = match c {
-                '"' => "\\\"",
-                '\\' => "\\\\",
-                '\n' => "\\n",
-                '\r' => "\\r",
-                '\t' => "\\t",
-                c if (c as u32) < 0x20 => "",
+        for (i, &byte) in s.as_bytes().iter().enumerate() {
+            let escaped = match byte {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                byte if byte < 0x20 => "",
                 _ => continue,
             };
             self.0.write_str(&s[plain..i])?;
             if escaped.is_empty() {
-                write!(self.0, "\\u{:04x}", c as u32)?;
+                write!(self.0, "\\u{byte:04x}")?;
             } else {
                 self.0.write_str(escaped)?;
             }
-            plain = i + c.len_utf8();
+            plain = i + 1;
         }
         self.0.write_str(&s[plain..])
     }

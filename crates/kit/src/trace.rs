@@ -120,6 +120,13 @@ impl TraceContext {
         hex(&self.trace_id)
     }
 
+    /// The trace id as 32 hex digits, written into `buf` (no allocation: every request's span
+    /// names it).
+    pub fn trace_id_hex_in<'b>(&self, buf: &'b mut [u8; 32]) -> &'b str {
+        hex_into(&self.trace_id, buf);
+        std::str::from_utf8(buf).expect("hex digits are ASCII")
+    }
+
     /// The `traceparent` value (version 00).
     pub fn header_value(&self) -> HeaderValue {
         // 00-<32 hex>-<16 hex>-<2 hex>, written in place (it is on every request of every hop).

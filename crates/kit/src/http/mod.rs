@@ -132,13 +132,15 @@ where
         req.headers_mut()
             .insert(crate::trace::TRACEPARENT.clone(), ctx.header_value());
         req.extensions_mut().insert(ctx);
-        // Field values are only computed when the span is enabled.
+        // Field values are only computed when the span is enabled; as text, not `Display`
+        // (each `%value` goes through the formatting machinery, on every request).
+        let mut trace_hex = [0u8; 32];
         let span = tracing::info_span!(
             "request",
-            method = %req.method(),
-            path = %req.uri().path(),
-            request_id = %request_id.to_str().unwrap_or_default(),
-            trace_id = %ctx.trace_id_hex(),
+            method = req.method().as_str(),
+            path = req.uri().path(),
+            request_id = request_id.to_str().unwrap_or_default(),
+            trace_id = ctx.trace_id_hex_in(&mut trace_hex),
         );
         // A URI with an encoded NUL (`%00`) is 400: no id, name or filter has one, and
         // PostgreSQL refuses it in text (a 500 if it got that far).
