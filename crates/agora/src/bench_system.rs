@@ -82,6 +82,16 @@ fn agora_command(exe: &std::path::Path) -> Command {
     wrapped(exe, &std::env::var("BENCH_WRAP").unwrap_or_default())
 }
 
+/// The log filter of the systems the bench starts: `BENCH_LOG` (`info` measures the default
+/// level, where every request opens its spans), `warn` when unset (the level of every figure
+/// in BENCHMARKS.md before 2026-12-04).
+fn log_level() -> String {
+    std::env::var("BENCH_LOG")
+        .ok()
+        .filter(|level| !level.trim().is_empty())
+        .unwrap_or_else(|| "warn".to_owned())
+}
+
 /// `exe` run behind `wrap` (a command and its arguments, split at spaces; none when empty).
 fn wrapped(exe: &std::path::Path, wrap: &str) -> Command {
     let mut words = wrap.split_whitespace();
@@ -128,7 +138,7 @@ impl System {
                 .current_dir(&root)
                 .env("AGORA_DATA_DIR", root.join("data"))
                 .env("AGORA_LOG__FORMAT", "json")
-                .env("RUST_LOG", "warn")
+                .env("RUST_LOG", log_level())
                 .env("AGORA_AUTH__JWT_SECRET", JWT_SECRET)
                 .env("AGORA_AUTH__SERVICE_TOKEN", SERVICE_TOKEN)
                 .env(
