@@ -229,28 +229,12 @@ impl<W: std::fmt::Write> std::fmt::Write for JsonEscaped<W> {
 mod tests {
     use super::*;
 
-    #[derive(Clone, Default)]
-    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// A log line in a request's spans carries their fields, whatever their types and however
     /// awkward their text (quotes, backslashes, newlines, control characters, non-ASCII), and
     /// the fields a span records later; every line is valid JSON.
     #[test]
     fn json_lines_carry_the_fields_of_their_spans() {
-        let lines = Lines::default();
+        let lines = crate::testing::CaptureWriter::default();
         let writer = lines.clone();
         let subscriber = tracing_subscriber::registry().with(json_layer(move || writer.clone()));
         let awkward = "a \"quoted\" \\ path\nwith\ttabs \u{1} and ünïcode ✓";
@@ -275,8 +259,7 @@ mod tests {
             let _bare = bare.enter();
             tracing::warn!(detail = "in the spans", "something happened");
         });
-        let bytes = lines.0.lock().expect("lines").clone();
-        let text = String::from_utf8(bytes).expect("utf-8");
+        let text = lines.text();
         let line: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
         let spans = line["spans"].as_array().expect("spans");
         assert_eq!(spans.len(), 3, "{line}");

@@ -499,8 +499,18 @@ impl CapturedLogs {
     }
 }
 
-#[derive(Clone)]
-struct CaptureWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+/// A `Write` (and, cloned, a log writer) keeping every byte written to it, for tests of what a
+/// subscriber writes.
+#[derive(Clone, Default)]
+pub struct CaptureWriter(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CaptureWriter {
+    /// Everything written so far, as text.
+    pub fn text(&self) -> String {
+        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
 
 impl std::io::Write for CaptureWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
