@@ -1,4 +1,4 @@
-//! Group commit: writes of one kind that concurrent requests make, done together.
+//! Group commit: writes (and reads) of one kind that concurrent requests make, done together.
 //!
 //! A request hands its item to a [`Batcher`] and waits for its own result. A flusher takes the
 //! first item that arrives and every item already queued behind it (up to `max`) and runs them
@@ -11,6 +11,11 @@
 //! (`http.max_connections`). A request that goes away after handing its item over does not take
 //! it back: the item is written with its batch and the result is dropped, as a write already sent
 //! to the database would be.
+//!
+//! Reads by key batch the same way: the lookups that arrive while the previous ones run become
+//! one `where id = any(…)` statement ([`READ_BATCHES`], [`by_key`]), so under load the database
+//! parses, plans and answers one statement for many requests (as a pipelining client would have
+//! it answer many statements in one wake-up).
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -113,6 +118,34 @@ pub fn flushers_for(db: &crate::Db) -> usize {
     }
 }
 
+/// How many batches of reads of one kind (a primary-key lookup, say) may run at once. Reads do
+/// not wait for one another as writes do, so more run together than [`flushers_for`] allows, but
+/// few enough that the reads arriving meanwhile queue and share the next statement: at 64
+/// requests in flight, statements of about 16 keys instead of 64 statements.
+pub const READ_BATCHES: usize = 4;
+
+/// The answers of a batched read by key, in `keys`' order: the row whose `key_of` is each key,
+/// or `None` where there was none (a key asked twice gets its row twice).
+pub fn by_key<K, V>(keys: &[K], rows: Vec<V>, key_of: impl Fn(&V) -> K) -> Vec<Option<V>>
+where
+    K: Eq + std::hash::Hash,
+    V: Clone,
+{
+    let mut rows: std::collections::HashMap<K, V> =
+        rows.into_iter().map(|row| (key_of(&row), row)).collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        // The last time a key is asked its row moves out; before that it is copied.
+        let again = keys[i + 1..].contains(key);
+        out.push(if again {
+            rows.get(key).cloned()
+        } else {
+            rows.remove(key)
+        });
+    }
+    out
+}
+
 /// Writes a batch's `items` together with `together`, or, when it gives up (`None`: an item it
 /// cannot write as asked, a failed statement), each on its own with `alone`, all at once, so each
 /// item still gets its own answer and one bad item does not fail the others. A batch of one is
@@ -210,6 +243,17 @@ mod tests {
             together_or_alone(&[6], |_| async { panic!("a batch of one is alone") }, alone).await;
         assert_eq!(one, [60]);
         assert_eq!(*alone_calls.lock().expect("calls"), [1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn rows_of_a_batched_read_answer_their_keys_in_order() {
+        let rows = vec![(3, "c"), (1, "a")];
+        assert_eq!(
+            by_key(&[1, 2, 3, 1], rows, |row| row.0),
+            [Some((1, "a")), None, Some((3, "c")), Some((1, "a"))],
+            "in the keys' order, None for a key without a row, a key asked twice answered twice"
+        );
+        assert!(by_key(&[5], Vec::<(i32, &str)>::new(), |row| row.0) == [None]);
     }
 
     #[tokio::test]

@@ -69,6 +69,8 @@ struct SharedState {
     outbox: Notifier,
     /// Inserts the new users of `POST /api/v1/users`, several per statement under load.
     creates: routes::Creates,
+    /// Reads users by id on a cache miss, several per statement under load.
+    finds: routes::Finds,
 }
 
 impl std::ops::Deref for AppState {
@@ -99,6 +101,7 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
     relay.register_metrics(&deps.metrics);
     let state = AppState(std::sync::Arc::new(SharedState {
         creates: routes::creates(db.clone(), deps.cache.clone()),
+        finds: routes::finds(db.clone()),
         db,
         cache: deps.cache.clone(),
         tokens,

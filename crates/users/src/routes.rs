@@ -133,6 +133,35 @@ async fn insert_batch(db: Db, cache: Cache, fields: Vec<UserFields>) -> Vec<Resu
     results
 }
 
+/// The reader of users by id (`GET /api/v1/users/{id}` on a cache miss): the ids asked for
+/// together are read in one statement ([`kit::batch`]).
+pub(crate) type Finds = kit::batch::Batcher<i64, sqlx::Result<Option<User>>>;
+
+pub(crate) fn finds(db: Db) -> Finds {
+    kit::batch::Batcher::new(kit::batch::READ_BATCHES, FINDS_PER_STATEMENT, move |ids| {
+        find_batch(db.clone(), ids)
+    })
+}
+
+/// The most ids one statement reads.
+const FINDS_PER_STATEMENT: usize = 64;
+
+/// One statement for the whole batch; when it fails, each id is read on its own, so each request
+/// gets its own error (a lost connection is retried per read, an outage is each one's 503).
+async fn find_batch(db: Db, ids: Vec<i64>) -> Vec<sqlx::Result<Option<User>>> {
+    let db = &db;
+    kit::batch::together_or_alone(
+        &ids,
+        |all| async move {
+            let users = store::find_many(db, all).await.ok()?;
+            let found = kit::batch::by_key(all, users, |user| user.id);
+            Some(found.into_iter().map(Ok).collect())
+        },
+        |id| store::find(db, *id),
+    )
+    .await
+}
+
 /// Creates a user. Every seed's body is accepted: `{name}`, `{username, email}`,
 /// `{email, full_name}`, `{name, email}`; unknown fields are refused.
 #[utoipa::path(
@@ -196,11 +225,11 @@ pub(crate) async fn get_user(
 
 /// User `id` as JSON, through the item cache.
 pub(crate) async fn user_json(state: &AppState, id: i64) -> Result<RawJson> {
-    let db = state.db.clone();
+    let loader = state.clone();
     let cached = state
         .cache
         .get_or_load(&item_key(id), Ttl::Item, move || {
-            load_one(db, Lookup::Id(id))
+            load_one(loader, Lookup::Id(id))
         })
         .await?;
     cached
@@ -254,11 +283,11 @@ async fn lookup(state: &AppState, lookup: Lookup) -> Result<RawJson> {
         Lookup::Name(n) => (format!("name:{n}"), format!("named `{n}`")),
         Lookup::Id(id) => (format!("id:{id}"), format!("with id {id}")),
     };
-    let db = state.db.clone();
+    let loader = state.clone();
     let cached = state
         .cache
         .get_or_load_in(LOOKUP_GROUP, &field, Ttl::List, move || {
-            load_one(db, lookup)
+            load_one(loader, lookup)
         })
         .await?;
     cached.map(RawJson).ok_or(Error::NotFound(not_found))
@@ -270,11 +299,12 @@ enum Lookup {
     Name(String),
 }
 
-async fn load_one(db: Db, lookup: Lookup) -> anyhow::Result<Option<Bytes>> {
+async fn load_one(state: AppState, lookup: Lookup) -> anyhow::Result<Option<Bytes>> {
+    let db = &state.db;
     let user = match lookup {
-        Lookup::Id(id) => store::find(&db, id).await?,
-        Lookup::Username(username) => store::find_by_username(&db, &username).await?,
-        Lookup::Name(name) => store::find_by_name(&db, &name).await?,
+        Lookup::Id(id) => state.finds.submit(id).await??,
+        Lookup::Username(username) => store::find_by_username(db, &username).await?,
+        Lookup::Name(name) => store::find_by_name(db, &name).await?,
     };
     user.as_ref().map(kit::cache::json_bytes).transpose()
 }

@@ -125,6 +125,35 @@ pub async fn find(ex: impl Executor<'_>, id: i64) -> sqlx::Result<Option<User>> 
     query(&sql).bind(id).fetch_optional(ex).await
 }
 
+/// The users with these ids, in no particular order (an id without a user is left out). One
+/// statement whatever the count: the ids go as one array literal on PostgreSQL, one JSON array
+/// on SQLite.
+#[tracing::instrument(skip_all, fields(ids = ids.len()))]
+pub async fn find_many(db: &Db, ids: &[i64]) -> sqlx::Result<Vec<User>> {
+    let (open, close, sql) = match db.dialect() {
+        Dialect::Postgres => ('{', '}', &*FIND_MANY_PG),
+        Dialect::Sqlite => ('[', ']', &*FIND_MANY_SQLITE),
+    };
+    let mut list = String::with_capacity(2 + ids.len() * 8);
+    list.push(open);
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            list.push(',');
+        }
+        list.push_str(itoa::Buffer::new().format(*id));
+    }
+    list.push(close);
+    query(sql).bind(list).fetch_all(db).await
+}
+
+static FIND_MANY_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("select {COLUMNS} from users where id = any($1::bigint[])")
+});
+
+static FIND_MANY_SQLITE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("select {COLUMNS} from users where id in (select value from json_each($1))")
+});
+
 /// The user with this username (usernames are unique).
 #[tracing::instrument(skip(ex))]
 pub async fn find_by_username(ex: impl Executor<'_>, username: &str) -> sqlx::Result<Option<User>> {
@@ -219,5 +248,33 @@ mod tests {
         env.drop_kit_db("userstore", db).await;
     }
 
-    kit::on_both_backends!(a_batch_insert_returns_its_users_in_order);
+    /// Several ids in one statement: every user that exists, each exactly as `find` reads it,
+    /// and nothing for ids without a user.
+    async fn a_batch_read_returns_the_users_that_exist(backend: Backend) {
+        let mut env = TestEnv::new(backend).await;
+        let db = env.kit_db("userfinds").await;
+        db.migrate(&crate::MIGRATIONS).await.expect("migrations");
+        let fields: Vec<UserFields> = (0..5)
+            .map(|i| UserFields {
+                username: Some(format!("reader{i}")),
+                email: None,
+                name: Some(format!("Reader \"{i}\"")),
+            })
+            .collect();
+        let users = insert_many(&db, &fields).await.expect("inserted");
+        let mut ids: Vec<i64> = users.iter().map(|u| u.id).collect();
+        ids.push(-1);
+        ids.push(users[0].id + 1_000);
+        let mut found = find_many(&db, &ids).await.expect("read");
+        found.sort_unstable_by_key(|u| u.id);
+        assert_eq!(found, users);
+        assert!(find_many(&db, &[]).await.expect("read none").is_empty());
+        assert!(find_many(&db, &[-1]).await.expect("read").is_empty());
+        env.drop_kit_db("userfinds", db).await;
+    }
+
+    kit::on_both_backends!(
+        a_batch_insert_returns_its_users_in_order,
+        a_batch_read_returns_the_users_that_exist,
+    );
 }

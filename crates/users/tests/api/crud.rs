@@ -14,6 +14,7 @@ kit::on_both_backends!(
     duplicate_username_or_email_is_409,
     invalid_fields_are_422_with_one_entry_each,
     concurrent_creates_all_succeed_with_distinct_ids,
+    concurrent_reads_of_different_users_each_get_their_own,
     concurrent_creates_each_get_their_own_user_and_only_a_duplicate_is_409,
     seeded_ids_are_kept_and_new_ids_follow_them,
     seed_never_promotes_an_existing_account,
@@ -320,6 +321,47 @@ async fn concurrent_creates_all_succeed_with_distinct_ids(backend: Backend) {
     assert_eq!(ids.len(), 50);
     let (_, list) = app.get_json("/api/v1/users").await;
     assert_eq!(list["total"], 50);
+}
+
+/// Reads by id that miss the cache together share one statement: each still gets its own user,
+/// an id asked twice gets it twice, and an id without a user is 404 for that request alone.
+async fn concurrent_reads_of_different_users_each_get_their_own(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut users = Vec::new();
+    for i in 0..12 {
+        users.push(
+            app.create_user(json!({"name": format!("Reader {i}")}))
+                .await,
+        );
+    }
+    let missing = users
+        .iter()
+        .filter_map(|u| u["id"].as_i64())
+        .max()
+        .expect("ids")
+        + 100;
+    let mut asked: Vec<(i64, Option<&serde_json::Value>)> = users
+        .iter()
+        .map(|u| (u["id"].as_i64().expect("id"), Some(u)))
+        .collect();
+    asked.extend(asked.clone());
+    asked.push((missing, None));
+    asked.push((missing + 1, None));
+    let paths: Vec<String> = asked
+        .iter()
+        .map(|(id, _)| format!("/api/v1/users/{id}"))
+        .collect();
+    let reads = paths.iter().map(|path| app.get_json(path));
+    let answers = futures::future::join_all(reads).await;
+    for ((id, expected), (status, body)) in asked.iter().zip(answers) {
+        match expected {
+            Some(user) => assert_eq!((status, &body), (200, *user), "user {id}"),
+            None => {
+                assert_eq!(status, 404, "user {id}: {body}");
+                assert_eq!(body["code"], "user_not_found");
+            }
+        }
+    }
 }
 
 /// Creates that arrive together share one statement: each still gets its own user back, and a
