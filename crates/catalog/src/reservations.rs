@@ -468,13 +468,19 @@ async fn close(
 }
 
 /// PostgreSQL, committing the open reservations of one or many orders (the worker commits one
-/// per processed order, many at once under load) in one statement, no transaction around it: each closed, and each product's
-/// units taken out of `reserved` once for all of them, the products locked first in id order
-/// (a `for update` applies after its `order by`), as every writer takes them. The lines of the
-/// reservations it closed; an order whose reservation was not open has none.
+/// per processed order, many at once under load) in one statement, no transaction around it:
+/// each closed, and each product's units taken out of `reserved` once for all of them, the
+/// products locked first in id order (a `for update` applies after its `order by`), as every
+/// writer takes them. The lines of the reservations it closed; an order whose reservation was
+/// not open has none.
+///
+/// The ids are matched as an array (`= any(array(…))`): an index lookup each. Written as
+/// `in (select … from jsonb_array_elements_text(…))`, the planner takes the function for 100
+/// rows and, its plan made on a table of 11,000 reservations, hashes them against a sequential
+/// scan of the whole table.
 const COMMIT_OPEN_MANY: &str = "with closed as ( \
         update reservations set status = 'committed', updated_at = $2 \
-        where order_id in (select value from jsonb_array_elements_text($1::jsonb)) \
+        where order_id = any(array(select jsonb_array_elements_text($1::jsonb))) \
         and status = 'reserved' returning order_id, created_at), \
     lines as materialized ( \
         select i.order_id, i.product_id, i.quantity, i.unit_price_cents, c.created_at \

@@ -163,12 +163,14 @@ pub async fn mark_sent(db: &Db, ids: &[i64]) -> sqlx::Result<()> {
     let now = now();
     let ids = serde_json::to_string(ids).map_err(|err| sqlx::Error::Encode(err.into()))?;
     let each = match db.dialect() {
-        Dialect::Postgres => "select value::bigint from jsonb_array_elements_text($2::jsonb)",
-        Dialect::Sqlite => "select value from json_each($2)",
+        Dialect::Postgres => {
+            "= any(array(select value::bigint from jsonb_array_elements_text($2::jsonb)))"
+        }
+        Dialect::Sqlite => "in (select value from json_each($2))",
     };
     query(&format!(
         "update notifications set status = 'sent', sent_at = $1, updated_at = $1 \
-         where id in ({each}) and status = 'pending'"
+         where id {each} and status = 'pending'"
     ))
     .bind(now)
     .bind(ids)
