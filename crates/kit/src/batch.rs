@@ -20,13 +20,28 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::FutureExt as _;
-use tokio::sync::{mpsc, oneshot};
+use futures::future::BoxFuture;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Runs items of type `I` in batches, each item getting its own `O` back.
 pub struct Batcher<I, O> {
     queue: mpsc::UnboundedSender<Job<I, O>>,
+    shared: Arc<Shared<I, O>>,
+}
+
+/// What the flushers and [`Batcher::submit`] share.
+struct Shared<I, O> {
+    run: Box<dyn Fn(Vec<I>) -> BoxFuture<'static, Vec<O>> + Send + Sync>,
+    /// One per batch that may run at once.
+    runs: Semaphore,
+    /// Items sent and not yet taken by a flusher.
+    queued: AtomicUsize,
+    /// Reads ([`Batcher::for_reads`]): an item that finds nothing queued and a run free runs
+    /// at once in its caller's task.
+    inline: bool,
 }
 
 struct Job<I, O> {
@@ -49,36 +64,78 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<O>> + Send + 'static,
     {
+        Self::start(flushers, max, false, run)
+    }
+
+    /// Like [`Batcher::new`], for reads: an item that arrives when nothing is queued and fewer
+    /// than `flushers` batches run is read at once, alone, in its caller's task, which saves
+    /// the two hand-overs between tasks that a queued item makes (a quiet service pays nothing
+    /// for the batching). Items arriving while every run is busy queue and share the next
+    /// batch, as writes do. Only for items whose run may be cancelled with its caller (a read
+    /// dropped half-way changes nothing); writes use [`Batcher::new`], which finishes a batch
+    /// whatever its requests do.
+    pub fn for_reads<F, Fut>(flushers: usize, max: usize, run: F) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<O>> + Send + 'static,
+    {
+        Self::start(flushers, max, true, run)
+    }
+
+    fn start<F, Fut>(flushers: usize, max: usize, inline: bool, run: F) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<O>> + Send + 'static,
+    {
+        let flushers = flushers.max(1);
         let (queue, jobs) = mpsc::unbounded_channel();
         let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
-        let run = Arc::new(run);
-        for _ in 0..flushers.max(1) {
-            tokio::spawn(flush(jobs.clone(), run.clone(), max.max(1)));
+        let shared = Arc::new(Shared {
+            run: Box::new(move |items| run(items).boxed()),
+            runs: Semaphore::new(flushers),
+            queued: AtomicUsize::new(0),
+            inline,
+        });
+        for _ in 0..flushers {
+            tokio::spawn(flush(jobs.clone(), shared.clone(), max.max(1)));
         }
-        Self { queue }
+        Self { queue, shared }
     }
 
     /// Runs `item` with whatever else is queued, and returns its own output.
     pub async fn submit(&self, item: I) -> Result<O, Lost> {
+        let shared = &self.shared;
+        if shared.inline
+            && shared.queued.load(Ordering::Acquire) == 0
+            && let Ok(_run) = shared.runs.try_acquire()
+        {
+            return (shared.run)(vec![item]).await.pop().ok_or(Lost);
+        }
         let (reply, output) = oneshot::channel();
-        self.queue.send(Job { item, reply }).map_err(|_| Lost)?;
+        shared.queued.fetch_add(1, Ordering::AcqRel);
+        if self.queue.send(Job { item, reply }).is_err() {
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(Lost);
+        }
         output.await.map_err(|_| Lost)
     }
 }
 
-async fn flush<I, O, F, Fut>(
+async fn flush<I, O>(
     jobs: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Job<I, O>>>>,
-    run: Arc<F>,
+    shared: Arc<Shared<I, O>>,
     max: usize,
-) where
-    F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Vec<O>> + Send + 'static,
-{
+) {
     loop {
-        let batch = {
+        let (batch, run) = {
             // One flusher at a time waits for the next item; the others wait for their turn.
             let mut jobs = jobs.lock().await;
             let Some(first) = jobs.recv().await else {
+                return;
+            };
+            // A run of its own (an item read inline may hold one), then everything queued
+            // meanwhile.
+            let Ok(run) = shared.runs.acquire().await else {
                 return;
             };
             let mut batch = vec![first];
@@ -88,17 +145,19 @@ async fn flush<I, O, F, Fut>(
                     Err(_) => break,
                 }
             }
-            batch
+            shared.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+            (batch, run)
         };
         let (items, replies): (Vec<I>, Vec<oneshot::Sender<O>>) =
             batch.into_iter().map(|job| (job.item, job.reply)).unzip();
         let count = items.len();
         // A run that panics fails its own items (their replies are dropped: `Lost`), not the
         // flusher.
-        let Ok(outputs) = AssertUnwindSafe(async { run(items).await })
+        let outputs = AssertUnwindSafe(async { (shared.run)(items).await })
             .catch_unwind()
-            .await
-        else {
+            .await;
+        drop(run);
+        let Ok(outputs) = outputs else {
             continue;
         };
         debug_assert_eq!(outputs.len(), count, "one output per item");
@@ -212,6 +271,53 @@ mod tests {
         assert_eq!(sizes[1..].iter().sum::<usize>(), 40);
         assert!(sizes.iter().all(|&n| n <= 16), "at most max: {sizes:?}");
         assert!(sizes.len() <= 1 + 40 / 2, "items shared batches: {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_read_alone_runs_in_its_callers_task_and_reads_under_load_share_batches() {
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let batcher = {
+            let runs = runs.clone();
+            Arc::new(Batcher::for_reads(2, 16, move |items: Vec<u32>| {
+                let runs = runs.clone();
+                async move {
+                    runs.lock()
+                        .expect("lock")
+                        .push((tokio::task::try_id(), items.len()));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    items.into_iter().map(|i| i * 10).collect::<Vec<_>>()
+                }
+            }))
+        };
+        let alone = batcher.clone();
+        let (caller, out) = tokio::spawn(async move { (tokio::task::id(), alone.submit(1).await) })
+            .await
+            .expect("task");
+        assert_eq!(out.expect("output"), 10);
+        assert_eq!(
+            runs.lock().expect("lock").clone(),
+            [(Some(caller), 1)],
+            "read at once in the caller's own task"
+        );
+
+        runs.lock().expect("lock").clear();
+        let all: Vec<_> = (0..40)
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { (i, batcher.submit(i).await.expect("output")) })
+            })
+            .collect();
+        for task in all {
+            let (i, out) = task.await.expect("task");
+            assert_eq!(out, i * 10, "each item gets its own output");
+        }
+        let sizes: Vec<usize> = runs.lock().expect("lock").iter().map(|r| r.1).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 40);
+        assert!(sizes.iter().all(|&n| n <= 16), "at most max: {sizes:?}");
+        assert!(
+            sizes.len() <= 2 + 40 / 8,
+            "beyond the two runs at once, reads shared batches: {sizes:?}"
+        );
     }
 
     #[tokio::test]

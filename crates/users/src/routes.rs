@@ -138,7 +138,7 @@ async fn insert_batch(db: Db, cache: Cache, fields: Vec<UserFields>) -> Vec<Resu
 pub(crate) type Finds = kit::batch::Batcher<i64, sqlx::Result<Option<User>>>;
 
 pub(crate) fn finds(db: Db) -> Finds {
-    kit::batch::Batcher::new(kit::batch::READ_BATCHES, FINDS_PER_STATEMENT, move |ids| {
+    kit::batch::Batcher::for_reads(kit::batch::READ_BATCHES, FINDS_PER_STATEMENT, move |ids| {
         find_batch(db.clone(), ids)
     })
 }
