@@ -235,6 +235,21 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
+    /// Submits items 0..n at once, each from its own task, and checks each gets its own output
+    /// (ten times the item, as the tests' runs answer).
+    async fn submit_together(batcher: &Arc<Batcher<u32, u32>>, n: u32) {
+        let all: Vec<_> = (0..n)
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { (i, batcher.submit(i).await.expect("output")) })
+            })
+            .collect();
+        for task in all {
+            let (i, out) = task.await.expect("task");
+            assert_eq!(out, i * 10, "each item gets its own output");
+        }
+    }
+
     #[tokio::test]
     async fn an_item_alone_runs_at_once_and_queued_items_share_a_batch() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
@@ -256,16 +271,7 @@ mod tests {
             "not held back"
         );
 
-        let all: Vec<_> = (0..40)
-            .map(|i| {
-                let batcher = batcher.clone();
-                tokio::spawn(async move { (i, batcher.submit(i).await.expect("output")) })
-            })
-            .collect();
-        for task in all {
-            let (i, out) = task.await.expect("task");
-            assert_eq!(out, i * 10, "each item gets its own output");
-        }
+        submit_together(&batcher, 40).await;
         let sizes = sizes.lock().expect("lock").clone();
         assert_eq!(sizes[0], 1);
         assert_eq!(sizes[1..].iter().sum::<usize>(), 40);
@@ -301,16 +307,7 @@ mod tests {
         );
 
         runs.lock().expect("lock").clear();
-        let all: Vec<_> = (0..40)
-            .map(|i| {
-                let batcher = batcher.clone();
-                tokio::spawn(async move { (i, batcher.submit(i).await.expect("output")) })
-            })
-            .collect();
-        for task in all {
-            let (i, out) = task.await.expect("task");
-            assert_eq!(out, i * 10, "each item gets its own output");
-        }
+        submit_together(&batcher, 40).await;
         let sizes: Vec<usize> = runs.lock().expect("lock").iter().map(|r| r.1).collect();
         assert_eq!(sizes.iter().sum::<usize>(), 40);
         assert!(sizes.iter().all(|&n| n <= 16), "at most max: {sizes:?}");
