@@ -12,10 +12,11 @@
 //! it back: the item is written with its batch and the result is dropped, as a write already sent
 //! to the database would be.
 //!
-//! Reads by key batch the same way: the lookups that arrive while the previous ones run become
-//! one `where id = any(…)` statement ([`READ_BATCHES`], [`by_key`]), so under load the database
-//! parses, plans and answers one statement for many requests (as a pipelining client would have
-//! it answer many statements in one wake-up).
+//! Reads by key batch the same way ([`Batcher::for_reads`], [`READ_BATCHES`], [`by_key`]): the
+//! lookups that arrive while the previous ones run become one statement, so under load the
+//! database parses, plans and answers one statement for many requests (as a pipelining client
+//! would have it answer many statements in one wake-up), and a lookup that arrives alone runs at
+//! once in its own task.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -50,9 +51,9 @@ struct Job<I, O> {
 }
 
 /// The batch an item was in ended without a result for it (its run panicked, or the runtime is
-/// shutting down). Whether the item was written is unknown, as after a lost connection.
+/// shutting down). Whether a write was written is unknown, as after a lost connection.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the batch this write was part of ended without its result")]
+#[error("the batch this item was part of ended without its result")]
 pub struct Lost;
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
