@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::Batcher;
 use crate::bus::{Bus, Delivery, Message};
 use crate::config::BusSettings;
-use crate::db::{Db, Tx, query};
+use crate::db::{Db, Dialect, Tx, query};
 use crate::event::Event;
 
 /// What a consumer does with each event.
@@ -185,20 +185,19 @@ async fn together<H: Handler>(
         .await
         .context("starting the consumer transaction")?;
     let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut fresh = if handler.idempotent() {
+        None
+    } else {
+        Some(record(&mut tx, consumer, &jobs).await?)
+    };
     for job in jobs {
-        if !handler.idempotent() {
-            let fresh = query(RECORD)
-                .bind(consumer)
-                .bind(&job.message_id)
-                .bind(Utc::now())
-                .execute(&mut tx)
-                .await
-                .context("recording the message as handled")?
-                == 1;
-            if !fresh {
-                outcomes.push(Outcome::Duplicate);
-                continue;
-            }
+        // A message id recorded by this transaction is handled once: by its first job (a
+        // second delivery of it in the same group finds it taken).
+        if let Some(fresh) = &mut fresh
+            && !fresh.remove(&job.message_id)
+        {
+            outcomes.push(Outcome::Duplicate);
+            continue;
         }
         handler.handle(&mut tx, &job.event, job.prepared).await?;
         outcomes.push(Outcome::Handled);
@@ -207,6 +206,40 @@ async fn together<H: Handler>(
         .await
         .context("committing the handler's transaction")?;
     Ok(outcomes)
+}
+
+/// Records the message ids of `jobs` as handled by `consumer`, in one statement: the ids that
+/// were not recorded before (the others are redeliveries).
+async fn record<P>(
+    tx: &mut Tx,
+    consumer: &str,
+    jobs: &[Job<P>],
+) -> anyhow::Result<std::collections::HashSet<String>> {
+    let now = Utc::now();
+    if let [job] = jobs {
+        let fresh = query(RECORD)
+            .bind(consumer)
+            .bind(&job.message_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .context("recording the message as handled")?
+            == 1;
+        return Ok(fresh.then(|| job.message_id.clone()).into_iter().collect());
+    }
+    let ids: Vec<&str> = jobs.iter().map(|j| j.message_id.as_str()).collect();
+    let sql = match tx.dialect() {
+        Dialect::Postgres => RECORD_MANY_POSTGRES,
+        Dialect::Sqlite => RECORD_MANY_SQLITE,
+    };
+    let fresh: Vec<(String,)> = query(sql)
+        .bind(consumer)
+        .bind(serde_json::to_string(&ids)?)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await
+        .context("recording the messages as handled")?;
+    Ok(fresh.into_iter().map(|(id,)| id).collect())
 }
 
 #[async_trait]
@@ -261,6 +294,14 @@ const RESUBSCRIBE: (Duration, Duration) = (Duration::from_millis(200), Duration:
 
 const RECORD: &str = "insert into consumed_messages (consumer, message_id, processed_at) \
                       values ($1, $2, $3) on conflict do nothing";
+/// [`RECORD`] for the messages of a group at once (their ids as one JSON array, so every group
+/// size is one statement text); `distinct`, as a message may be delivered twice into one group.
+const RECORD_MANY_POSTGRES: &str = "insert into consumed_messages (consumer, message_id, processed_at) \
+     select distinct $1::text, value, $3::timestamptz from jsonb_array_elements_text($2::jsonb) \
+     on conflict do nothing returning message_id";
+const RECORD_MANY_SQLITE: &str = "insert into consumed_messages (consumer, message_id, processed_at) \
+     select distinct $1, value, $3 from json_each($2) where true \
+     on conflict do nothing returning message_id";
 const DEAD_LETTER: &str = "insert into dead_letters \
     (consumer, message_id, topic, payload, attempts, last_error, dead_at) \
     values ($1, $2, $3, $4, $5, $6, $7) \

@@ -559,6 +559,36 @@ async fn messages_handled_at_once_commit_together_and_a_failing_one_fails_alone(
         }
         assert_eq!(effects(&s.db).await, 29, "{what}: the nine others handled");
         assert_eq!(recorded(&s.db).await, 29, "{what}: and recorded, once each");
+
+        // Redeliveries among new messages handled at once (the group records them in one
+        // statement): five handled before, one new message delivered twice, three new ones.
+        handler.calls.store(0, Ordering::SeqCst);
+        let twice = Message::from_event(&event(200)).expect("message");
+        let mut mixed: Vec<&Message> = at_once[..5].iter().collect();
+        let fresh = messages(201..=203);
+        mixed.extend([&twice, &twice]);
+        mixed.extend(&fresh);
+        let outcomes =
+            futures::future::join_all(mixed.iter().map(|m| consumer.inner.handle(m))).await;
+        let outcomes: Vec<Outcome> = outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|_| panic!("{what}: a message failed")))
+            .collect();
+        assert_eq!(
+            outcomes[..5],
+            [Outcome::Duplicate; 5],
+            "{what}: handled before"
+        );
+        let mut twice_outcomes = outcomes[5..7].to_vec();
+        twice_outcomes.sort_by_key(|o| *o != Outcome::Handled);
+        assert_eq!(
+            twice_outcomes,
+            [Outcome::Handled, Outcome::Duplicate],
+            "{what}: a message delivered twice at once is handled once"
+        );
+        assert_eq!(outcomes[7..], [Outcome::Handled; 3], "{what}");
+        assert_eq!(effects(&s.db).await, 33, "{what}: four new effects");
+        assert_eq!(recorded(&s.db).await, 33, "{what}: four new records");
         teardown(s).await;
     }
 }
