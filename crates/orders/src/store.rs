@@ -20,7 +20,7 @@ const COLUMNS: &str = "id, user_id, status, total_cents, client_total_cents, war
                        failure_reason, reservation_id, stock_settled, created_at, updated_at, \
                        processed_at";
 
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Row {
     pub id: i64,
     pub user_id: i64,
@@ -415,6 +415,7 @@ fn decision<'q>(
 
 /// An order read while it was undecided (pending or processing), with its lines: what the
 /// worker's step needs to write its decision and its events in one statement.
+#[derive(Clone)]
 pub struct Undecided {
     row: Row,
     lines: Vec<(i64, i64, i64)>,
@@ -452,6 +453,44 @@ pub async fn undecided(db: &Db, id: i64) -> Result<Option<Undecided>> {
     let lines = lines_of(db, id).await?;
     Ok(Some(Undecided { row, lines }))
 }
+
+/// PostgreSQL: the orders among `ids` that are undecided now, with their lines (as
+/// [`undecided`] reads one), in one statement: each id looked up by its primary key through a
+/// lateral subquery, whatever plan the connection cached while the table was small (see
+/// `users::store::find_many`). Each id once; in no particular order.
+pub async fn undecided_many(db: &Db, ids: &[i64]) -> Result<Vec<Undecided>> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut list = String::with_capacity(2 + ids.len() * 8);
+    list.push('{');
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            list.push(',');
+        }
+        list.push_str(itoa::Buffer::new().format(*id));
+    }
+    list.push('}');
+    let rows: Vec<WithLines> = query(&UNDECIDED_MANY).bind(list).fetch_all(db).await?;
+    rows.into_iter()
+        .map(|WithLines { lines, row }| {
+            let lines = serde_json::from_str(&lines)
+                .map_err(|e| anyhow::anyhow!("order {}: its lines as read back: {e}", row.id))?;
+            Ok(Undecided { row, lines })
+        })
+        .collect()
+}
+
+static UNDECIDED_MANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "select o.* from unnest($1::bigint[]) as k (id) cross join lateral ( \
+         select {COLUMNS}, (select coalesce(json_agg(json_build_array(i.product_id, \
+         i.quantity, i.unit_price_cents) order by i.product_id)::text, '[]') \
+         from order_items i where i.order_id = orders.id) as lines \
+         from orders where orders.id = k.id and status in ('pending', 'processing') \
+         offset 0) as o"
+    )
+});
 
 /// A row with its lines as a JSON array (see [`undecided`]).
 #[derive(sqlx::FromRow)]
@@ -911,6 +950,46 @@ mod tests {
             assert!(undecided(&db, id).await.expect("read").is_none(), "decided");
         }
         env.drop_kit_db("orderannounce", db).await;
+    }
+
+    /// Undecided orders read together (the worker's batched read, PostgreSQL): each undecided
+    /// order among the ids once, exactly as it is read alone; decided and unknown ids give
+    /// nothing, and an id asked twice is read once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn undecided_orders_read_together_are_read_as_alone() {
+        let mut env = TestEnv::new(Backend::Postgres).await;
+        let db = env.kit_db("orderundecided").await;
+        db.migrate(&crate::MIGRATIONS).await.expect("migrations");
+        let pending = unannounced(
+            &db,
+            Status::Pending,
+            &[item(7, 1, 999), item(3, 2, 1_500), item(5, 4, 250)],
+        )
+        .await;
+        let processing = unannounced(&db, Status::Processing, &[item(2, 1, 100)]).await;
+        let processed = unannounced(&db, Status::Processed, &[item(2, 1, 100)]).await;
+        let ids = [
+            processed.id,
+            pending.id,
+            -1,
+            processing.id,
+            pending.id,
+            processing.id + 1_000,
+        ];
+        let mut together = undecided_many(&db, &ids).await.expect("read together");
+        together.sort_by_key(|order| order.row().id);
+        let shown = |order: &Undecided| format!("{:?} {:?}", order.row, order.lines);
+        let mut alone = Vec::new();
+        for id in [pending.id, processing.id] {
+            alone.push(undecided(&db, id).await.expect("read").expect("undecided"));
+        }
+        assert_eq!(
+            together.iter().map(shown).collect::<Vec<_>>(),
+            alone.iter().map(shown).collect::<Vec<_>>(),
+        );
+        assert_eq!(together[0].lines.len(), 3, "the pending order's lines");
+        assert!(undecided_many(&db, &[]).await.expect("none").is_empty());
+        env.drop_kit_db("orderundecided", db).await;
     }
 
     kit::on_both_backends!(

@@ -29,9 +29,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::http::StatusCode;
+use kit::batch::Batcher;
 use kit::client::CallError;
 use kit::consumer::{Consumer, Handler};
-use kit::db::Tx;
+use kit::db::{Dialect, Tx};
 use kit::event::Event;
 use kit::relay::Notifier;
 use kit::service::{App, Deps};
@@ -67,6 +68,39 @@ pub struct Worker {
     neighbours: Arc<Neighbours>,
     settings: WorkerSettings,
     counters: Counters,
+    /// PostgreSQL: the reads of undecided orders that arrive together are one statement
+    /// ([`kit::batch`]); on SQLite each is read on its own.
+    undecided: Option<Arc<Undecideds>>,
+}
+
+/// The reader of undecided orders by id, in batches.
+type Undecideds = Batcher<i64, Result<Option<store::Undecided>>>;
+
+/// The most orders one statement reads.
+const UNDECIDED_PER_STATEMENT: usize = 64;
+
+fn undecideds(db: Db) -> Undecideds {
+    Batcher::for_reads(
+        kit::batch::READ_BATCHES,
+        UNDECIDED_PER_STATEMENT,
+        move |ids| read_undecided(db.clone(), ids),
+    )
+}
+
+/// One statement for the whole batch; when it fails, each order is read on its own, so each
+/// message gets its own error.
+async fn read_undecided(db: Db, ids: Vec<i64>) -> Vec<Result<Option<store::Undecided>>> {
+    let db = &db;
+    kit::batch::together_or_alone(
+        &ids,
+        |all| async move {
+            let found = store::undecided_many(db, all).await.ok()?;
+            let found = kit::batch::by_key(all, found, |order| order.row().id);
+            Some(found.into_iter().map(Ok).collect())
+        },
+        |id| store::undecided(db, *id),
+    )
+    .await
 }
 
 impl Worker {
@@ -75,7 +109,10 @@ impl Worker {
     /// when the payment fails; idempotent there). The step then only writes. An order past
     /// pending or processing needs nothing here.
     async fn prepare(&self, id: i64) -> Result<Prepared> {
-        let undecided = store::undecided(&self.db, id).await?;
+        let undecided = match &self.undecided {
+            Some(reads) => reads.submit(id).await.map_err(anyhow::Error::from)??,
+            None => store::undecided(&self.db, id).await?,
+        };
         if let Some(order) = &undecided {
             tokio::time::sleep(Duration::from_millis(self.settings.payment_latency_ms)).await;
             let (to, _) = self.decision(id);
@@ -345,6 +382,7 @@ pub async fn app(deps: Deps) -> anyhow::Result<App> {
         )?),
         settings: settings.clone(),
         counters,
+        undecided: (db.dialect() == Dialect::Postgres).then(|| Arc::new(undecideds(db.clone()))),
     };
     let consumer = Consumer::new(
         CONSUMER,
