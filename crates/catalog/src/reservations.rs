@@ -509,7 +509,9 @@ pub async fn commit_open_many(db: &Db, order_ids: &[String]) -> Result<Vec<Optio
     let ids = serde_json::to_string(order_ids).map_err(anyhow::Error::from)?;
     /// An order's line, as sold: order, product, quantity, unit price, the reservation's time.
     type Sold = (String, i64, i64, i64, DateTime<Utc>);
+    // Planned at each run: a plan kept from when the table was small scans every reservation.
     let lines: Vec<Sold> = query(COMMIT_OPEN_MANY)
+        .planned_each_run()
         .bind(ids)
         .bind(now)
         .fetch_all(db)

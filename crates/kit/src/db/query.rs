@@ -185,6 +185,9 @@ impl<'e> Executor<'e> for &'e mut Conn {
 pub struct Query<'q> {
     sql: &'q str,
     args: Vec<Arg<'q>>,
+    /// Prepared once per connection and its plan kept (sqlx's statement cache); see
+    /// [`Query::planned_each_run`].
+    persistent: bool,
 }
 
 /// A statement in the SQL both dialects share (`$1` placeholders, `returning`, `on conflict`).
@@ -192,6 +195,7 @@ pub fn query(sql: &str) -> Query<'_> {
     Query {
         sql,
         args: Vec::new(),
+        persistent: true,
     }
 }
 
@@ -284,10 +288,10 @@ macro_rules! run {
     ($self:ident, $ex:ident, $build:ident $(::<$t:ty>)?, $call:ident) => {
         match $ex.target() {
             Target::PgPool(pg) => on_pool!(pg, $self.is_read(), conn => {
-                sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args(&$self.args)?).$call(conn)
+                sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args(&$self.args)?).persistent($self.persistent).$call(conn)
             }),
             Target::PgConn(conn) => {
-                sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args(&$self.args)?).$call(conn).await
+                sqlx::$build $(::<_, $t, _>)? ($self.sql, pg_args(&$self.args)?).persistent($self.persistent).$call(conn).await
             }
             Target::SqlitePool(sqlite) => {
                 let read = $self.is_read();
@@ -315,6 +319,18 @@ impl<'q> Query<'q> {
             .is_some_and(|word| word.eq_ignore_ascii_case("select"))
     }
 
+    /// Planned anew at each run, never from a plan kept for the connection: on PostgreSQL an
+    /// unnamed statement, planned for its arguments and for the tables as they are now. For a
+    /// statement whose plan depends on how large a table is: the plan PostgreSQL keeps for a
+    /// prepared statement (a generic one, after five runs) is made once, and one made while a
+    /// table was small (a new database) scans the whole table until the table is next
+    /// analyzed (autovacuum's next round, a minute or more later). It costs a parse and a plan
+    /// per run, so it suits a statement that runs once for many rows.
+    pub fn planned_each_run(mut self) -> Self {
+        self.persistent = false;
+        self
+    }
+
     /// Binds the next `$n`.
     pub fn bind(mut self, value: impl Bind<'q>) -> Self {
         self.args.push(value.into_arg());
@@ -325,10 +341,11 @@ impl<'q> Query<'q> {
     pub async fn execute<'e>(self, ex: impl Executor<'e>) -> sqlx::Result<u64> {
         let rows_affected = match ex.target() {
             Target::PgPool(pg) => on_pool!(pg, self.is_read(), conn => {
-                sqlx::query_with(self.sql, pg_args(&self.args)?).execute(conn)
+                sqlx::query_with(self.sql, pg_args(&self.args)?).persistent(self.persistent).execute(conn)
             })?
             .rows_affected(),
             Target::PgConn(conn) => sqlx::query_with(self.sql, pg_args(&self.args)?)
+                .persistent(self.persistent)
                 .execute(conn)
                 .await?
                 .rows_affected(),
