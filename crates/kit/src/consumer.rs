@@ -69,6 +69,22 @@ pub trait Handler: Send + Sync + 'static {
         prepared: Self::Prepared,
     ) -> anyhow::Result<()>;
 
+    /// Applies the effects of the events of one group (the messages handled at the same moment,
+    /// in delivery order, duplicates left out) on `tx`, each with what `prepare` found for it.
+    /// Each event by [`Handler::handle`] by default; a handler that can write many events'
+    /// effects in fewer statements overrides it. An error fails the whole group, which is then
+    /// handled again one message at a time ([`Handler::handle`] alone).
+    async fn handle_all(
+        &self,
+        tx: &mut Tx,
+        jobs: Vec<(&Event, Self::Prepared)>,
+    ) -> anyhow::Result<()> {
+        for (event, prepared) in jobs {
+            self.handle(tx, event, prepared).await?;
+        }
+        Ok(())
+    }
+
     /// The slow part of handling `event`, before its transaction opens: remote calls, waits,
     /// reads that need no lock. It must be safe to repeat (it runs again for a redelivery, and
     /// for a retry after the transaction failed) and must not rely on running only once; what it
@@ -190,17 +206,26 @@ async fn together<H: Handler>(
     } else {
         Some(record(&mut tx, consumer, &jobs).await?)
     };
+    let mut group = Vec::with_capacity(jobs.len());
     for job in jobs {
         // A message id recorded by this transaction is handled once: by its first job (a
         // second delivery of it in the same group finds it taken).
-        if let Some(fresh) = &mut fresh
-            && !fresh.remove(&job.message_id)
-        {
+        if fresh.as_mut().is_some_and(|f| !f.remove(&job.message_id)) {
             outcomes.push(Outcome::Duplicate);
             continue;
         }
-        handler.handle(&mut tx, &job.event, job.prepared).await?;
+        group.push((job.event, job.prepared));
         outcomes.push(Outcome::Handled);
+    }
+    if group.len() == 1 {
+        // Alone (as a group that failed is handled again): `handle`.
+        let (event, prepared) = group.pop().expect("one job");
+        handler.handle(&mut tx, &event, prepared).await?;
+    } else if !group.is_empty() {
+        let (events, prepared): (Vec<Event>, Vec<_>) = group.into_iter().unzip();
+        handler
+            .handle_all(&mut tx, events.iter().zip(prepared).collect())
+            .await?;
     }
     tx.commit()
         .await
