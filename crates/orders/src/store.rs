@@ -551,6 +551,102 @@ pub async fn decide_announcing(
     Ok(previous.map(|_| decided))
 }
 
+/// PostgreSQL: [`decide_announcing`] for several orders at once, in one statement: each
+/// undecided order (its id once among them) becomes its `to` with its reason, if it is still
+/// undecided, with its events written in the order given. Each order's answer in the order
+/// given: the order as decided, or `None` when it was not undecided any more (take the lock with
+/// [`lock`] and look). The rows are locked in id order, so two of these never wait on each other
+/// in a circle.
+pub async fn decide_all(
+    tx: &mut Tx,
+    orders: Vec<(Undecided, Status, Option<&str>)>,
+) -> Result<Vec<Option<Order>>> {
+    let at = now();
+    let mut wanted = Vec::with_capacity(orders.len());
+    let mut events = Vec::with_capacity(orders.len() * 2);
+    let mut answers = Vec::with_capacity(orders.len());
+    for (Undecided { row, lines }, to, reason) in orders {
+        if !matches!(to, Status::Processed | Status::Failed) {
+            return Err(anyhow::anyhow!("order {}: decided {}", row.id, to.as_str()).into());
+        }
+        let id = row.id;
+        let processed_at = if to == Status::Processed {
+            Some(at)
+        } else {
+            row.processed_at
+        };
+        let decided = Row {
+            status: to.as_str().to_owned(),
+            failure_reason: reason.map(str::to_owned),
+            processed_at,
+            stock_settled: true,
+            updated_at: at,
+            ..row
+        }
+        .into_order(lines)?;
+        for event in announcements(&decided, true)? {
+            events.push(serde_json::json!({
+                "n": events.len(),
+                "order_id": id,
+                "id": event.id.to_string(),
+                "topic": event.topic,
+                "key": event.key,
+                "payload": serde_json::to_string(&event).map_err(anyhow::Error::from)?,
+                "created_at": event.occurred_at,
+            }));
+        }
+        wanted.push(serde_json::json!({
+            "id": id,
+            "status": to.as_str(),
+            "reason": reason,
+            "processed": to == Status::Processed,
+        }));
+        answers.push(decided);
+    }
+    wanted.sort_by_key(|w| w["id"].as_i64());
+    let decided: Vec<(i64,)> = query(&DECIDE_ALL)
+        .planned_each_run()
+        .bind(serde_json::Value::from(wanted).to_string())
+        .bind(at)
+        .bind(serde_json::Value::from(events).to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+    let decided: std::collections::HashSet<i64> = decided.into_iter().map(|(id,)| id).collect();
+    Ok(answers
+        .into_iter()
+        .map(|order| decided.contains(&order.id).then_some(order))
+        .collect())
+}
+
+/// [`decide_all`]'s statement: $1 the decisions (`[{id, status, reason, processed}]`, by id),
+/// $2 their time, $3 their events (`[{order_id, id, topic, key, payload, created_at}]`, in the
+/// order to write them). Each order is found (and locked) by its primary key through a lateral
+/// subquery; planned at each run ([`kit::db::Query::planned_each_run`]), as a plan kept from
+/// when the table was small joins the update to a scan of the whole table.
+static DECIDE_ALL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "with wanted as (select * from jsonb_to_recordset($1::jsonb) \
+             as w (id bigint, status text, reason text, processed boolean)), \
+         due as materialized (select d.id, d.status as previous, w.status, w.reason, w.processed \
+             from wanted w cross join lateral (select id, status from orders \
+             where orders.id = w.id and status in ('pending', 'processing') offset 0 for update) d), \
+         decided as (update orders o set status = due.status, updated_at = $2, \
+             failure_reason = due.reason, \
+             processed_at = case when due.processed then $2 else o.processed_at end, \
+             stock_settled = true \
+             from due where o.id = due.id returning o.id, due.previous), \
+         announced as (insert into outbox (id, topic, key, payload, created_at) \
+             select e.id, e.topic, e.key, e.payload, e.created_at \
+             from jsonb_to_recordset($3::jsonb) \
+                 as e (n bigint, order_id bigint, id text, topic text, key text, payload text, \
+                 created_at timestamptz) \
+             join decided on decided.id = e.order_id \
+             where decided.previous = 'pending' or e.topic <> '{}' order by e.n) \
+         select id from decided",
+        Status::Processing.topic()
+    )
+});
+
 /// The events of an order just decided (`order`): `order.processing` first when `from_pending`
 /// (the state it passed through), then the decision's.
 fn announcements(order: &Order, from_pending: bool) -> Result<Vec<kit::outbox::Event>> {
@@ -990,6 +1086,86 @@ mod tests {
         assert_eq!(together[0].lines.len(), 3, "the pending order's lines");
         assert!(undecided_many(&db, &[]).await.expect("none").is_empty());
         env.drop_kit_db("orderundecided", db).await;
+    }
+
+    /// Orders decided together (the worker's group, PostgreSQL): each one still undecided is
+    /// decided with its events in the order given, `order.processing` only for one that was
+    /// pending; one decided meanwhile is answered `None` and left as it is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn undecided_orders_are_decided_together_with_their_events() {
+        let mut env = TestEnv::new(Backend::Postgres).await;
+        let db = env.kit_db("orderdecideall").await;
+        db.migrate(&crate::MIGRATIONS).await.expect("migrations");
+        let items = [item(7, 1, 999), item(3, 2, 1_500)];
+        let pending = unannounced(&db, Status::Pending, &items).await;
+        let processing = unannounced(&db, Status::Processing, &items).await;
+        let late = unannounced(&db, Status::Pending, &items).await;
+        let mut read = Vec::new();
+        for id in [processing.id, late.id, pending.id] {
+            read.push(undecided(&db, id).await.expect("read").expect("undecided"));
+        }
+        // Decided by someone else between the read and the group's statement.
+        let mut tx = db.begin().await.expect("begin");
+        let row = lock(&mut tx, late.id).await.expect("lock").expect("row");
+        decide(&mut tx, row, Status::Processed, None)
+            .await
+            .expect("decide");
+        tx.commit().await.expect("commit");
+        let before: i64 = query("select count(*) from outbox")
+            .fetch_scalar(&db)
+            .await
+            .expect("count");
+
+        let reason = "payment declined (simulated)";
+        let mut tx = db.begin().await.expect("begin");
+        let decided = decide_all(
+            &mut tx,
+            read.into_iter()
+                .zip([
+                    (Status::Failed, Some(reason)),
+                    (Status::Processed, None),
+                    (Status::Processed, None),
+                ])
+                .map(|(order, (to, reason))| (order, to, reason))
+                .collect(),
+        )
+        .await
+        .expect("decide all");
+        tx.commit().await.expect("commit");
+        assert!(decided[1].is_none(), "decided meanwhile: not again");
+        for (answer, (id, to)) in decided.iter().zip([
+            (processing.id, Status::Failed),
+            (late.id, Status::Processed),
+            (pending.id, Status::Processed),
+        ]) {
+            let found = find(&db, id).await.expect("find").expect("found");
+            assert_eq!(found.status, to, "order {id}");
+            if let Some(answer) = answer {
+                assert_eq!(answer, &found, "order {id}: answered as stored");
+            }
+        }
+        let failed = find(&db, processing.id)
+            .await
+            .expect("find")
+            .expect("found");
+        assert_eq!(failed.failure_reason.as_deref(), Some(reason));
+        let written: Vec<(String, String)> =
+            query("select key, topic from outbox where seq > $1 order by seq")
+                .bind(before)
+                .fetch_all(&db)
+                .await
+                .expect("outbox");
+        let key = |id: i64| format!("order:{id}");
+        assert_eq!(
+            written,
+            [
+                (key(processing.id), "order.failed".to_owned()),
+                (key(pending.id), "order.processing".to_owned()),
+                (key(pending.id), "order.processed".to_owned()),
+            ],
+            "each decision's events, in the order given"
+        );
+        env.drop_kit_db("orderdecideall", db).await;
     }
 
     kit::on_both_backends!(

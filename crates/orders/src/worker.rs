@@ -79,12 +79,13 @@ type Undecideds = Batcher<i64, Result<Option<store::Undecided>>>;
 /// The most orders one statement reads.
 const UNDECIDED_PER_STATEMENT: usize = 64;
 
+/// One batch in flight at a time: the reads arriving meanwhile queue and share the next one (a
+/// message waits a little longer, and the database runs one statement for many; the worker
+/// has no client waiting on it).
 fn undecideds(db: Db) -> Undecideds {
-    Batcher::for_reads(
-        kit::batch::READ_BATCHES,
-        UNDECIDED_PER_STATEMENT,
-        move |ids| read_undecided(db.clone(), ids),
-    )
+    Batcher::new(1, UNDECIDED_PER_STATEMENT, move |ids| {
+        read_undecided(db.clone(), ids)
+    })
 }
 
 /// One statement for the whole batch; when it fails, each order is read on its own, so each
@@ -319,6 +320,57 @@ impl Handler for Worker {
             Ok(_) => Ok(()),
             Err(err) => Err(failure(id, err)),
         }
+    }
+
+    /// The orders of a group decided in one statement on PostgreSQL ([`store::decide_all`]):
+    /// each undecided one that is still undecided; the others (and an order delivered twice
+    /// into the group) take [`Worker::step`]'s locked path, as alone.
+    async fn handle_all(&self, tx: &mut Tx, jobs: Vec<(&Event, Prepared)>) -> anyhow::Result<()> {
+        let mut rest = Vec::new();
+        let mut undecided = Vec::new();
+        if tx.dialect() == Dialect::Postgres {
+            let mut seen = std::collections::HashSet::new();
+            for (_, prepared) in jobs {
+                match prepared.undecided {
+                    Some(order) if seen.insert(prepared.id) => {
+                        let (to, reason) = self.decision(prepared.id);
+                        undecided.push((order, to, reason));
+                    }
+                    order => rest.push(Prepared {
+                        undecided: order,
+                        ..prepared
+                    }),
+                }
+            }
+        } else {
+            rest.extend(jobs.into_iter().map(|(_, prepared)| prepared));
+        }
+        if !undecided.is_empty() {
+            let ids: Vec<i64> = undecided.iter().map(|(order, ..)| order.row().id).collect();
+            let decided = store::decide_all(tx, undecided)
+                .await
+                .map_err(|err| match err {
+                    Error::Internal(err) => err,
+                    err => anyhow::anyhow!("deciding orders {ids:?}: {}", kit::ApiError::from(err)),
+                })?;
+            for (id, order) in ids.into_iter().zip(decided) {
+                match order {
+                    Some(order) => self.decided(id, order.status, order.created_at),
+                    // Not undecided any more: as alone, under its lock.
+                    None => rest.push(Prepared {
+                        id,
+                        undecided: None,
+                    }),
+                }
+            }
+        }
+        for prepared in rest {
+            let id = prepared.id;
+            self.step(tx, prepared)
+                .await
+                .map_err(|err| failure(id, err))?;
+        }
+        Ok(())
     }
 
     /// Every step re-reads the order under its row lock and acts only on what is still due (an
