@@ -18,7 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use kit::client::ServiceClient;
 use kit::consumer::Handler;
-use kit::db::Tx;
+use kit::db::{Dialect, Tx};
 use kit::event::Event;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -91,6 +91,25 @@ pub struct Deliveries {
     each: Vec<(Channel, String, Option<String>)>,
 }
 
+impl Deliveries {
+    /// The deliveries to record for `event`.
+    fn to_record<'a>(&'a self, event: &'a Event) -> impl Iterator<Item = NewNotification<'a>> {
+        self.each
+            .iter()
+            .map(move |(channel, recipient, failed)| NewNotification {
+                event_id: &self.event_id,
+                event_type: &event.topic,
+                channel: channel.as_str(),
+                recipient,
+                user_id: self.user_id,
+                subject: &self.subject,
+                body: &self.body,
+                payload: &self.payload,
+                failed: failed.as_deref(),
+            })
+    }
+}
+
 #[async_trait]
 impl Handler for Recorder {
     type Prepared = Deliveries;
@@ -149,22 +168,26 @@ impl Handler for Recorder {
     }
 
     async fn handle(&self, tx: &mut Tx, event: &Event, found: Deliveries) -> anyhow::Result<()> {
-        for (channel, recipient, failed) in &found.each {
-            store::insert(
-                &mut *tx,
-                &NewNotification {
-                    event_id: &found.event_id,
-                    event_type: &event.topic,
-                    channel: channel.as_str(),
-                    recipient,
-                    user_id: found.user_id,
-                    subject: &found.subject,
-                    body: &found.body,
-                    payload: &found.payload,
-                    failed: failed.as_deref(),
-                },
-            )
-            .await?;
+        for new in found.to_record(event) {
+            store::insert(&mut *tx, &new).await?;
+        }
+        Ok(())
+    }
+
+    /// The deliveries of a group in one statement on PostgreSQL ([`store::insert_many`]).
+    async fn handle_all(&self, tx: &mut Tx, jobs: Vec<(&Event, Deliveries)>) -> anyhow::Result<()> {
+        if tx.dialect() != Dialect::Postgres {
+            for (event, found) in jobs {
+                self.handle(tx, event, found).await?;
+            }
+            return Ok(());
+        }
+        let all: Vec<NewNotification> = jobs
+            .iter()
+            .flat_map(|(event, found)| found.to_record(event))
+            .collect();
+        if !all.is_empty() {
+            store::insert_many(&mut *tx, &all).await?;
         }
         Ok(())
     }
