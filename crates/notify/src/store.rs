@@ -198,18 +198,19 @@ pub async fn claim_due(
 /// Sent, all of `ids` (one statement).
 pub async fn mark_sent(db: &Db, ids: &[i64]) -> sqlx::Result<()> {
     let now = now();
-    let ids = serde_json::to_string(ids).map_err(|err| sqlx::Error::Encode(err.into()))?;
-    let each = match db.dialect() {
-        Dialect::Postgres => {
-            "= any(array(select value::bigint from jsonb_array_elements_text($2::jsonb)))"
-        }
-        Dialect::Sqlite => "in (select value from json_each($2))",
+    let (each, ids) = match db.dialect() {
+        Dialect::Postgres => ("= any($2::bigint[])", kit::db::id_array(ids)),
+        Dialect::Sqlite => (
+            "in (select value from json_each($2))",
+            serde_json::to_string(ids).map_err(|err| sqlx::Error::Encode(err.into()))?,
+        ),
     };
     query(&format!(
         "update notifications set status = 'sent', sent_at = $1, updated_at = $1 \
          where id {each} and status = 'pending'"
     ))
-    // Planned at each run: a plan kept from when the table was small scans every delivery.
+    // Planned at each run, so the planner sees how few the ids are: a plan kept from when the
+    // table was small scans every delivery.
     .planned_each_run()
     .bind(now)
     .bind(ids)

@@ -456,22 +456,16 @@ pub async fn undecided(db: &Db, id: i64) -> Result<Option<Undecided>> {
 
 /// PostgreSQL: the orders among `ids` that are undecided now, with their lines (as
 /// [`undecided`] reads one), in one statement: each id looked up by its primary key through a
-/// lateral subquery, whatever plan the connection cached while the table was small (see
+/// lateral subquery, whatever plan the connection kept from when the table was small (see
 /// `users::store::find_many`). Each id once; in no particular order.
 pub async fn undecided_many(db: &Db, ids: &[i64]) -> Result<Vec<Undecided>> {
     let mut ids = ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
-    let mut list = String::with_capacity(2 + ids.len() * 8);
-    list.push('{');
-    for (i, id) in ids.iter().enumerate() {
-        if i > 0 {
-            list.push(',');
-        }
-        list.push_str(itoa::Buffer::new().format(*id));
-    }
-    list.push('}');
-    let rows: Vec<WithLines> = query(&UNDECIDED_MANY).bind(list).fetch_all(db).await?;
+    let rows: Vec<WithLines> = query(&UNDECIDED_MANY)
+        .bind(kit::db::id_array(&ids))
+        .fetch_all(db)
+        .await?;
     rows.into_iter()
         .map(|WithLines { lines, row }| {
             let lines = serde_json::from_str(&lines)
@@ -604,11 +598,13 @@ pub async fn decide_all(
         answers.push(decided);
     }
     wanted.sort_by_key(|w| w["id"].as_i64());
+    let ids: Vec<i64> = answers.iter().map(|order| order.id).collect();
     let decided: Vec<(i64,)> = query(&DECIDE_ALL)
         .planned_each_run()
         .bind(serde_json::Value::from(wanted).to_string())
         .bind(at)
         .bind(serde_json::Value::from(events).to_string())
+        .bind(kit::db::id_array(&ids))
         .fetch_all(&mut *tx)
         .await?;
     let decided: std::collections::HashSet<i64> = decided.into_iter().map(|(id,)| id).collect();
@@ -619,10 +615,12 @@ pub async fn decide_all(
 }
 
 /// [`decide_all`]'s statement: $1 the decisions (`[{id, status, reason, processed}]`, by id),
-/// $2 their time, $3 their events (`[{order_id, id, topic, key, payload, created_at}]`, in the
-/// order to write them). Each order is found (and locked) by its primary key through a lateral
-/// subquery; planned at each run ([`kit::db::Query::planned_each_run`]), as a plan kept from
-/// when the table was small joins the update to a scan of the whole table.
+/// $2 their time, $3 their events (`[{n, order_id, id, topic, key, payload, created_at}]`, `n`
+/// the order to write them in), $4 the orders' ids. Each order is found (and locked) by its
+/// primary key through a lateral subquery; the update finds its rows by the ids, in a statement
+/// planned at each run ([`kit::db::Query::planned_each_run`]) so the planner sees how few they
+/// are (a plan kept from when the table was small, or one joining the decisions, which it
+/// cannot count, scans the whole table).
 static DECIDE_ALL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "with wanted as (select * from jsonb_to_recordset($1::jsonb) \
@@ -634,7 +632,8 @@ static DECIDE_ALL: LazyLock<String> = LazyLock::new(|| {
              failure_reason = due.reason, \
              processed_at = case when due.processed then $2 else o.processed_at end, \
              stock_settled = true \
-             from due where o.id = due.id returning o.id, due.previous), \
+             from due where o.id = any($4::bigint[]) and o.id = due.id \
+             returning o.id, due.previous), \
          announced as (insert into outbox (id, topic, key, payload, created_at) \
              select e.id, e.topic, e.key, e.payload, e.created_at \
              from jsonb_to_recordset($3::jsonb) \

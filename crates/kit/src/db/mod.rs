@@ -224,6 +224,45 @@ impl PgDb {
     }
 }
 
+/// A PostgreSQL array literal of `ids` (`{1,2,3}`), bound as text and cast in the statement
+/// (`= any($1::bigint[])`): kit's arguments are scalars. With a statement planned at each run
+/// ([`Query::planned_each_run`]) the planner sees how many ids there are.
+pub fn id_array(ids: &[i64]) -> String {
+    let mut list = String::with_capacity(2 + ids.len() * 8);
+    list.push('{');
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            list.push(',');
+        }
+        list.push_str(itoa::Buffer::new().format(*id));
+    }
+    list.push('}');
+    list
+}
+
+/// A PostgreSQL array literal of `items` (`{"a","b\"c"}`), each quoted, for
+/// `= any($1::text[])` (see [`id_array`]).
+pub fn text_array<S: AsRef<str>>(items: &[S]) -> String {
+    let mut list =
+        String::with_capacity(2 + items.iter().map(|i| i.as_ref().len() + 3).sum::<usize>());
+    list.push('{');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            list.push(',');
+        }
+        list.push('"');
+        for c in item.as_ref().chars() {
+            if c == '"' || c == '\\' {
+                list.push('\\');
+            }
+            list.push(c);
+        }
+        list.push('"');
+    }
+    list.push('}');
+    list
+}
+
 /// The connection the statement ran on is gone (the server restarted, or the network dropped
 /// it): another connection may well work.
 pub fn is_connection_lost(err: &sqlx::Error) -> bool {

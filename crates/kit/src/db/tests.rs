@@ -493,3 +493,51 @@ async fn a_sqlite_reader_that_answered_is_kept_for_the_next_read() {
     assert_eq!(sqlite.read.warm_len(), 1);
     db.close().await;
 }
+
+/// The array literals a statement binds as text come back from PostgreSQL as the values they
+/// were made of, whatever the values hold; and a statement planned at each run gives the same
+/// answers as one prepared once.
+#[tokio::test]
+async fn array_literals_read_back_as_their_values() {
+    let mut env = TestEnv::new(Backend::Postgres).await;
+    let db = env.kit_db("arrays").await;
+    let texts = [
+        "plain",
+        "",
+        "with \"quotes\"",
+        "back\\slash\\",
+        "{braces},commas",
+        "NULL",
+        " spaced ",
+        "ünïcode ✓",
+    ];
+    for planned_each_run in [false, true] {
+        let mut statement =
+            query("select x from unnest($1::text[]) with ordinality as u (x, n) order by n");
+        if planned_each_run {
+            statement = statement.planned_each_run();
+        }
+        let back: Vec<(String,)> = statement
+            .bind(text_array(&texts))
+            .fetch_all(&db)
+            .await
+            .expect("texts");
+        let back: Vec<&str> = back.iter().map(|(x,)| x.as_str()).collect();
+        assert_eq!(back, texts, "planned each run: {planned_each_run}");
+    }
+    let ids = [3, -1, 0, i64::MAX, i64::MIN];
+    let back: Vec<(i64,)> =
+        query("select x from unnest($1::bigint[]) with ordinality as u (x, n) order by n")
+            .bind(id_array(&ids))
+            .fetch_all(&db)
+            .await
+            .expect("ids");
+    assert_eq!(back.into_iter().map(|(x,)| x).collect::<Vec<_>>(), ids);
+    let none: i64 = query("select cardinality($1::bigint[])::bigint")
+        .bind(id_array(&[]))
+        .fetch_scalar(&db)
+        .await
+        .expect("empty");
+    assert_eq!(none, 0);
+    env.drop_kit_db("arrays", db).await;
+}
