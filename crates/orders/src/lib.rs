@@ -111,7 +111,7 @@ struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
-            concurrency: 32,
+            concurrency: 128,
             payment_latency_ms: 5,
             payment_failure_rate: 0.0,
             sweep_secs: 5,
