@@ -1,7 +1,7 @@
 //! The writes of concurrent creates, done together ([`kit::batch`]): the intents of the
 //! reservations about to be asked for are one statement, and the orders stored on their
-//! reservations are one transaction (one commit for the whole batch, their `order.created`
-//! events one statement).
+//! reservations are one transaction (one commit for the whole batch; on PostgreSQL the orders
+//! with their lines one statement, their `order.created` events another).
 //!
 //! A batch that fails (a statement refused, the connection lost) is done again one order at a
 //! time, each in its own transaction ([`kit::batch::together_or_alone`]), so each request gets
@@ -120,29 +120,27 @@ async fn place(db: Db, orders: Vec<Placement>) -> Vec<Result<Option<Order>>> {
 /// Stores `orders` in one transaction: all of them, or (an error) none.
 async fn place_together(db: &Db, orders: &[Placement]) -> Result<Vec<Option<Order>>> {
     let mut tx = db.begin().await?;
-    let mut stored = Vec::with_capacity(orders.len());
     let mut announced = Vec::with_capacity(orders.len());
-    for order in orders {
-        // With its intent: if the request was slower than the reservation timeout, the sweep
-        // may have claimed it and be giving the stock back; storing the order then would sell
-        // stock that is not held.
-        let placed = store::insert_reserved(
-            &mut tx,
-            &NewOrder {
-                id: None,
-                user_id: order.user_id,
-                status: Status::Pending,
-                items: &order.items,
-                total: order.total,
-                client_total: order.client_total,
-                warning: order.warning.clone(),
-                reservation_id: Some(&order.reservation_id),
-                announce: true,
-            },
-            &mut announced,
-        )
-        .await?;
-        if let (Some(placed), Some(key)) = (&placed, &order.key) {
+    let new: Vec<NewOrder> = orders
+        .iter()
+        .map(|order| NewOrder {
+            id: None,
+            user_id: order.user_id,
+            status: Status::Pending,
+            items: &order.items,
+            total: order.total,
+            client_total: order.client_total,
+            warning: order.warning.clone(),
+            reservation_id: Some(&order.reservation_id),
+            announce: true,
+        })
+        .collect();
+    // Each with its intent: if the request was slower than the reservation timeout, the sweep
+    // may have claimed it and be giving the stock back; storing the order then would sell
+    // stock that is not held. One statement for them all on PostgreSQL.
+    let stored = store::insert_reserved_many(&mut tx, &new, &mut announced).await?;
+    for (order, placed) in orders.iter().zip(&stored) {
+        if let (Some(placed), Some(key)) = (placed, &order.key) {
             let body = serde_json::to_string(placed).map_err(anyhow::Error::from)?;
             query(
                 "update idempotency_keys set status_code = 201, body = $1, order_id = $2 \
@@ -154,7 +152,6 @@ async fn place_together(db: &Db, orders: &[Placement]) -> Result<Vec<Option<Orde
             .execute(&mut tx)
             .await?;
         }
-        stored.push(placed);
     }
     // Every order's `order.created` in one statement.
     kit::outbox::enqueue(&mut tx, &announced).await?;

@@ -150,7 +150,7 @@ async fn insert_announcing(
         .execute(&mut *tx)
         .await?;
     }
-    stored(tx, new, row, announced).await
+    stored_as(tx, new, row, announced).await
 }
 
 /// Stores a new order made on a reservation, taking the reservation's intent in the same
@@ -211,12 +211,109 @@ pub async fn insert_reserved(
     let Some(row) = statement.fetch_optional::<Row>(&mut *tx).await? else {
         return Ok(None);
     };
-    stored(tx, new, row, Some(announced)).await.map(Some)
+    stored_as(tx, new, row, Some(announced)).await.map(Some)
 }
+
+/// PostgreSQL: [`insert_reserved`] for several orders on their reservations, in one statement:
+/// each order whose intent is still unclaimed is stored with its lines (in the order given),
+/// the others answered `None`; their events pushed to `announced`. Orders with a set id or no
+/// lines, and SQLite, take [`insert_reserved`] one at a time.
+pub async fn insert_reserved_many(
+    tx: &mut Tx,
+    orders: &[NewOrder<'_>],
+    announced: &mut Vec<Event>,
+) -> Result<Vec<Option<Order>>> {
+    let one_by_one = tx.dialect() == Dialect::Sqlite
+        || orders.len() < 2
+        || orders
+            .iter()
+            .any(|o| o.id.is_some() || o.items.is_empty() || o.reservation_id.is_none());
+    if one_by_one {
+        let mut stored = Vec::with_capacity(orders.len());
+        for new in orders {
+            stored.push(insert_reserved(tx, new, announced).await?);
+        }
+        return Ok(stored);
+    }
+    let mut wanted = Vec::with_capacity(orders.len());
+    let mut lines = Vec::new();
+    let mut reservations = Vec::with_capacity(orders.len());
+    for (n, new) in orders.iter().enumerate() {
+        let reservation_id = new.reservation_id.unwrap_or_default();
+        reservations.push(reservation_id);
+        wanted.push(serde_json::json!({
+            "n": n,
+            "user_id": new.user_id,
+            "status": new.status.as_str(),
+            "total_cents": new.total.cents(),
+            "client_total_cents": new.client_total.map(Money::cents),
+            "warning": new.warning,
+            "reservation_id": reservation_id,
+        }));
+        for item in new.items {
+            lines.push(serde_json::json!({
+                "reservation_id": reservation_id,
+                "product_id": item.product_id,
+                "quantity": item.quantity,
+                "unit_price_cents": item.unit_price.cents(),
+            }));
+        }
+    }
+    let rows: Vec<Row> = query(&INSERT_RESERVED_MANY)
+        .planned_each_run()
+        .bind(serde_json::Value::from(wanted).to_string())
+        .bind(kit::db::text_array(&reservations))
+        .bind(now())
+        .bind(serde_json::Value::from(lines).to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut rows: std::collections::HashMap<String, Row> = rows
+        .into_iter()
+        .filter_map(|row| Some((row.reservation_id.clone()?, row)))
+        .collect();
+    let mut stored = Vec::with_capacity(orders.len());
+    for (new, reservation_id) in orders.iter().zip(reservations) {
+        stored.push(match rows.remove(reservation_id) {
+            Some(row) => Some(stored_as(tx, new, row, Some(&mut *announced)).await?),
+            None => None,
+        });
+    }
+    Ok(stored)
+}
+
+/// [`insert_reserved_many`]'s statement: $1 the orders (`[{n, user_id, status, total_cents,
+/// client_total_cents, warning, reservation_id}]`), $2 their reservation ids, $3 the time, $4
+/// their lines (`[{reservation_id, product_id, quantity, unit_price_cents}]`). Planned at each
+/// run, so the intents are looked up by index however many there are.
+static INSERT_RESERVED_MANY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "with taken as ( \
+             delete from reservation_intents \
+             where reservation_id = any($2::text[]) and releasing_at is null \
+             returning reservation_id), \
+         placed as ( \
+             insert into orders (user_id, status, total_cents, client_total_cents, warning, \
+             reservation_id, stock_settled, created_at, updated_at) \
+             select o.user_id, o.status, o.total_cents, o.client_total_cents, o.warning, \
+             o.reservation_id, true, $3, $3 \
+             from jsonb_to_recordset($1::jsonb) as o (n bigint, user_id bigint, status text, \
+                 total_cents bigint, client_total_cents bigint, warning text, \
+                 reservation_id text) \
+             join taken t on t.reservation_id = o.reservation_id order by o.n \
+             returning {COLUMNS}), \
+         lines as ( \
+             insert into order_items (order_id, product_id, quantity, unit_price_cents) \
+             select placed.id, l.product_id, l.quantity, l.unit_price_cents \
+             from placed join jsonb_to_recordset($4::jsonb) as l (reservation_id text, \
+                 product_id bigint, quantity bigint, unit_price_cents bigint) \
+             on l.reservation_id = placed.reservation_id) \
+         select {COLUMNS} from placed"
+    )
+});
 
 /// The order just stored as `row` with its lines, announced when it is to be: its event
 /// written now, or pushed to `announced`.
-async fn stored(
+async fn stored_as(
     tx: &mut Tx,
     new: &NewOrder<'_>,
     row: Row,
@@ -1167,7 +1264,92 @@ mod tests {
         env.drop_kit_db("orderdecideall", db).await;
     }
 
+    /// Orders on reservations stored together (a batch of creates): each whose intent is still
+    /// unclaimed is stored with its lines and takes its intent, in the order given, exactly as
+    /// answered; one whose intent the sweep claimed is not stored. On both backends (SQLite
+    /// stores them one at a time).
+    async fn orders_on_reservations_are_stored_together(backend: Backend) {
+        let mut env = TestEnv::new(backend).await;
+        let db = env.kit_db("orderplacemany").await;
+        db.migrate(&crate::MIGRATIONS).await.expect("migrations");
+        fn order<'a>(
+            reservation_id: &'a str,
+            items: &'a [Item],
+            warning: Option<&str>,
+        ) -> NewOrder<'a> {
+            NewOrder {
+                id: None,
+                user_id: 1,
+                status: Status::Pending,
+                items,
+                total: items.iter().fold(Money::default(), |t, i| {
+                    t.plus(i.line_total).expect("in range")
+                }),
+                client_total: warning.map(|_| Money::from_cents(1)),
+                warning: warning.map(str::to_owned),
+                reservation_id: Some(reservation_id),
+                announce: true,
+            }
+        }
+        let two = &[item(3, 2, 1_500), item(7, 1, 999)][..];
+        let one = &[item(5, 4, 250)][..];
+        let ids = ["ord-1", "ord-2", "ord-3", "ord-4"].map(str::to_owned);
+        insert_intents(&db, &ids).await.expect("intents");
+        assert!(claim_intent(&db, "ord-3").await.expect("claimed"));
+        let orders = [
+            order("ord-2", two, None),
+            order("ord-1", one, Some("the client's total disagrees")),
+            order("ord-3", one, None),
+            order("ord-4", two, None),
+        ];
+        let mut tx = db.begin().await.expect("begin");
+        let mut announced = Vec::new();
+        let stored = insert_reserved_many(&mut tx, &orders, &mut announced)
+            .await
+            .expect("insert many");
+        tx.commit().await.expect("commit");
+        let shown: Vec<Option<&str>> = stored
+            .iter()
+            .map(|o| {
+                o.as_ref()
+                    .map(|o| o.warnings.first().map_or("", String::as_str))
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                Some(""),
+                Some("the client's total disagrees"),
+                None,
+                Some("")
+            ],
+            "{backend:?}: stored but the one whose intent was claimed"
+        );
+        let stored: Vec<&Order> = stored.iter().flatten().collect();
+        assert!(
+            stored.windows(2).all(|w| w[0].id < w[1].id),
+            "{backend:?}: ids in the order given"
+        );
+        for (order, items) in stored.iter().zip([two, one, two]) {
+            let found = find(&db, order.id).await.expect("find").expect("found");
+            assert_eq!(&&found, order, "{backend:?}: stored as answered");
+            let mut items = items.to_vec();
+            items.sort_by_key(|i| i.product_id);
+            assert_eq!(found.items, items, "{backend:?}: with its lines");
+        }
+        let topics: Vec<&str> = announced.iter().map(|e| e.topic.as_str()).collect();
+        assert_eq!(topics, ["order.created"; 3], "{backend:?}");
+        assert_eq!(
+            count(&db, "select count(*) from reservation_intents").await,
+            1,
+            "{backend:?}: the claimed intent stays, the others are taken"
+        );
+        assert_eq!(count(&db, "select count(*) from order_items").await, 5);
+        env.drop_kit_db("orderplacemany", db).await;
+    }
+
     kit::on_both_backends!(
+        orders_on_reservations_are_stored_together,
         an_order_on_a_reservation_takes_its_intent_or_is_not_stored,
         a_decided_order_comes_back_with_its_lines
     );
