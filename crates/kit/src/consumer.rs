@@ -15,9 +15,11 @@
 //! write per message, and a redelivery runs the handler again, harmlessly.
 //!
 //! Deliveries handled at the same moment (a consumer with [`Consumer::with_concurrency`], under
-//! load) share one transaction and one commit, the largest cost of a message to the database;
-//! a failure among them rolls the group back and each of its messages is handled again alone, so
-//! a failing message fails only itself. Each message's `prepare` runs on its own before.
+//! load) share one transaction and one commit, the largest cost of a message to the database:
+//! their ids are recorded in one statement, and [`Handler::handle_all`] gets their events
+//! together (so a handler may write them in one statement too). A failure among them rolls the
+//! group back and each of its messages is handled again alone ([`Handler::handle`]), so a
+//! failing message fails only itself. Each message's `prepare` runs on its own before.
 //!
 //! A handler error rolls everything back and nacks the delivery, which comes back after
 //! `bus.consumer_backoff_ms`, doubling up to `bus.consumer_backoff_max_ms`. At delivery number
