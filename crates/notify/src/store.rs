@@ -182,9 +182,7 @@ pub async fn claim_due(
          returning {COLUMNS}",
         db.dialect().skip_locked()
     );
-    // Planned at each run: a plan kept from when the table was small scans every delivery.
     let mut claimed: Vec<Notification> = query(&sql)
-        .planned_each_run()
         .bind(lease_until)
         .bind(now())
         .bind(limit)
