@@ -130,23 +130,17 @@ pub async fn find(ex: impl Executor<'_>, id: i64) -> sqlx::Result<Option<User>> 
 /// on SQLite.
 #[tracing::instrument(skip_all, fields(ids = ids.len()))]
 pub async fn find_many(db: &Db, ids: &[i64]) -> sqlx::Result<Vec<User>> {
-    let (open, close, sql) = match db.dialect() {
-        Dialect::Postgres => ('{', '}', &*FIND_MANY_PG),
-        Dialect::Sqlite => ('[', ']', &*FIND_MANY_SQLITE),
-    };
     // Each id once (two requests for one user share its row).
     let mut ids = ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
-    let mut list = String::with_capacity(2 + ids.len() * 8);
-    list.push(open);
-    for (i, id) in ids.iter().enumerate() {
-        if i > 0 {
-            list.push(',');
-        }
-        list.push_str(itoa::Buffer::new().format(*id));
-    }
-    list.push(close);
+    let (sql, list) = match db.dialect() {
+        Dialect::Postgres => (&*FIND_MANY_PG, kit::db::id_array(&ids)),
+        Dialect::Sqlite => (
+            &*FIND_MANY_SQLITE,
+            serde_json::to_string(&ids).map_err(|err| sqlx::Error::Encode(err.into()))?,
+        ),
+    };
     query(sql).bind(list).fetch_all(db).await
 }
 
